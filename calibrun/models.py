@@ -1,0 +1,163 @@
+"""Model builders: small functions that take plain arguments and return an ``nn.Module``.
+
+Hydra instantiates them from ``conf/model/*.yaml`` (``_target_: calibrun.models.<name>``).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet18_Weights
+from torchvision.models import resnet18 as tv_resnet18
+
+SHORTCUTS = ("A", "B")
+STEMS = ("cifar", "imagenet")
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut: identity subsampled by ``stride``, new channels filled with zeros.
+
+    References: He et al. 2016, "Deep Residual Learning for Image Recognition", §3.3, §4.2.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        # F.pad keeps the input's memory format (channels_last stays channels_last);
+        # the zeros go after the existing channels, as in fb.resnet.torch.
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 conv-BN layers with a residual connection; ReLU after the addition.
+
+    References: He et al. 2016, "Deep Residual Learning for Image Recognition", Fig. 2.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ZeroPadShortcut(in_channels, out_channels, stride)
+        else:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """3×3 stem, three stages of basic blocks (width, 2·width, 4·width channels; strides
+    1, 2, 2), global average pooling and a linear classifier.
+
+    References: He et al. 2016, "Deep Residual Learning for Image Recognition", §4.2.
+    """
+
+    def __init__(self, num_classes: int, blocks_per_stage: int, shortcut: str, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks: list[nn.Module] = []
+        in_channels = width
+        for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
+            for i in range(blocks_per_stage):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(in_channels, out_channels, stride, shortcut))
+                in_channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He et al. (2015) init with fan_out, as in the authors' fb.resnet.torch
+                # code and torchvision; the fc layer keeps PyTorch's default init.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def cifar_resnet(num_classes: int, depth: int = 110, shortcut: str = "A", width: int = 16) -> nn.Module:
+    """CIFAR ResNet of depth 6n + 2 (n basic blocks per stage); 16/32/64 channels by default.
+
+    ``shortcut="A"``: parameter-free identity, subsampled and zero-padded where the shape
+    changes (the paper's CIFAR choice); ``"B"``: 1×1 conv + BN projection there.
+    ResNet-110 with option A has 1.73 M parameters, ResNet-20 0.27 M.
+
+    References: He et al. 2016, "Deep Residual Learning for Image Recognition".
+    """
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            f"model.depth={depth} is not 6n+2 with n >= 1; allowed: 8, 14, 20, 32, 44, 56, 110, ... (6n+2)"
+        )
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"model.shortcut={shortcut!r}; allowed: {', '.join(map(repr, SHORTCUTS))}")
+    if width < 1:
+        raise ValueError(f"model.width={width} must be a positive number of channels")
+    return CifarResNet(num_classes, (depth - 2) // 6, shortcut, width)
+
+
+def resnet18(num_classes: int, stem: str = "cifar", pretrained: bool = False) -> nn.Module:
+    """torchvision's ResNet-18 with a new ``num_classes`` head.
+
+    ``stem="cifar"``: 3×3 stride-1 conv1 and no max-pool, so 32×32 inputs keep a 4×4 map
+    before pooling. ``stem="imagenet"``: torchvision's 7×7 stride-2 conv and max-pool,
+    with its ImageNet weights when ``pretrained`` (downloaded by torch.hub on first use).
+
+    References: He et al. 2016, "Deep Residual Learning for Image Recognition".
+    """
+    if stem not in STEMS:
+        raise ValueError(f"model.stem={stem!r}; allowed: {', '.join(map(repr, STEMS))}")
+    if pretrained and stem == "cifar":
+        raise ValueError(
+            "model.pretrained=true needs model.stem=imagenet: the ImageNet weights were trained with that stem"
+        )
+    if stem == "cifar":
+        model = tv_resnet18(weights=None)
+        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        # torchvision's own conv init; the default nn.Conv2d init would differ from the rest of the net.
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    else:
+        model = _imagenet_resnet18(pretrained)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def _imagenet_resnet18(pretrained: bool) -> nn.Module:
+    """torchvision's ResNet-18, turning a failed weight download into an actionable error."""
+    if not pretrained:
+        return tv_resnet18(weights=None)
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return tv_resnet18(weights=weights)
+    # URLError is an OSError; RuntimeError covers a hash mismatch or an unreadable cached file.
+    except (OSError, RuntimeError) as err:
+        filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+        raise RuntimeError(
+            f"The ImageNet weights of ResNet-18 could not be downloaded or loaded ({err}). "
+            f"torch.hub looks for them at {cached} (set TORCH_HOME to move its cache): download "
+            f"{weights.url} there, or train from scratch with `model.pretrained=false`."
+        ) from err

@@ -1,0 +1,51 @@
+"""Shared fixtures: composing configs with hydra.compose and running the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from calibrun.cli import config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_MINI = SHARED_DATA / "cifar10-mini"
+
+# Small, fast settings for end-to-end runs on the synthetic data.
+FAST = ["data=synthetic", "model=resnet110", "model.depth=8", "trainer=quick", "trainer.epochs=2",
+        "trainer.batch_size=64", "trainer.progress=false"]
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose the real config tree with overrides, as the CLI would."""
+
+    def _compose(overrides: list[str]):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+
+    return _compose
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run ``python -m calibrun ARGS`` in ``tmp_path`` (or ``cwd``); returns the process."""
+
+    def _run(args: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+        return subprocess.run([sys.executable, "-m", "calibrun", *args], cwd=cwd or tmp_path,
+                              capture_output=True, text=True, env=full_env, timeout=900)
+
+    return _run
+
+
+def only_run_dir(root: Path) -> Path:
+    """The single run folder under ``root/outputs/runs``."""
+    dirs = [p.parent for p in (root / "outputs" / "runs").glob("*/*/*/.hydra")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]

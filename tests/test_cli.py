@@ -1,0 +1,122 @@
+"""End-to-end runs of the ``calibrun`` command."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibrun.metrics import evaluate
+from conftest import CIFAR_MINI, FAST, REPO, only_run_dir
+
+METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
+RUN_FILES = [
+    ".hydra/config.yaml", "config.yaml", "calibrun.log", "env.json", "status.json", "checkpoints/last.pt",
+    "history.csv", "logits/val.npz", "logits/test.npz", "metrics.csv", "metrics.md", "bins.csv",
+    "figures/reliability_none.png", "figures/reliability_temperature.png", "figures/confidence_hist.png", "DONE",
+]
+
+
+def check_run_folder(run_dir, n_test):
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"missing {name}"
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert {(s, c) for s, c in zip(metrics.split, metrics.calibrator)} == {
+        (s, c) for s in ("val", "test") for c in ("none", "temperature")}
+    bins = pd.read_csv(run_dir / "bins.csv")
+    assert list(bins.columns) == ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
+    assert bins.groupby("calibrator")["count"].sum().eq(n_test).all()
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.columns) == ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ece", "seconds", "images_per_s"]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    env = json.loads((run_dir / "env.json").read_text())
+    assert {"torch", "git_commit", "device", "seed", "slurm_job_id"} <= env.keys()
+    log_lines = (run_dir / "calibrun.log").read_text().splitlines()
+    assert len(log_lines) > 3 and len(set(log_lines)) == len(log_lines), "log lines must appear once"
+    # The saved logits reproduce the reported uncalibrated test row.
+    with np.load(run_dir / "logits" / "test.npz") as f:
+        z, y = f["logits"], f["labels"]
+        assert z.dtype == np.float32 and len(f["index"]) == n_test
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    row = metrics[(metrics.split == "test") & (metrics.calibrator == "none")].iloc[0]
+    assert row.ece == pytest.approx(evaluate(probs, y)["ece"], abs=1e-6)
+    return metrics, history
+
+
+@pytest.mark.skipif(not CIFAR_MINI.is_dir(), reason="../shared/data/cifar10-mini is missing")
+def test_cifar_mini_run_writes_the_run_folder(run_cli, tmp_path):
+    proc = run_cli([
+        "data=cifar10", "data.format=folder", f"data.root={CIFAR_MINI}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.train_subset=400", "data.val_size=200", "data.test_subset=200",
+        "model=resnet110", "trainer=quick", "trainer.epochs=2", "trainer.batch_size=64", "trainer.progress=false",
+    ])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.parent.name == "ce" and run_dir.parent.parent.name == "cifar10"
+    metrics, history = check_run_folder(run_dir, n_test=200)
+    assert len(history) == 2
+
+
+def test_synthetic_run_learns_and_temperature_keeps_accuracy(run_cli, tmp_path):
+    proc = run_cli([*FAST, "trainer.epochs=4", "run_name=smoke"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "smoke"
+    metrics, _ = check_run_folder(run_dir, n_test=256)
+    test = metrics[metrics.split == "test"].set_index("calibrator")
+    assert test.loc["none", "accuracy"] > 0.5  # 4 classes: chance is 0.25
+    assert test.loc["temperature", "accuracy"] == test.loc["none", "accuracy"]
+    # A second identical command finds DONE and trains nothing.
+    mtime = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = run_cli([*FAST, "trainer.epochs=4", "run_name=smoke"])
+    assert again.returncode == 0 and (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+
+
+def test_missing_cifar_exits_1_with_instructions_and_no_traceback(run_cli, tmp_path):
+    proc = run_cli(["data=cifar10", "data.download=false", "data.root=nodata", "trainer.progress=false"])
+    assert proc.returncode == 1
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    assert str(tmp_path / "nodata") in output and "cifar-10-python.tar.gz" in output
+    assert "data.download=true" in output and "data.format=folder" in output
+    status = json.loads((only_run_dir(tmp_path) / "status.json").read_text())
+    assert status["state"] == "failed" and "not found" in status["error"]
+
+
+def test_bad_config_exits_1_naming_the_key(run_cli):
+    proc = run_cli(["+typo=1", "data=synthetic"])
+    assert proc.returncode == 1
+    assert "Unknown config key 'typo'" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_resume_with_changed_config_is_refused(run_cli, tmp_path):
+    assert run_cli([*FAST, "run_name=r"]).returncode == 0
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "r"
+    (run_dir / "DONE").unlink()
+    proc = run_cli([*FAST, "run_name=r", "trainer.lr=0.01"])
+    assert proc.returncode == 1 and "Refusing to resume" in proc.stdout + proc.stderr
+
+
+def test_installed_package_finds_its_config_from_any_directory(tmp_path):
+    """A non-editable install (a wheel built from this checkout) composes its config
+    from an unrelated working directory."""
+    target = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(REPO)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert (target / "calibrun" / "conf" / "config.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = "import calibrun, sys; print(calibrun.__file__); sys.argv[1:] = ['data=synthetic', '--cfg', 'job']; from calibrun.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith(str(target))
+    assert "calibrun.data.Synthetic" in proc.stdout

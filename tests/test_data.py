@@ -1,0 +1,200 @@
+import functools
+import hashlib
+import http.server
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+
+from calibrun import UserError
+from calibrun.data import CIFAR, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
+
+from conftest import CIFAR_MINI
+
+
+def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every crop-and-flip of one image, built the slow, obvious way."""
+    _, h, w = image.shape
+    padded = F.pad(image, (pad, pad, pad, pad))
+    crops = [padded[:, y:y + h, x:x + w] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+    return crops + [c.flip(-1) for c in crops]
+
+
+def test_random_crop_flip_outputs_are_crops_of_their_own_input():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    out = random_crop_flip(images, pad=2, generator=g)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    chosen = []
+    for img, o in zip(images, out):
+        matches = [i for i, c in enumerate(_candidates(img, 2)) if torch.equal(c, o)]
+        assert matches, "output is not a crop/flip of its input"
+        chosen.append(matches[0])
+    # Per-sample parameters: a batch of 64 does not share one crop.
+    assert len(set(chosen)) > 20
+    flipped = sum(c >= 25 for c in chosen)
+    assert 10 < flipped < 54
+
+
+def test_val_split_is_stratified_disjoint_and_independent_of_training_seed():
+    labels = torch.arange(1000) % 10
+    images = torch.zeros(1000, 3, 4, 4, dtype=torch.uint8)
+    test = torch.zeros(200, 3, 4, 4, dtype=torch.uint8), torch.arange(200) % 10
+    a = make_splits(images, labels, *test, val_size=100, split_seed=3, train_subset=200, test_subset=50)
+    b = make_splits(images, labels, *test, val_size=100, split_seed=3)
+    assert torch.equal(a["val"].index, b["val"].index), "train_subset must not change the hold-out"
+    assert np.bincount(a["val"].labels.numpy()).tolist() == [10] * 10
+    assert np.bincount(a["train"].labels.numpy()).tolist() == [20] * 10
+    assert np.bincount(a["test"].labels.numpy()).tolist() == [5] * 10
+    assert not set(a["val"].index.tolist()) & set(b["train"].index.tolist())
+    assert len(b["train"]) + len(b["val"]) == 1000
+    c = make_splits(images, labels, *test, val_size=100, split_seed=4)
+    assert not torch.equal(b["val"].index, c["val"].index)
+
+
+def test_subset_too_small_for_stratification_is_a_user_error():
+    labels = torch.arange(100) % 10
+    images = torch.zeros(100, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(UserError, match="data.train_subset"):
+        make_splits(images, labels, images, labels, val_size=20, split_seed=0, train_subset=5)
+
+
+def test_device_loader_covers_split_and_repeats_per_epoch():
+    data = Synthetic(train_size=100)
+    split = data.splits()["train"]
+    loader = DeviceLoader(split, 32, torch.device("cpu"), data.train_transform, shuffle=True, seed=1)
+    assert len(loader) == 4
+    labels = torch.cat([y for _, y in loader])
+    assert sorted(labels.tolist()) == sorted(split.labels.tolist())
+    first = [x for x, _ in loader]
+    again = [x for x, _ in loader]
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    loader.set_epoch(1)
+    assert not torch.equal(first[0], next(iter(loader))[0])
+    x = first[0]
+    assert x.dtype == torch.float32 and x.shape == (32, 3, 16, 16)
+    loader.drop_last = True
+    assert len(loader) == 3
+
+
+def test_eval_transform_normalises_with_dataset_statistics():
+    data = CIFAR()
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = data.eval_transform(x)
+    expected = [(1 - m) / s for m, s in zip(CIFAR.mean, CIFAR.std)]
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
+
+
+@pytest.mark.skipif(not CIFAR_MINI.is_dir(), reason="../shared/data/cifar10-mini is missing")
+def test_folder_format_reads_cifar_mini_and_caches_decoded_images(tmp_path):
+    data = CIFAR(root=str(CIFAR_MINI), format="folder", val_size=500, train_subset=300, test_subset=100,
+                 cache_dir=str(tmp_path / "cache"))
+    splits = data.splits()
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [300, 500, 100]
+    assert splits["train"].images.shape[1:] == (3, 32, 32) and splits["train"].images.dtype == torch.uint8
+    assert sorted(set(splits["test"].labels.tolist())) == list(range(10))
+    cached = list((tmp_path / "cache").glob("folder-*.pt"))
+    assert len(cached) == 1
+    again = data.splits()
+    assert torch.equal(again["val"].images, splits["val"].images)
+
+
+def _image_folder(root: Path, bad: bool = False) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(d / f"{i}.png")
+    if bad:
+        (root / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    _image_folder(tmp_path / "imgs", bad=True)
+    data = CIFAR(root=str(tmp_path / "imgs"), format="folder", num_classes=2, val_size=2, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UserError, match="broken.jpg"):
+        data.splits()
+
+
+def test_wrong_number_of_class_folders_is_explained(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    with pytest.raises(UserError, match="2 class folders but data.num_classes=10"):
+        CIFAR(root=str(tmp_path / "imgs"), format="folder", num_classes=10).splits()
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on the loopback interface serving ``tmp_path/served``: the
+    download code runs unchanged and nothing leaves the machine."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _fake_cifar_archive(tmp_path: Path, monkeypatch, base_url: str) -> Path:
+    """A tiny archive in CIFAR-10's python format, served by ``base_url`` with its real
+    MD5 checks (torchvision's download code runs unchanged)."""
+    src = tmp_path / "src" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_list = []
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        batch = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(20)]}
+        (src / name).write_bytes(pickle.dumps(batch))
+        train_list.append([name, _md5(src / name)])
+    (src / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    monkeypatch.setattr(tvd.CIFAR10, "url", f"{base_url}/{archive.name}")
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", _md5(archive))
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", train_list[:5])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", train_list[5:])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                              "md5": _md5(src / "batches.meta")})
+    return archive
+
+
+def test_torchvision_download_from_a_local_server(tmp_path, monkeypatch, local_server):
+    _fake_cifar_archive(tmp_path, monkeypatch, local_server)
+    data = CIFAR(root=str(tmp_path / "root"), download=True, val_size=20)
+    splits = data.splits()
+    assert (tmp_path / "root" / "cifar-10-batches-py" / "data_batch_1").is_file()
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [80, 20, 20]
+    assert splits["test"].images.shape == (20, 3, 32, 32)
+
+
+def test_download_failure_says_where_data_must_go(tmp_path, monkeypatch, local_server):
+    # The server answers 404: as far as the download code can tell, the data is unreachable.
+    monkeypatch.setattr(tvd.CIFAR10, "url", f"{local_server}/missing/cifar-10-python.tar.gz")
+    with pytest.raises(UserError) as err:
+        CIFAR(root=str(tmp_path / "root"), download=True).splits()
+    message = str(err.value)
+    assert "download failed" in message and str((tmp_path / "root").resolve()) in message
+    with pytest.raises(UserError, match="data.download=false"):
+        CIFAR(root=str(tmp_path / "root"), download=False).splits()
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a, b = Synthetic().splits(), Synthetic().splits()
+    assert torch.equal(a["train"].images, b["train"].images)
+    assert isinstance(a["val"], Split) and len(a["test"]) == 256

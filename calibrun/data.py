@@ -295,7 +295,7 @@ def decode_image(path: Path) -> np.ndarray:
 
 
 def _decode_all(files: list[tuple[Path, int]], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    arrays = [decode_image(p) for p, _ in tqdm(files, desc=desc, unit="img", leave=False)]
+    arrays = [decode_image(p) for p, _ in tqdm(files, desc=desc, unit="img", leave=False, disable=None)]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         first = arrays[0].shape

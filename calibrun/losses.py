@@ -1,5 +1,5 @@
 """Training objectives (DESIGN §4). Each is called as ``loss(logits, targets)`` and
-returns the mean over the batch.
+returns the mean over the batch; p = softmax(z), K classes, y the label.
 
 The training loop calls two hooks on every loss, whatever it is: ``set_epoch(epoch)``
 before each epoch and ``mix(inputs, targets)`` before each forward pass. Both do
@@ -8,6 +8,8 @@ override them, so the loop never branches on which loss it runs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +22,13 @@ class Loss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Told the 0-based epoch before it starts."""
 
-    def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, object]:
         """May transform a training batch before the forward pass; identity by default."""
         return inputs, targets
 
 
 class CrossEntropy(Loss):
-    """Cross-entropy, −log p_y with p = softmax(z), averaged over the batch.
+    """Cross-entropy, −log p_y, averaged over the batch.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks" (the
     uncalibrated baseline).
@@ -34,3 +36,164 @@ class CrossEntropy(Loss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
+
+
+class PenalizedLoss(Loss):
+    """A base objective plus λ times a penalty, with an optional linear λ warm-up.
+
+    ``warmup_epochs=0`` (the default) is the papers' constant λ. With W > 0, epoch e
+    uses λ·min(1, e/W): training starts on the base loss alone and reaches the full λ
+    after W epochs. With λ = 0 the loss equals its base loss exactly.
+    """
+
+    def __init__(self, lam: float, warmup_epochs: int = 0) -> None:
+        super().__init__()
+        if lam < 0:
+            raise ValueError(f"loss.lam must be >= 0, got {lam}")
+        if warmup_epochs < 0:
+            raise ValueError(f"loss.warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.lam, self.warmup_epochs = float(lam), warmup_epochs
+        self.current_lam = 0.0 if warmup_epochs else self.lam
+
+    def set_epoch(self, epoch: int) -> None:
+        self.current_lam = self.lam * min(1.0, epoch / self.warmup_epochs) if self.warmup_epochs else self.lam
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.base(logits, targets) + self.current_lam * self.penalty(logits, targets)
+
+    def base(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GapLoss(PenalizedLoss):
+    """(Capped) cross-entropy plus λ·|mean_i max_k p_ik − accuracy(batch)|.
+
+    ``cap=None`` (config ``gap``): base = −log p_y. ``cap=c`` (config ``gap_cap``):
+    base = −log min(p_y, c), which stops pushing a sample once p_y exceeds c (zero
+    gradient there). The batch accuracy is a constant: the gap's gradient flows
+    through the mean confidence only.
+
+    References: the gap+cap paper reproduced by ``make reproduce-table1`` (its Table 1:
+    CE, CE + gap, capped CE + gap, λ = 10); DESIGN.md §4, rows ``gap`` and ``gap_cap``.
+    """
+
+    def __init__(self, lam: float = 10.0, cap: float | None = None, warmup_epochs: int = 0) -> None:
+        super().__init__(lam, warmup_epochs)
+        if cap is not None and not 0 < cap <= 1:
+            raise ValueError(f"loss.cap must be in (0, 1] or null, got {cap}")
+        self.cap = cap
+
+    def base(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(logits, targets, reduction="none")
+        if self.cap is not None:
+            # −log min(p_y, c) = max(−log p_y, −log c): clamping keeps it in log space.
+            nll = nll.clamp(min=-math.log(self.cap))
+        return nll.mean()
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=1)
+        confidence, predicted = probs.max(dim=1)
+        accuracy = (predicted == targets).to(probs.dtype).mean()
+        return (confidence.mean() - accuracy).abs()
+
+
+class NonTargetSmoothing(PenalizedLoss):
+    """CE + λ·(1/(K−1))·Σ_{j≠y} −log q_j, q = softmax over the non-target logits.
+
+    The penalty is the cross-entropy between the uniform distribution over the K−1
+    non-target classes and q. q is a log-softmax over the logits with the target masked
+    out, so it is independent of the target logit and stays finite as p_y → 1, where
+    renormalising p would divide by 1 − p_y ≈ 0.
+
+    References: the non-target smoothing paper of the PACS experiments (CE + NTS,
+    λ = 0.5); DESIGN.md §4, row ``nts``.
+    """
+
+    def __init__(self, lam: float = 0.5, warmup_epochs: int = 0) -> None:
+        super().__init__(lam, warmup_epochs)
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        if k < 2:
+            raise ValueError("non-target smoothing needs at least 2 classes")
+        is_target = F.one_hot(targets, k).bool()
+        log_q = torch.log_softmax(logits.masked_fill(is_target, float("-inf")), dim=1)
+        # The target's log q is −inf; select it away rather than multiply (0·inf = nan).
+        non_target = torch.where(is_target, torch.zeros_like(log_q), log_q)
+        return (-non_target.sum(dim=1) / (k - 1)).mean()
+
+
+class EntropyRegularized(PenalizedLoss):
+    """CE + λ·Σ_k p_k log p_k: the confidence penalty (negative entropy).
+
+    References: Pereyra et al. 2017, "Regularizing Neural Networks by Penalizing
+    Confident Output Distributions", Eq. 2 (confidence penalty, β = λ).
+    """
+
+    def __init__(self, lam: float = 0.1, warmup_epochs: int = 0) -> None:
+        super().__init__(lam, warmup_epochs)
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=1)
+        # p·log p from log-softmax is finite (0 where p underflows), unlike p·log(p).
+        return (log_p.exp() * log_p).sum(dim=1).mean()
+
+
+class LabelSmoothing(Loss):
+    """Cross-entropy against a target with 1−α on y and α/(K−1) on every other class.
+
+    This differs from ``torch.nn.CrossEntropyLoss(label_smoothing=α)``, which puts α/K
+    on every class including y (so y gets 1−α+α/K): here α is exactly the mass moved
+    off the true class, as in DESIGN.md §4.
+
+    References: Szegedy et al. 2016, "Rethinking the Inception Architecture for
+    Computer Vision", §7; Müller et al. 2019, "When Does Label Smoothing Help?".
+    """
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        super().__init__()
+        if not 0 <= alpha < 1:
+            raise ValueError(f"loss.alpha must be in [0, 1), got {alpha}")
+        self.alpha = float(alpha)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        log_p = torch.log_softmax(logits, dim=1)
+        target_term = log_p.gather(1, targets[:, None]).squeeze(1)
+        if self.alpha == 0:
+            return -target_term.mean()
+        other_term = log_p.sum(dim=1) - target_term
+        return -((1 - self.alpha) * target_term + self.alpha / (k - 1) * other_term).mean()
+
+
+class Mixup(Loss):
+    """x̃ = βx_a + (1−β)x_b with β ~ Beta(α, α) and b a shuffle of the batch;
+    loss = β·CE(z, y_a) + (1−β)·CE(z, y_b).
+
+    Mixing happens in the ``mix`` hook, which the training loop calls on every batch;
+    one β per batch, as in the paper.
+
+    References: Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization", Eq. 1;
+    Thulasidasan et al. 2019, "On Mixup Training" (its effect on calibration).
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        super().__init__()
+        if not alpha > 0:
+            raise ValueError(f"loss.alpha must be > 0 for mixup, got {alpha}")
+        self.alpha = float(alpha)
+        self.beta = torch.distributions.Beta(self.alpha, self.alpha)
+
+    def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, object]:
+        weight = float(self.beta.sample())
+        perm = torch.randperm(len(targets), device=inputs.device)
+        return weight * inputs + (1 - weight) * inputs[perm], (targets, targets[perm], weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(targets, torch.Tensor):
+            return F.cross_entropy(logits, targets)
+        y_a, y_b, weight = targets
+        return weight * F.cross_entropy(logits, y_a) + (1 - weight) * F.cross_entropy(logits, y_b)

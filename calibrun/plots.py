@@ -1,93 +1,149 @@
-"""Reliability diagrams and confidence histograms (matplotlib, Agg).
+"""Reliability diagrams and confidence histograms, written as PNG files (matplotlib, Agg).
 
-The plots draw bin statistics computed by ``calibrun.metrics.bin_stats``; no metric
-formula lives here.
+The diagrams draw the bin table of ``calibrun.metrics.bin_stats`` (columns ``bin, lo, hi,
+count, conf, acc``) and print the ECE/MCE they are given: no metric formula lives here,
+so a figure can never disagree with ``metrics.csv``.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import matplotlib
 
+# Runs write figures on headless machines and in worker processes: never open a window.
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-ACC_COLOUR = "#1f5fbf"
+BIN_COLUMNS = ("lo", "hi", "count", "conf", "acc")
+ACC_COLOUR = "#1f4e9c"
 GAP_COLOUR = "#d62728"
+DPI = 150
 
 
-def _save(fig: plt.Figure, path: Path | str) -> None:
-    """Save atomically: a partly written PNG never replaces a good one."""
+def _save(fig: Figure, path: Path | str) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically and close it.
+
+    A temporary file in the same directory is renamed over ``path``, so a crash or a
+    parallel reader never sees a half-written image.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    # Not tempfile.mkstemp: its 0600 mode would survive the rename and hide the figure
+    # from other users of a shared run folder; open(..., "xb") honours the umask.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "xb") as f:
+                fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
 
 
-def draw_reliability(ax: plt.Axes, bins: pd.DataFrame, title: str = "", ece: float | None = None,
-                     mce: float | None = None) -> None:
-    """Blue bars: accuracy per non-empty bin; red bars: the gap up or down to the bin's
-    mean confidence; dashed: perfect calibration.
+def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str = "", ece: float | None = None,
+                        mce: float | None = None, ax: Axes | None = None) -> None:
+    """Reliability diagram: accuracy per confidence bin against perfect calibration.
+
+    Blue bars are the accuracy of each non-empty bin over its [lo, hi] width; red hatched
+    bars span the gap from that accuracy to the bin's mean confidence (above the blue bar
+    when over-confident, inside it when under-confident). ``ece``/``mce`` are printed as
+    given. With ``ax`` the diagram is drawn there and nothing is saved (``path`` is
+    ignored); otherwise a new figure is written to ``path``.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
+    missing = [c for c in BIN_COLUMNS if c not in bins.columns]
+    if missing:
+        raise ValueError(f"bins lacks columns {missing}; expected the table of metrics.bin_stats")
+    if ax is None and path is None:
+        raise ValueError("reliability_diagram needs a path to save to, or an ax to draw into")
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+
+    # An empty bin has no accuracy to show (conf/acc are NaN there).
     filled = bins[bins["count"] > 0]
-    width = (filled["hi"] - filled["lo"]).to_numpy()
-    left = filled["lo"].to_numpy()
-    acc, conf = filled["acc"].to_numpy(), filled["conf"].to_numpy()
-    ax.bar(left, acc, width=width, align="edge", color=ACC_COLOUR, edgecolor="black", linewidth=0.6, label="Accuracy")
-    ax.bar(left, conf - acc, bottom=acc, width=width, align="edge", color=GAP_COLOUR, alpha=0.35,
-           edgecolor=GAP_COLOUR, hatch="//", linewidth=0.6, label="Gap")
-    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="Perfect calibration")
+    lo = filled["lo"].to_numpy(dtype=float)
+    width = filled["hi"].to_numpy(dtype=float) - lo
+    acc = filled["acc"].to_numpy(dtype=float)
+    conf = filled["conf"].to_numpy(dtype=float)
+    acc_bars = ax.bar(lo, acc, width=width, align="edge", color=ACC_COLOUR, edgecolor="black", linewidth=0.5,
+           label="Accuracy", zorder=2)
+    gap_bars = ax.bar(lo, conf - acc, bottom=acc, width=width, align="edge", color=GAP_COLOUR, alpha=0.3,
+           edgecolor=GAP_COLOUR, hatch="//", linewidth=0.5, label="Gap to confidence", zorder=3)
+    (diagonal,) = ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="Perfect calibration",
+                          zorder=4)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", ylabel="Accuracy", title=title)
     ax.set_aspect("equal")
-    ax.legend(loc="upper left", fontsize=8)
-    text = "\n".join(f"{name} = {value:.4f}" for name, value in (("ECE", ece), ("MCE", mce)) if value is not None)
-    if text:
-        ax.text(0.97, 0.03, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=9,
-                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9})
+    ax.grid(alpha=0.3)
+    # Explicit handles: matplotlib would list the line before the bars.
+    ax.legend(handles=[acc_bars, gap_bars, diagonal], loc="upper left", fontsize=8)
+    scores = [f"{name} = {value:.4f}" for name, value in (("ECE", ece), ("MCE", mce)) if value is not None]
+    if scores:
+        ax.text(0.96, 0.04, "\n".join(scores), transform=ax.transAxes, ha="right", va="bottom", fontsize=9,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey", "alpha": 0.9}, zorder=5)
+    if fig is not None:
+        _save(fig, path)
 
 
-def reliability_diagram(bins: pd.DataFrame, path: Path | str, title: str = "", ece: float | None = None,
-                        mce: float | None = None) -> None:
-    """One reliability diagram, saved as a PNG."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    draw_reliability(ax, bins, title, ece, mce)
-    _save(fig, path)
-
-
-def reliability_grid(panels: list[tuple[str, pd.DataFrame, float, float]], path: Path | str, ncols: int = 3) -> None:
-    """Reliability diagrams side by side: one (title, bins, ece, mce) per panel."""
+def _grid_figure(panels: list[tuple[str, pd.DataFrame, float, float]], ncols: int) -> Figure:
+    """The figure of :func:`reliability_grid`, one Axes per panel, not yet saved."""
+    if not panels:
+        raise ValueError("reliability_grid needs at least one panel")
+    if ncols < 1:
+        raise ValueError(f"ncols={ncols} must be at least 1")
+    ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    cols = min(ncols, len(panels))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 4.2 * nrows), squeeze=False)
-    for ax, (title, bins, ece, mce) in zip(axes.flat, panels):
-        draw_reliability(ax, bins, title, ece, mce)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    _save(fig, path)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.4 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(panels):
+            title, bins, ece, mce = panels[i]
+            reliability_diagram(bins, None, title, ece, mce, ax=ax)
+        else:
+            fig.delaxes(ax)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_grid(panels: list[tuple[str, pd.DataFrame, float, float]], path: Path | str,
+                     ncols: int = 3) -> None:
+    """Reliability diagrams side by side, one per ``(title, bins, ece, mce)`` panel.
+
+    References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
+    """
+    _save(_grid_figure(panels, ncols), path)
 
 
 def confidence_histogram(confidences: np.ndarray, path: Path | str, accuracy: float, mean_confidence: float,
                          n_bins: int = 15, title: str = "") -> None:
-    """Share of samples per confidence bin, with the accuracy and mean-confidence lines."""
-    conf = np.asarray(confidences, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.hist(conf, bins=np.arange(n_bins + 1) / n_bins, weights=np.full(len(conf), 1 / len(conf)),
-            color=ACC_COLOUR, edgecolor="black", linewidth=0.6)
-    ax.axvline(accuracy, color="black", linestyle="--", label=f"Accuracy {accuracy:.3f}")
-    ax.axvline(mean_confidence, color=GAP_COLOUR, linestyle="-", label=f"Mean confidence {mean_confidence:.3f}")
-    ax.set(xlim=(0, 1), xlabel="Confidence", ylabel="Share of samples", title=title)
+    """Fraction of samples per top-label confidence bin on [0, 1], with vertical lines at the
+    accuracy and the mean confidence (their distance is the over-confidence at a glance).
+
+    References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
+    """
+    conf = np.asarray(confidences, dtype=float).ravel()
+    if conf.size == 0:
+        raise ValueError("confidence_histogram got no confidences")
+    # Values outside [0, 1] would silently fall off the histogram; they usually mean logits.
+    if not np.all((conf >= 0) & (conf <= 1)):
+        raise ValueError("confidences must lie in [0, 1] (top-label probabilities, not logits)")
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    ax.hist(conf, bins=np.linspace(0, 1, n_bins + 1), weights=np.full(conf.size, 1 / conf.size),
+            color=ACC_COLOUR, edgecolor="black", linewidth=0.5, zorder=2)
+    ax.axvline(accuracy, color="black", linestyle="--", linewidth=1.5, label=f"Accuracy = {accuracy:.4f}", zorder=3)
+    ax.axvline(mean_confidence, color=GAP_COLOUR, linestyle="-", linewidth=1.5,
+               label=f"Mean confidence = {mean_confidence:.4f}", zorder=3)
+    ax.set(xlim=(0, 1), xlabel="Confidence", ylabel="Fraction of samples", title=title)
+    ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)

@@ -47,3 +47,19 @@ def test_lr_schedule_warmup_multistep_and_cosine(compose_cfg):
     assert lr_factor(0, steps, c) == pytest.approx(1.0)
     assert lr_factor(50, steps, c) == pytest.approx(0.5)
     assert lr_factor(99, steps, c) == pytest.approx(0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.99)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss=gap_cap", "loss.lam=-1"], "loss.lam must be >= 0"),
+        (["loss=gap_cap", "loss.cap=2"], "loss.cap must be in"),
+        (["loss=label_smoothing", "loss.alpha=1"], "loss.alpha"),
+        (["model.depth=51"], "6n\\+2"),
+    ],
+)
+def test_bad_component_arguments_stop_before_any_data_is_read(compose_cfg, overrides, message):
+    from calibrun.train import build
+
+    with pytest.raises(UserError, match=message):
+        build(validate(compose_cfg(["data.root=/nonexistent", *overrides])))

@@ -1,0 +1,216 @@
+"""Model builders: shapes, parameter counts, argument errors, channels_last/autocast, and
+the ImageNet weight download (through a file:// URL, never the network)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights
+from torchvision.models import resnet18 as tv_resnet18
+
+from calibrun.models import ZeroPadShortcut, cifar_resnet, resnet18
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- CIFAR ResNet ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_cifar_resnet_output_shape(shortcut: str) -> None:
+    model = cifar_resnet(num_classes=10, depth=20, shortcut=shortcut).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet110_option_a_has_paper_parameter_count() -> None:
+    # He et al. (2016), Table 6: ResNet-110 has 1.7 M parameters.
+    model = cifar_resnet(num_classes=10, depth=110)
+    assert abs(n_params(model) - 1.73e6) < 0.05e6
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_resnet20_option_a_has_paper_parameter_count() -> None:
+    # He et al. (2016), Table 6: ResNet-20 has 0.27 M parameters.
+    assert abs(n_params(cifar_resnet(num_classes=10, depth=20)) - 0.27e6) < 0.01e6
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_option_b_adds_exactly_the_two_projections(depth: int) -> None:
+    a = n_params(cifar_resnet(10, depth, "A"))
+    b = n_params(cifar_resnet(10, depth, "B"))
+    # 1x1 convs 16->32 and 32->64 plus their BN scale and shift.
+    assert b - a == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+def test_width_scales_the_three_stages() -> None:
+    model = cifar_resnet(num_classes=100, depth=20, width=32)
+    assert model.fc.in_features == 128
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_zero_pad_shortcut_subsamples_and_pads_with_zeros() -> None:
+    x = torch.randn(2, 16, 8, 8)
+    out = ZeroPadShortcut(16, 32, stride=2)(x)
+    assert out.shape == (2, 32, 4, 4)
+    assert torch.equal(out[:, :16], x[:, :, ::2, ::2])
+    assert torch.count_nonzero(out[:, 16:]) == 0
+    assert not list(ZeroPadShortcut(16, 32, 2).parameters())
+
+
+def test_init_is_kaiming_fan_out_and_unit_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = cifar_resnet(num_classes=10, depth=20)
+    conv = model.blocks[-1].conv2  # 64 -> 64, 3x3: the largest sample of weights
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+
+@pytest.mark.parametrize("depth", [0, 2, 7, 21, 100, 111])
+def test_bad_depth_names_allowed_values(depth: int) -> None:
+    with pytest.raises(ValueError, match=r"20, 32, 44, 56, 110"):
+        cifar_resnet(10, depth=depth)
+
+
+@pytest.mark.parametrize("shortcut", ["C", "a", ""])
+def test_bad_shortcut(shortcut: str) -> None:
+    with pytest.raises(ValueError, match="'A', 'B'"):
+        cifar_resnet(10, depth=20, shortcut=shortcut)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_channels_last_matches_contiguous(shortcut: str) -> None:
+    torch.manual_seed(0)
+    model = cifar_resnet(10, depth=20, shortcut=shortcut).eval()
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_hook(
+            lambda _m, _i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+        )
+    out = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # The zero-padding shortcut must not fall back to NCHW halfway through the network.
+    assert all(layouts)
+
+
+@pytest.mark.parametrize("build", [lambda: cifar_resnet(10, depth=20), lambda: resnet18(10)],
+                         ids=["resnet20", "resnet18"])
+def test_trains_under_autocast_and_channels_last(build) -> None:
+    model = build().to(memory_format=torch.channels_last)
+    # 16x16 keeps bf16 on the CPU fast; the stride-2 stages still see even sizes.
+    x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), torch.tensor([0, 1]))
+    loss.backward()
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 10)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- ResNet-18 ------------------------------------------------------------------------------
+
+
+def test_resnet18_cifar_stem() -> None:
+    model = resnet18(num_classes=10).eval()
+    assert isinstance(model.maxpool, nn.Identity)
+    conv1 = model.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    assert (conv1.in_channels, conv1.out_channels, conv1.bias) == (3, 64, None)
+    assert model.fc.out_features == 10
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_imagenet_stem() -> None:
+    model = resnet18(num_classes=7, stem="imagenet").eval()
+    assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
+    assert isinstance(model.maxpool, nn.MaxPool2d)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_resnet18_bad_stem() -> None:
+    with pytest.raises(ValueError, match="'cifar', 'imagenet'"):
+        resnet18(10, stem="tiny")
+
+
+def test_resnet18_pretrained_needs_imagenet_stem() -> None:
+    with pytest.raises(ValueError, match="stem=imagenet"):
+        resnet18(10, stem="cifar", pretrained=True)
+
+
+# --- ImageNet weights: a real torch.hub download, from a file:// URL ------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty torch.hub cache under tmp_path, and any socket connection is an error."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def serve_weights_from(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Point ResNet18_Weights at ``url``; torchvision still fetches it with
+    torch.hub.load_state_dict_from_url (download_url_to_file, hash check, torch.load)."""
+    monkeypatch.setattr(ResNet18_Weights, "url", property(lambda self: url))
+
+
+def test_pretrained_weights_are_downloaded_and_loaded(offline: Path, tmp_path: Path, monkeypatch) -> None:
+    torch.manual_seed(1)
+    state = tv_resnet18(weights=None).state_dict()
+    raw = tmp_path / "raw.pth"
+    torch.save(state, raw)
+    # torch.hub checks the sha256 prefix that follows the last '-' of the file name.
+    source = tmp_path / "mirror" / f"resnet18-{hashlib.sha256(raw.read_bytes()).hexdigest()[:8]}.pth"
+    source.parent.mkdir()
+    raw.rename(source)
+    serve_weights_from(monkeypatch, source.as_uri())
+
+    model = resnet18(num_classes=10, stem="imagenet", pretrained=True)
+
+    assert (offline / source.name).is_file()
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 10
+    # A second build reads the cache and needs no source any more.
+    source.unlink()
+    again = resnet18(num_classes=10, stem="imagenet", pretrained=True)
+    assert torch.equal(again.conv1.weight, state["conv1.weight"])
+
+
+def test_pretrained_without_network_or_cache_says_what_to_do(offline: Path, tmp_path: Path, monkeypatch) -> None:
+    url = (tmp_path / "nowhere" / "resnet18-f37072fd.pth").as_uri()
+    serve_weights_from(monkeypatch, url)
+    with pytest.raises(RuntimeError) as info:
+        resnet18(num_classes=10, stem="imagenet", pretrained=True)
+    message = str(info.value)
+    assert "could not be downloaded" in message
+    assert str(offline / "resnet18-f37072fd.pth") in message
+    assert url in message
+    assert "model.pretrained=false" in message
+    assert "\n" not in message
+
+
+def test_pretrained_with_corrupt_download_fails_the_hash_check(offline: Path, tmp_path: Path, monkeypatch) -> None:
+    source = tmp_path / "resnet18-00000000.pth"
+    torch.save({"not": torch.zeros(1)}, source)
+    serve_weights_from(monkeypatch, source.as_uri())
+    with pytest.raises(RuntimeError, match="model.pretrained=false"):
+        resnet18(num_classes=10, stem="imagenet", pretrained=True)
+    assert not (offline / source.name).exists()

@@ -1,0 +1,177 @@
+"""Plots: PNG files written atomically, drawn from a hand-made bin table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from calibrun import plots
+from calibrun.plots import confidence_histogram, reliability_diagram, reliability_grid
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Each test starts without open figures, and a failing one leaks none into the next."""
+    plt.close("all")
+    yield
+    plt.close("all")
+
+
+def make_bins(n_bins: int = 5, empty: tuple[int, ...] = (0,)) -> pd.DataFrame:
+    """A bin table shaped like metrics.bin_stats, with the bins in ``empty`` holding no sample."""
+    edges = np.linspace(0, 1, n_bins + 1)
+    count = np.array([0 if b in empty else 10 * (b + 1) for b in range(n_bins)], dtype=np.int64)
+    mid = (edges[:-1] + edges[1:]) / 2
+    conf = np.where(count > 0, mid, np.nan)
+    # Over-confident in the upper bins, under-confident in the lowest filled one.
+    acc = np.where(count > 0, np.clip(mid - 0.1 * np.sign(mid - 0.45), 0, 1), np.nan)
+    return pd.DataFrame({"bin": np.arange(1, n_bins + 1), "lo": edges[:-1], "hi": edges[1:], "count": count,
+                         "conf": conf, "acc": acc})
+
+
+def read_png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    # Not a blank canvas.
+    assert image[..., :3].std() > 0.05
+    return image
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_reliability_diagram_writes_png_and_creates_folders(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "figures" / "reliability_none.png"
+    reliability_diagram(make_bins(15, empty=(0, 1, 2)), path, title="none (test)", ece=0.0412, mce=0.1234)
+    read_png(path)
+    assert no_temp_files(path.parent)
+    assert plt.get_fignums() == []
+
+
+def test_png_gets_the_usual_file_mode(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    reference.write_bytes(b"")
+    path = tmp_path / "reliability.png"
+    reliability_diagram(make_bins(), path)
+    assert path.stat().st_mode == reference.stat().st_mode
+
+
+def test_reliability_diagram_draws_the_given_statistics() -> None:
+    bins = make_bins(5, empty=(0, 3))
+    fig, ax = plt.subplots()
+    reliability_diagram(bins, None, title="t", ece=0.0412, mce=0.25, ax=ax)
+    filled = bins[bins["count"] > 0]
+    acc_bars, gap_bars = ax.containers
+    assert len(acc_bars) == len(gap_bars) == len(filled) == 3
+    for bar, gap, (_, row) in zip(acc_bars, gap_bars, filled.iterrows()):
+        assert bar.get_x() == pytest.approx(row["lo"]) and bar.get_width() == pytest.approx(row["hi"] - row["lo"])
+        assert bar.get_height() == pytest.approx(row["acc"])
+        # The gap bar runs from the accuracy to the mean confidence, up or down.
+        assert gap.get_y() == pytest.approx(row["acc"])
+        assert gap.get_y() + gap.get_height() == pytest.approx(row["conf"])
+    assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("Confidence", "Accuracy")
+    texts = [t.get_text() for t in ax.texts]
+    assert any("ECE = 0.0412" in t and "MCE = 0.2500" in t for t in texts)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["Accuracy", "Gap to confidence", "Perfect calibration"]
+
+
+def test_reliability_diagram_into_ax_saves_nothing(tmp_path: Path) -> None:
+    fig, ax = plt.subplots()
+    path = tmp_path / "not_written.png"
+    reliability_diagram(make_bins(), path, ax=ax)
+    assert not path.exists()
+
+
+def test_all_bins_empty_and_no_scores_still_draws(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    reliability_diagram(make_bins(10, empty=tuple(range(10))), path)
+    read_png(path)
+
+
+def test_reliability_diagram_rejects_a_table_without_bin_columns(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bin_stats"):
+        reliability_diagram(pd.DataFrame({"lo": [0.0], "hi": [1.0]}), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="path"):
+        reliability_diagram(make_bins(), None)
+
+
+def test_overwrite_replaces_and_a_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "figures" / "reliability.png"
+    reliability_diagram(make_bins(), path, ece=0.1, mce=0.2)
+    reliability_diagram(make_bins(15), path, ece=0.3, mce=0.4)
+    before = path.read_bytes()
+
+    def crash(self, fname, **kwargs):
+        fname.write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", crash)
+    with pytest.raises(OSError, match="disk full"):
+        reliability_diagram(make_bins(), path, ece=0.5, mce=0.6)
+    assert path.read_bytes() == before
+    assert no_temp_files(path.parent)
+    assert plt.get_fignums() == []
+
+
+def test_confidence_histogram(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    conf = np.concatenate([rng.beta(8, 1, size=500), [1.0, 0.1]])
+    path = tmp_path / "a" / "b" / "confidence_hist.png"
+    confidence_histogram(conf, path, accuracy=0.81, mean_confidence=float(conf.mean()), n_bins=15, title="none")
+    read_png(path)
+    assert no_temp_files(path.parent)
+
+
+def test_confidence_histogram_shows_fractions_and_both_lines(tmp_path: Path, monkeypatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    confidence_histogram(np.array([0.05, 0.55, 0.95, 1.0]), tmp_path / "h.png", accuracy=0.5,
+                         mean_confidence=0.6375, n_bins=10)
+    (ax,) = figures[0].axes
+    heights = [p.get_height() for p in ax.patches]
+    assert len(heights) == 10 and sum(heights) == pytest.approx(1.0)
+    assert heights[0] == pytest.approx(0.25) and heights[-1] == pytest.approx(0.5)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["Accuracy = 0.5000", "Mean confidence = 0.6375"]
+    assert [line.get_xdata()[0] for line in ax.lines] == [0.5, 0.6375]
+
+
+@pytest.mark.parametrize("conf", [np.array([]), np.array([0.5, 1.5]), np.array([0.5, np.nan])])
+def test_confidence_histogram_rejects_bad_input(tmp_path: Path, conf: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        confidence_histogram(conf, tmp_path / "h.png", accuracy=0.5, mean_confidence=0.5)
+    assert not (tmp_path / "h.png").exists()
+
+
+@pytest.mark.parametrize(("n_panels", "ncols", "shape"), [(1, 3, (1, 1)), (3, 3, (1, 3)), (4, 3, (2, 3)),
+                                                         (5, 2, (3, 2))])
+def test_grid_has_one_axes_per_panel(n_panels: int, ncols: int, shape: tuple[int, int]) -> None:
+    panels = [(f"calibrator {i}", make_bins(15, empty=(i,)), 0.01 * i, 0.1 * i) for i in range(n_panels)]
+    fig = plots._grid_figure(panels, ncols)
+    assert len(fig.axes) == n_panels
+    assert fig.axes[0].get_subplotspec().get_gridspec().get_geometry() == shape
+    assert [ax.get_title() for ax in fig.axes] == [p[0] for p in panels]
+
+
+def test_reliability_grid_writes_png(tmp_path: Path) -> None:
+    panels = [(name, make_bins(15, empty=(0, 1)), 0.02, 0.08) for name in ("none", "temperature", "vector")]
+    path = tmp_path / "out" / "grid.png"
+    reliability_grid(panels, path, ncols=2)
+    image = read_png(path)
+    # Two columns, two rows: about as tall as wide.
+    assert 0.7 < image.shape[0] / image.shape[1] < 1.4
+    with pytest.raises(ValueError):
+        reliability_grid([], tmp_path / "none.png")

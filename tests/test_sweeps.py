@@ -1,0 +1,48 @@
+"""Hydra multiruns over the losses."""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import FAST
+
+LOSSES = ["ce", "gap", "gap_cap", "nts", "erl", "label_smoothing", "mixup"]
+
+
+def _check_sweep(tmp_path, proc, expected_jobs):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in (tmp_path / "outputs" / "multirun").glob("*/*/DONE"))
+    assert len(jobs) == expected_jobs
+    for job in jobs:
+        assert json.loads((job / "status.json").read_text())["state"] == "done"
+        metrics = pd.read_csv(job / "metrics.csv")
+        assert set(metrics.calibrator) == {"none", "temperature"} and metrics.notna().all().all()
+    return jobs
+
+
+def test_one_epoch_multirun_over_every_loss(run_cli, tmp_path):
+    proc = run_cli(["-m", f"loss={','.join(LOSSES)}", *FAST, "trainer.epochs=1", "run_name=losses"])
+    jobs = _check_sweep(tmp_path, proc, len(LOSSES))
+    # Folders are named by Hydra's override_dirname, so each loss has its own.
+    assert sorted(next(part for part in j.name.split(",") if part.startswith("loss=")) for j in jobs) == sorted(
+        f"loss={name}" for name in LOSSES)
+    for job in jobs:
+        loss_target = (job / "config.yaml").read_text()
+        assert "calibrun.losses." in loss_target
+
+
+def test_lam_sweep_lands_in_one_folder_per_value(run_cli, tmp_path):
+    proc = run_cli(["-m", "loss=gap_cap", "loss.lam=0.1,1,10", *FAST, "trainer.epochs=1", "run_name=lam"])
+    jobs = _check_sweep(tmp_path, proc, 3)
+    assert [j.name.split(",")[:2] for j in jobs] == [["data=synthetic", f"loss.lam={lam}"] for lam in ("0.1", "1", "10")]
+    lams = [yaml.safe_load((j / "config.yaml").read_text())["loss"]["lam"] for j in jobs]
+    assert lams == [0.1, 1.0, 10.0]
+
+
+@pytest.mark.slow
+def test_full_multirun_over_every_loss_with_the_quick_trainer(run_cli, tmp_path):
+    proc = run_cli(["-m", f"loss={','.join(LOSSES)}", "data=synthetic", "trainer=quick", "trainer.progress=false",
+                    "run_name=all"])
+    _check_sweep(tmp_path, proc, len(LOSSES))

@@ -84,8 +84,12 @@ def _fit_nll(
     # All three objectives are smooth (convex for vector and matrix scaling) and cheap to
     # evaluate on the whole validation set at once, the setting L-BFGS is made for. The
     # strong-Wolfe line search makes lr=1 safe: a plain step can overshoot into the flat
-    # part of the softmax, where the gradient vanishes and the fit stalls.
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    # part of the softmax, where the gradient vanishes and the fit stalls. The default
+    # tolerances (1e-7, 1e-9) stop while flat directions such as the biases are still
+    # ~1e-3 off in probability; float64 affords tighter ones at little extra cost.
+    opt = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -190,25 +194,28 @@ class VectorScaling(Calibrator):
 class MatrixScaling(Calibrator):
     """softmax(W z + b) with a full K×K matrix W and a bias b, minimising
 
-        NLL + off_diagonal_l2 · Σ_{i≠j} W_ij²
+        NLL + off_diagonal_l2 · K · Σ_{i≠j} W_ij²
 
-    on the validation set, with L-BFGS from W = I, b = 0 (the uncalibrated model).
+    (NLL the mean over the validation set), with L-BFGS from W = I, b = 0 (the
+    uncalibrated model). ``weight`` and ``bias`` hold W and b after ``fit``.
 
-    Without a penalty the K² + K parameters overfit when K is large relative to the
-    validation set: Guo et al. report matrix scaling far worse than temperature scaling
-    on CIFAR-100 (K = 100, 10 100 parameters, 5 000 validation samples). Penalising only
-    the off-diagonal entries, as the ODIR regulariser of Kull et al. does, shrinks
-    towards vector scaling (W diagonal), which costs no penalty, so at the optimum the
-    validation NLL is still never higher than that of vector or temperature scaling.
+    Unpenalised, the K² + K parameters overfit when K is large: Guo et al. report matrix
+    scaling far worse than temperature scaling on CIFAR-100 (K = 100: 10 100 parameters
+    for 5 000 validation samples). Like the ODIR regulariser of Kull et al., the penalty
+    falls on the off-diagonal entries only, so it shrinks towards vector scaling (W
+    diagonal), which costs nothing: at the optimum the validation NLL is never higher
+    than vector or temperature scaling's.
 
-    The default ``off_diagonal_l2 = 1e-2`` is a sum over the K(K-1) entries against a
-    *mean* NLL, so it does not weaken as K grows. On synthetic data it keeps
-    matrix scaling within a few per cent of vector scaling's test NLL when the true map
-    is diagonal, while still learning a true off-diagonal structure, and for K = 100 and
-    5 000 validation samples it avoids the unregularised fit's overfitting; Kull et al.
-    tune this weight by cross-validation, which is the thing to do for a paper table.
-    Set it to 0 for Guo et al.'s unregularised matrix scaling. ``weight`` and ``bias``
-    hold W and b after ``fit``.
+    Why the factor K: the curvature of the mean NLL in one entry W_ij scales like 1/K
+    (softmax probabilities are ~1/K), so a fixed weight that is ample for K = 10 leaves
+    K = 100 overfitting. Why 1e-2 (a weight of 0.1 per entry at K = 10, 1 at K = 100):
+    on synthetic logits (std 4; labels drawn from a temperature-, vector- or
+    matrix-shaped truth; 5 000 validation, 20 000 test samples), at K = 10 its test NLL
+    was within 0.006 of the best weight tried (0.001 for the matrix-shaped truth, which
+    larger weights start to miss); at K = 100, where an unpenalised fit was 1.9-2.8 nats worse than
+    temperature scaling and a per-entry weight of 1e-2 still 0.7-1.0 worse, it was
+    within 0.03. Set 0 for Guo et al.'s unregularised matrix scaling; Kull et al. tune
+    the weight by cross-validation, worth doing for a paper table.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", §4.2
     (matrix scaling); Kull et al. 2019, "Beyond temperature scaling: Obtaining
@@ -233,7 +240,7 @@ class MatrixScaling(Calibrator):
         off_diagonal = 1.0 - torch.eye(k, dtype=torch.float64)
 
         def penalty() -> torch.Tensor:
-            return self.off_diagonal_l2 * (self.weight * off_diagonal).square().sum()
+            return self.off_diagonal_l2 * k * (self.weight * off_diagonal).square().sum()
 
         _fit_nll(self._calibrated, z, y, [self.weight, self.bias], self.max_iter, penalty)
         return self

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import urllib.error
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from calibrun import UserError
+from calibrun._io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -340,19 +339,6 @@ def _cached_decode(files: dict[str, list[tuple[Path, int]]], cache_dir: Path) ->
         return tensors
     finally:
         lock.release()
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -71,7 +71,8 @@ class CifarResNet(nn.Module):
     References: He et al. 2016, "Deep Residual Learning for Image Recognition", §4.2.
     """
 
-    def __init__(self, num_classes: int, blocks_per_stage: int, shortcut: str, width: int) -> None:
+    def __init__(self, num_classes: int, blocks_per_stage: int, shortcut: str, width: int,
+                 zero_init_residual: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -92,20 +93,28 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for block in self.blocks:
+                nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def cifar_resnet(num_classes: int, depth: int = 110, shortcut: str = "A", width: int = 16) -> nn.Module:
+def cifar_resnet(num_classes: int, depth: int = 110, shortcut: str = "A", width: int = 16,
+                 zero_init_residual: bool = False) -> nn.Module:
     """CIFAR ResNet of depth 6n + 2 (n basic blocks per stage); 16/32/64 channels by default.
 
     ``shortcut="A"``: parameter-free identity, subsampled and zero-padded where the shape
     changes (the paper's CIFAR choice); ``"B"``: 1×1 conv + BN projection there.
     ResNet-110 with option A has 1.73 M parameters, ResNet-20 0.27 M.
+    ``zero_init_residual`` starts each block's last BN scale at 0, so the network starts
+    as its shortcut path: with He et al.'s initialisation alone, the 54 residual branches
+    of ResNet-110 add up to logits so large that short runs stay at chance level.
 
-    References: He et al. 2016, "Deep Residual Learning for Image Recognition".
+    References: He et al. 2016, "Deep Residual Learning for Image Recognition";
+    Goyal et al. 2017, "Accurate, Large Minibatch SGD", §5.1 (zero-initialised γ).
     """
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(
@@ -115,7 +124,7 @@ def cifar_resnet(num_classes: int, depth: int = 110, shortcut: str = "A", width:
         raise ValueError(f"model.shortcut={shortcut!r}; allowed: {', '.join(map(repr, SHORTCUTS))}")
     if width < 1:
         raise ValueError(f"model.width={width} must be a positive number of channels")
-    return CifarResNet(num_classes, (depth - 2) // 6, shortcut, width)
+    return CifarResNet(num_classes, (depth - 2) // 6, shortcut, width, zero_init_residual)
 
 
 def resnet18(num_classes: int, stem: str = "cifar", pretrained: bool = False) -> nn.Module:

@@ -7,8 +7,6 @@ so a figure can never disagree with ``metrics.csv``.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +19,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from calibrun._io import atomic_open  # noqa: E402
+
 BIN_COLUMNS = ("lo", "hi", "count", "conf", "acc")
 ACC_COLOUR = "#1f4e9c"
 GAP_COLOUR = "#d62728"
@@ -28,24 +28,10 @@ DPI = 150
 
 
 def _save(fig: Figure, path: Path | str) -> None:
-    """Write ``fig`` as a PNG at ``path`` atomically and close it.
-
-    A temporary file in the same directory is renamed over ``path``, so a crash or a
-    parallel reader never sees a half-written image.
-    """
-    path = Path(path)
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename and hide the figure
-    # from other users of a shared run folder; open(..., "xb") honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    """Write ``fig`` as a PNG at ``path`` atomically and close it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "xb") as f:
-                fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -8,32 +8,18 @@ and each calibrator on both splits, and writes ``metrics.csv``, ``metrics.md``,
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from calibrun._io import atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.metrics import bin_stats, evaluate
 from calibrun.plots import confidence_histogram, reliability_diagram
 
 METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +31,9 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     """Fit each calibrator on the val logits, evaluate on val and test, write the tables.
 
     ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
-    calibrators are in-sample; the test rows are the ones to compare.
+    calibrators are in-sample; the test rows are the ones to compare. Rows and bins of
+    calibrators already in the run's tables but not given here are kept, so a refit
+    of a subset (``calibrun-calibrate``) does not erase the others. Returns the table.
     """
     val_z, val_y = load_logits(run_dir / "logits" / "val.npz")
     test_z, test_y = load_logits(run_dir / "logits" / "test.npz")
@@ -67,9 +55,17 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
                 confidence_histogram(conf, run_dir / "figures" / "confidence_hist.png",
                                      accuracy=scores["accuracy"], mean_confidence=float(conf.mean()),
                                      n_bins=n_bins, title="uncalibrated (test)")
-    table = pd.DataFrame(rows, columns=METRIC_COLUMNS)
-    write_run_tables(run_dir, table, pd.concat(bins)[BIN_COLUMNS])
+    table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
+    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]))
     return table
+
+
+def _keep_others(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` plus the rows of ``path`` whose calibrator ``new`` does not cover."""
+    if not path.exists():
+        return new.reset_index(drop=True)
+    old = pd.read_csv(path)
+    return pd.concat([new, old[~old["calibrator"].isin(new["calibrator"])]], ignore_index=True)
 
 
 def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame) -> None:

@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 
 import calibrun
 from calibrun import UserError
-from calibrun.data import DeviceLoader, atomic_torch_save
+from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text
+from calibrun.data import DeviceLoader
 from calibrun.metrics import accuracy, ece
-from calibrun.report import atomic_write_text, calibrate_and_report
+from calibrun.report import calibrate_and_report
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +325,17 @@ def build(cfg: DictConfig) -> tuple[Any, torch.nn.Module, Any, dict]:
         except InstantiationException as err:
             cause = err.__cause__ or err
             raise UserError(f"Cannot build {key} ({cfg[key]._target_}): {cause}") from None
+    return parts["data"], parts["model"], parts["loss"], build_calibrators(cfg)
+
+
+def build_calibrators(cfg: DictConfig) -> dict:
     calibrators = {}
     for name, node in cfg.calibrator.items():
         try:
             calibrators[name] = instantiate(node)
         except InstantiationException as err:
             raise UserError(f"Cannot build calibrator.{name}: {err.__cause__ or err}") from None
-    return parts["data"], parts["model"], parts["loss"], calibrators
+    return calibrators
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -469,10 +474,6 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
 
 
 def save_logits(path: Path, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, logits=logits.cpu().numpy().astype(np.float32), labels=labels.cpu().numpy().astype(np.int64),
-             index=index.cpu().numpy().astype(np.int64))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_open(path) as fh:
+        np.savez(fh, logits=logits.cpu().numpy().astype(np.float32), labels=labels.cpu().numpy().astype(np.int64),
+                 index=index.cpu().numpy().astype(np.int64))

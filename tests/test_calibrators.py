@@ -1,8 +1,26 @@
+import inspect
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
 
-from calibrun.calibrators import TemperatureScaling, Uncalibrated
+from calibrun.calibrators import (
+    HistogramBinning,
+    IsotonicCalibration,
+    MatrixScaling,
+    PlattScaling,
+    TemperatureScaling,
+    Uncalibrated,
+    VectorScaling,
+)
+from calibrun.metrics import ece, nll
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _logits_with_temperature(true_t: float, n: int = 20000, k: int = 10, seed: int = 0):
@@ -47,3 +65,255 @@ def test_temperature_rejects_bad_arguments():
         TemperatureScaling(max_iter=0)
     with pytest.raises(ValueError, match="N×K"):
         TemperatureScaling().fit(np.zeros(5), np.zeros(5, dtype=int))
+
+
+# --------------------------------------------------------------------------- all calibrators
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The fits below are tiny; on a busy machine intra-op threads wait on each other far
+    # longer than they compute (10-50x slower with 2 threads under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+ALL = {
+    "none": Uncalibrated,
+    "temperature": TemperatureScaling,
+    "vector": VectorScaling,
+    "matrix": MatrixScaling,
+    "platt": PlattScaling,
+    "histogram": HistogramBinning,
+    "isotonic": IsotonicCalibration,
+}
+FITTED = {name: cls for name, cls in ALL.items() if name != "none"}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(z, dtype=torch.float64), dim=1).numpy()
+
+
+def _margin_logits(n: int, k: int, seed: int, flip: float):
+    """One logit 50 above the rest per row; a fraction ``flip`` of labels disagree with it."""
+    rng = np.random.default_rng(seed)
+    top = rng.integers(0, k, n)
+    z = np.zeros((n, k))
+    z[np.arange(n), top] = 50.0
+    y = np.where(rng.random(n) < flip, (top + 1) % k, top)
+    return z, y
+
+
+def _assert_probabilities(p: np.ndarray, n: int, k: int) -> None:
+    assert p.shape == (n, k) and p.dtype == np.float64
+    assert np.isfinite(p).all() and p.min() >= 0.0
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-6)
+
+
+def _val_sets() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    z = 3.0 * rng.standard_normal((600, 5))
+    return {
+        "random": (z, rng.integers(0, 5, 600)),
+        # Separable: the NLL optimum of the logit scalings is at infinity.
+        "margin_separable": _margin_logits(600, 5, seed=4, flip=0.0),
+        # 10 % of labels sit on a logit 50 below the top one: huge losses and gradients.
+        "margin_noisy": _margin_logits(600, 5, seed=5, flip=0.1),
+        "class_4_missing": (z, rng.integers(0, 4, 600)),
+    }
+
+
+VAL_SETS = _val_sets()
+
+
+@pytest.mark.parametrize("val", VAL_SETS)
+@pytest.mark.parametrize("name", ALL)
+def test_every_calibrator_returns_probabilities(name, val):
+    z_val, y_val = VAL_SETS[val]
+    calibrator = ALL[name]().fit(z_val, y_val)
+    rng = np.random.default_rng(6)
+    for z_test in (3.0 * rng.standard_normal((200, 5)), _margin_logits(200, 5, seed=7, flip=0.0)[0], z_val):
+        _assert_probabilities(calibrator.predict_proba(z_test), len(z_test), 5)
+
+
+def _overconfident(n_val: int = 5000, n_test: int = 5000, k: int = 10):
+    """Val and test logits whose labels follow softmax(z / 2.5): the model is overconfident."""
+    z, y = _logits_with_temperature(2.5, n=n_val + n_test, k=k, seed=11)
+    return (z[:n_val], y[:n_val]), (z[n_val:], y[n_val:])
+
+
+def test_logit_scalings_lower_the_validation_nll_in_order():
+    (z, y), _ = _overconfident()
+    val_nll = {name: nll(ALL[name]().fit(z, y).predict_proba(z), y) for name in ("none", "temperature", "vector", "matrix")}
+    assert val_nll["temperature"] < val_nll["none"] - 0.1
+    # Temperature scaling is a special case of both (w = 1/T; W = I/T with no penalty),
+    # so their in-sample optimum can only be lower.
+    assert val_nll["vector"] <= val_nll["temperature"] + 1e-9
+    assert val_nll["matrix"] <= val_nll["temperature"] + 1e-9
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_every_calibrator_reduces_test_ece_of_an_overconfident_model(name):
+    (z_val, y_val), (z_test, y_test) = _overconfident()
+    before = ece(Uncalibrated().predict_proba(z_test), y_test)
+    after = ece(FITTED[name]().fit(z_val, y_val).predict_proba(z_test), y_test)
+    assert before > 0.2  # the setting is really overconfident
+    assert after < before / 2
+
+
+# --------------------------------------------------------------------------- references and hand checks
+
+
+def test_isotonic_matches_scikit_learn_per_class_then_renormalised():
+    rng = np.random.default_rng(8)
+    z_val, y_val = _logits_with_temperature(2.0, n=400, k=4, seed=9)
+    # Wider test logits put some scores outside the validation range, where "clip" acts.
+    z_test = 6.0 * rng.standard_normal((300, 4))
+    p_val, p_test = _softmax(z_val), _softmax(z_test)
+    q = np.column_stack([
+        IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(p_val[:, k], y_val == k).predict(p_test[:, k])
+        for k in range(4)
+    ])
+    assert (q.sum(1) > 0).all()  # no row needs the softmax fallback, so plain division is the reference
+    expected = q / q.sum(1, keepdims=True)
+    np.testing.assert_allclose(IsotonicCalibration().fit(z_val, y_val).predict_proba(z_test), expected, rtol=0, atol=1e-12)
+
+
+def test_histogram_binning_by_hand():
+    # Logits log p give softmax probabilities p. M = 4 bins: B1 = [0, .25], B2 = (.25, .5],
+    # B3 = (.5, .75], B4 = (.75, 1]; no probability below sits on an edge.
+    p_val = np.array([
+        [0.7, 0.2, 0.1],  # y = 0
+        [0.6, 0.3, 0.1],  # y = 0
+        [0.1, 0.8, 0.1],  # y = 1
+        [0.2, 0.2, 0.6],  # y = 2
+        [0.4, 0.2, 0.4],  # y = 0
+    ])
+    y_val = np.array([0, 0, 1, 2, 0])
+    # class 0: p = .7 B3 y, .6 B3 y, .1 B1 n, .2 B1 n, .4 B2 y -> B1 0/2, B2 1/1, B3 2/2, B4 empty: centre .875
+    # class 1: p = .2 B1 n, .3 B2 n, .8 B4 y, .2 B1 n, .2 B1 n -> B1 0/3, B2 0/1, B3 empty: .625, B4 1/1
+    # class 2: p = .1 B1 n, .1 B1 n, .1 B1 n, .6 B3 y, .4 B2 n -> B1 0/3, B2 0/1, B3 1/1, B4 empty: .875
+    theta = [[0, 1, 1, 0.875], [0, 0, 0.625, 1], [0, 0, 1, 0.875]]
+    p_test = np.array([
+        [0.8, 0.1, 0.1],  # q = (B4 .875, B1 0, B1 0)    -> (1, 0, 0)
+        [0.3, 0.6, 0.1],  # q = (B2 1, B3 .625, B1 0)     -> (1, .625, 0) / 1.625 = (8/13, 5/13, 0)
+        [0.3, 0.1, 0.6],  # q = (B2 1, B1 0, B3 1)        -> (1/2, 0, 1/2)
+        [0.2, 0.4, 0.4],  # q = (B1 0, B2 0, B2 0): all 0 -> softmax fallback (.2, .4, .4)
+    ])
+    expected = np.array([[1, 0, 0], [8 / 13, 5 / 13, 0], [0.5, 0, 0.5], [0.2, 0.4, 0.4]])
+    hb = HistogramBinning(n_bins=4).fit(np.log(p_val), y_val)
+    np.testing.assert_allclose(np.array(hb.per_class), theta, atol=1e-15)
+    np.testing.assert_allclose(hb.predict_proba(np.log(p_test)), expected, atol=1e-12)
+
+
+def test_platt_matches_scikit_learn_and_smooths_a_missing_class():
+    rng = np.random.default_rng(10)
+    z_val = 3.0 * rng.standard_normal((500, 4))
+    y_val = rng.choice(3, 500, p=[0.5, 0.3, 0.2])  # class 3 never occurs
+    z_test = 3.0 * rng.standard_normal((100, 4))
+    platt = PlattScaling(C=0.5).fit(z_val, y_val)
+    q = np.empty_like(z_test)
+    for k in range(3):
+        lr = LogisticRegression(C=0.5).fit(z_val[:, [k]], y_val == k)
+        assert platt.per_class[k] == pytest.approx((lr.coef_[0, 0], lr.intercept_[0]), abs=1e-12)
+        q[:, k] = lr.predict_proba(z_test[:, [k]])[:, 1]
+    # The missing class: constant (0 + 1) / (500 + 2), Platt's smoothed negative target.
+    assert platt.per_class[3][0] == 0.0
+    q[:, 3] = 1 / 502
+    np.testing.assert_allclose(platt.predict_proba(z_test), q / q.sum(1, keepdims=True), rtol=1e-10)
+
+
+def test_vector_scaling_recovers_per_class_scales_and_biases():
+    g = torch.Generator().manual_seed(12)
+    w = torch.tensor([0.3, 0.5, 0.8, 1.2], dtype=torch.float64)
+    b = torch.tensor([0.5, -0.5, 0.0, 1.0], dtype=torch.float64)
+    z = 3.0 * torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(z * w + b, dim=1), 1, generator=g).squeeze(1)
+    vs = VectorScaling().fit(z.numpy(), y.numpy())
+    np.testing.assert_allclose(vs.scale.numpy(), w.numpy(), rtol=0.06)
+    # softmax ignores a common shift of all biases, so compare them centred.
+    np.testing.assert_allclose(vs.bias.numpy() - vs.bias.numpy().mean(), (b - b.mean()).numpy(), atol=0.06)
+
+
+def test_vector_scaling_on_exchangeable_classes_is_temperature_scaling():
+    (z, y), _ = _overconfident(n_test=0)
+    vs = VectorScaling().fit(z, y)
+    t = TemperatureScaling().fit(z, y).temperature
+    np.testing.assert_allclose(vs.scale.numpy(), 1 / t, rtol=0.06)
+
+
+def test_unpenalised_matrix_scaling_recovers_a_full_matrix():
+    g = torch.Generator().manual_seed(13)
+    w = torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.4, -0.2], [0.2, 0.0, 0.6]], dtype=torch.float64)
+    b = torch.tensor([0.3, -0.3, 0.0], dtype=torch.float64)
+    z = 3.0 * torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(z @ w.T + b, dim=1), 1, generator=g).squeeze(1)
+    ms = MatrixScaling(off_diagonal_l2=0.0).fit(z.numpy(), y.numpy())
+    # softmax ignores adding one vector v to every row of W (a shift v·z of all logits)
+    # and a common shift of b, so compare column- and vector-centred values.
+    fitted = ms.weight.numpy()
+    np.testing.assert_allclose(fitted - fitted.mean(0), (w - w.mean(0)).numpy(), atol=0.05)
+    np.testing.assert_allclose(ms.bias.numpy() - ms.bias.numpy().mean(), (b - b.mean()).numpy(), atol=0.05)
+
+
+def test_strongly_penalised_matrix_scaling_is_vector_scaling():
+    (z, y), (z_test, _) = _overconfident(n_val=2000, n_test=500, k=5)
+    ms = MatrixScaling(off_diagonal_l2=1e3).fit(z, y)
+    off_diagonal = ms.weight.numpy()[~np.eye(5, dtype=bool)]
+    assert np.abs(off_diagonal).max() < 1e-4
+    expected = VectorScaling().fit(z, y).predict_proba(z_test)
+    np.testing.assert_allclose(ms.predict_proba(z_test), expected, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- errors and config
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: VectorScaling(max_iter=0), "max_iter"),
+        (lambda: MatrixScaling(max_iter=0), "max_iter"),
+        (lambda: MatrixScaling(off_diagonal_l2=-1.0), "off_diagonal_l2"),
+        (lambda: PlattScaling(C=0.0), "C must be > 0"),
+        (lambda: HistogramBinning(n_bins=0), "n_bins"),
+    ],
+)
+def test_bad_constructor_arguments_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("name", ["vector", "matrix", "platt", "histogram", "isotonic"])
+def test_predicting_before_fit_or_on_other_classes_is_refused(name):
+    z = np.zeros((4, 3))
+    with pytest.raises(RuntimeError, match="must be fitted"):
+        FITTED[name]().predict_proba(z)
+    fitted = FITTED[name]().fit(z, np.array([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="fitted on 3 classes"):
+        fitted.predict_proba(np.zeros((4, 5)))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0, 1, 2]), r"shape \(4,\)"),
+        (np.array([0.0, 1.0, 2.0, 0.0]), "integer"),
+        (np.array([0, 1, 3, 0]), r"\[0, 2\]"),
+    ],
+)
+@pytest.mark.parametrize("name", FITTED)
+def test_bad_labels_are_refused(name, labels, message):
+    with pytest.raises(ValueError, match=message):
+        FITTED[name]().fit(np.zeros((4, 3)), labels)
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_calibrator_yaml_lists_the_constructor_defaults(name):
+    node = OmegaConf.load(REPO / "conf" / "calibrator" / f"{name}.yaml")
+    assert list(node) == [name]
+    cls = get_class(node[name]._target_)
+    assert cls is FITTED[name]
+    defaults = {p: v.default for p, v in inspect.signature(cls).parameters.items()}
+    assert dict(node[name]) == {"_target_": node[name]._target_, **defaults}
+    assert type(instantiate(node[name])) is cls

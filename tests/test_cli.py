@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CIFAR_MINI, FAST, REPO, only_run_dir
 
 from calibrun.metrics import evaluate
-from conftest import CIFAR_MINI, FAST, REPO, only_run_dir
 
 METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
 RUN_FILES = [

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
+from conftest import CIFAR_MINI
 
 from calibrun import UserError
 from calibrun.data import CIFAR, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
-
-from conftest import CIFAR_MINI
 
 
 def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibrun.losses import (CrossEntropy, EntropyRegularized, GapLoss, LabelSmoothing, Mixup,
-                             NonTargetSmoothing)
+from calibrun.losses import CrossEntropy, EntropyRegularized, GapLoss, LabelSmoothing, Mixup, NonTargetSmoothing
 
 # One confident correct sample (p_y > 0.99) and two misclassified ones.
 LOGITS = np.array([[10.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [1.0, 0.5, -0.5, 2.0], [0.2, 0.1, 0.0, -0.1]])

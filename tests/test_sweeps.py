@@ -5,7 +5,6 @@ import json
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import FAST
 
 LOSSES = ["ce", "gap", "gap_cap", "nts", "erl", "label_smoothing", "mixup"]

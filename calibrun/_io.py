@@ -1,0 +1,44 @@
+"""Atomic file writes: results, checkpoints and figures are never seen half-written."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import torch
+
+
+@contextmanager
+def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` when the
+    block ends without an error, delete it otherwise.
+
+    The file is created with ``open(..., "x")``, which honours the umask (tempfile's
+    0600 would hide results from the other users of a shared run folder).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode.replace("w", "x")) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_torch_save(obj: object, path: Path | str) -> None:
+    with atomic_open(path) as fh:
+        torch.save(obj, fh)

@@ -85,8 +85,8 @@ def _fit_nll(
     # evaluate on the whole validation set at once, the setting L-BFGS is made for. The
     # strong-Wolfe line search makes lr=1 safe: a plain step can overshoot into the flat
     # part of the softmax, where the gradient vanishes and the fit stalls. The default
-    # tolerances (1e-7, 1e-9) stop while flat directions such as the biases are still
-    # ~1e-3 off in probability; float64 affords tighter ones at little extra cost.
+    # tolerances (1e-7, 1e-9) can stop while flat directions such as the biases are
+    # still ~1e-3 off in probability; float64 affords tighter ones at little extra cost.
     opt = torch.optim.LBFGS(
         params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12
     )
@@ -111,7 +111,8 @@ def _log(q: np.ndarray) -> np.ndarray:
 
 
 class Calibrator:
-    """Base class. Subclasses implement ``fit`` and ``_calibrated(z)`` on float64 logits."""
+    """Base class. Logit transforms implement ``fit`` and ``_calibrated(z)`` on float64
+    logits; calibrators that do not end in a softmax override ``predict_proba`` instead."""
 
     def fit(self, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
         return self
@@ -212,10 +213,10 @@ class MatrixScaling(Calibrator):
     on synthetic logits (std 4; labels drawn from a temperature-, vector- or
     matrix-shaped truth; 5 000 validation, 20 000 test samples), at K = 10 its test NLL
     was within 0.006 of the best weight tried (0.001 for the matrix-shaped truth, which
-    larger weights start to miss); at K = 100, where an unpenalised fit was 1.9-2.8 nats worse than
-    temperature scaling and a per-entry weight of 1e-2 still 0.7-1.0 worse, it was
-    within 0.03. Set 0 for Guo et al.'s unregularised matrix scaling; Kull et al. tune
-    the weight by cross-validation, worth doing for a paper table.
+    larger weights start to miss); at K = 100, where an unpenalised fit was 1.9-2.8
+    nats worse than temperature scaling and a per-entry weight of 1e-2 still 0.7-1.0
+    worse, it was within 0.03. Set 0 for Guo et al.'s unregularised matrix scaling;
+    Kull et al. tune the weight by cross-validation, worth doing for a paper table.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", §4.2
     (matrix scaling); Kull et al. 2019, "Beyond temperature scaling: Obtaining

@@ -41,8 +41,10 @@ class ArrayDataset(Dataset):
 
 def load_images(root: str, fmt: str, n: int) -> tuple[Split, str]:
     try:
-        data = CIFAR(root=root, format=fmt, download=False, val_size=0.1)
-        split = data.splits()["train"]
+        splits = CIFAR(root=root, format=fmt, download=False, val_size=0.1).splits()
+        # The whole training set: the val hold-out goes back in.
+        parts = (splits["train"], splits["val"])
+        split = Split(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "labels", "index")))
         source = f"CIFAR-10 ({fmt}) from {root}"
     except Exception as err:  # noqa: BLE001 - any failure falls back to synthetic images
         print(f"(no CIFAR-10 under {root}: {str(err)[:120]}...; using synthetic 32x32 images)")

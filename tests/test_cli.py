@@ -12,10 +12,11 @@ from conftest import CIFAR_MINI, FAST, REPO, only_run_dir
 from calibrun.metrics import evaluate
 
 METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
+CALIBRATORS = ["none", "temperature", "vector", "matrix", "platt", "histogram", "isotonic"]
 RUN_FILES = [
     ".hydra/config.yaml", "config.yaml", "calibrun.log", "env.json", "status.json", "checkpoints/last.pt",
     "history.csv", "logits/val.npz", "logits/test.npz", "metrics.csv", "metrics.md", "bins.csv",
-    "figures/reliability_none.png", "figures/reliability_temperature.png", "figures/confidence_hist.png", "DONE",
+    *(f"figures/reliability_{name}.png" for name in CALIBRATORS), "figures/confidence_hist.png", "DONE",
 ]
 
 
@@ -25,7 +26,7 @@ def check_run_folder(run_dir, n_test):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics.columns) == METRIC_COLUMNS
     assert {(s, c) for s, c in zip(metrics.split, metrics.calibrator)} == {
-        (s, c) for s in ("val", "test") for c in ("none", "temperature")}
+        (s, c) for s in ("val", "test") for c in CALIBRATORS}
     bins = pd.read_csv(run_dir / "bins.csv")
     assert list(bins.columns) == ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
     assert bins.groupby("calibrator")["count"].sum().eq(n_test).all()

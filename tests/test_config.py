@@ -63,3 +63,16 @@ def test_bad_component_arguments_stop_before_any_data_is_read(compose_cfg, overr
 
     with pytest.raises(UserError, match=message):
         build(validate(compose_cfg(["data.root=/nonexistent", *overrides])))
+
+
+def test_data_paths_stay_out_of_sweep_folder_names(compose_cfg):
+    """Slashes in data.root would nest a sweep's job folders."""
+    from hydra import compose, initialize_config_dir
+
+    from calibrun.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["data.root=/a/b", "data.format=folder", "seed=3"])
+    excluded = cfg.hydra.job.config.override_dirname.exclude_keys
+    assert {"data.root", "data.cache_dir", "run_name", "trainer.device"} <= set(excluded)

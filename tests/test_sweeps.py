@@ -35,6 +35,7 @@ def test_one_epoch_multirun_over_every_loss(run_cli, tmp_path):
 def test_lam_sweep_lands_in_one_folder_per_value(run_cli, tmp_path):
     proc = run_cli(["-m", "loss=gap_cap", "loss.lam=0.1,1,10", *FAST, "trainer.epochs=1", "run_name=lam"])
     jobs = _check_sweep(tmp_path, proc, 3)
+    assert all(j.parent == tmp_path / "outputs" / "multirun" / "lam" for j in jobs)
     assert [j.name.split(",")[:2] for j in jobs] == [["data=synthetic", f"loss.lam={lam}"] for lam in ("0.1", "1", "10")]
     lams = [yaml.safe_load((j / "config.yaml").read_text())["loss"]["lam"] for j in jobs]
     assert lams == [0.1, 1.0, 10.0]

@@ -426,6 +426,14 @@ class DeviceLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()
+
+    def iterate(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches, without the first ``skip`` (a run resumed mid-epoch).
+
+        Skipped batches are still augmented, so the random draws of the batches that
+        follow are those of an uninterrupted epoch.
+        """
         n = len(self.labels)
         self.generator.manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(n, device=self.device, generator=self.generator) if self.shuffle else None
@@ -433,6 +441,8 @@ class DeviceLoader:
             lo, hi = b * self.batch_size, min(n, (b + 1) * self.batch_size)
             idx = order[lo:hi] if order is not None else slice(lo, hi)
             x = self.transform(self.images[idx], self.generator)
+            if b < skip:
+                continue
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

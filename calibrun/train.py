@@ -19,9 +19,11 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import typing
@@ -58,6 +60,13 @@ class Schedule(str, enum.Enum):
     cosine = "cosine"
 
 
+class Select(str, enum.Enum):
+    """Which weights are evaluated: the last epoch's, or the best validation accuracy's."""
+
+    last = "last"
+    best_val = "best_val"
+
+
 @dataclasses.dataclass
 class TrainerConfig:
     """Schema of ``conf/trainer/*.yaml``; the values live in the YAML files."""
@@ -81,6 +90,7 @@ class TrainerConfig:
     compile: bool = MISSING
     deterministic: bool = MISSING
     checkpoint_every: int = MISSING
+    select: Select = MISSING
     progress: bool = MISSING
 
 
@@ -303,6 +313,46 @@ def write_history(run_dir: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+class Interrupted(UserError):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved and the run can be resumed."""
+
+
+class SignalFlag:
+    """Records SIGTERM/SIGUSR1 instead of dying, so the loop can checkpoint first.
+
+    SLURM sends one of them before killing a job (``--signal``, submitit's
+    ``signal_delay_s``). After the checkpoint, the previous handler (submitit's requeue,
+    say) still runs.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def hand_over(self) -> None:
+        """Run the handler that was there before ours, then stop the run."""
+        handler = self.previous.get(self.received)
+        name = signal.Signals(self.received).name
+        if callable(handler):
+            handler(self.received, None)
+        raise Interrupted(f"Interrupted by {name}; a checkpoint was saved. Run the same command again to resume.")
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DeviceLoader, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the device) and labels of a whole split, in split order."""
@@ -388,7 +438,7 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     fingerprint = config_fingerprint(cfg)
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, partial = 0, None
     if ckpt_path.exists():
         state = _load_checkpoint(ckpt_path, device)
         if state["fingerprint"] != fingerprint:
@@ -400,63 +450,86 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
-        history, start_epoch = state["history"], state["epoch"]
-        log.info("Resuming from %s after epoch %d.", ckpt_path, start_epoch)
+        history, start_epoch, partial = state["history"], state["epoch"], state.get("partial")
+        log.info("Resuming from %s after epoch %d%s.", ckpt_path, start_epoch,
+                 f" and {partial['step']} steps of the next" if partial else "")
 
-    for epoch in range(start_epoch, t.epochs):
-        loss_fn.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        # Sums stay on the device: one synchronisation per epoch, not per step.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
-                   disable=None if t.progress else True)
-        for x, y in bar:
-            inputs, targets = loss_fn.mix(x, y)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = forward(inputs)
-            loss = loss_fn(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise UserError(
-                f"Non-finite training loss ({train_loss}) in epoch {epoch + 1}; stopping. "
-                f"Lower trainer.lr or check the loss hyperparameters."
-            )
-        val_logits, val_labels = predict(forward, eval_loaders["val"], amp)
-        val_probs = torch.softmax(val_logits.double(), dim=1).cpu().numpy()
-        seconds = time.perf_counter() - started
-        history.append({
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            "train_acc": correct.item() / seen,
-            "val_acc": accuracy(val_probs, val_labels.cpu().numpy()),
-            "val_ece": ece(val_probs, val_labels.cpu().numpy(), cfg.metrics.n_bins),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(seen / seconds, 1),
-        })
-        write_history(run_dir, history)
-        row = history[-1]
-        log.info("epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  val_ece %.4f  %.0f img/s",
-                 epoch + 1, t.epochs, train_loss, row["train_acc"], row["val_acc"], row["val_ece"], row["images_per_s"])
-        if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": epoch + 1, "history": history, "fingerprint": fingerprint,
-            }, ckpt_path)
-        write_status(run_dir, "running", epoch=epoch + 1)
+    def checkpoint(epoch: int, partial: dict | None = None) -> None:
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "epoch": epoch, "partial": partial, "history": history, "fingerprint": fingerprint,
+        }, ckpt_path)
 
+    best_path = run_dir / "checkpoints" / "best.pt"
+    with SignalFlag() as interrupt:
+        for epoch in range(start_epoch, t.epochs):
+            loss_fn.set_epoch(epoch)
+            train_loader.set_epoch(epoch)
+            model.train()
+            # Sums stay on the device: one synchronisation per epoch, not per step.
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen, skip, spent = 0, 0, 0.0
+            if partial:
+                loss_sum += partial["loss_sum"]
+                correct += partial["correct"]
+                seen, skip, spent, partial = partial["seen"], partial["step"], partial["seconds"], None
+            started = time.perf_counter() - spent
+            bar = tqdm(train_loader.iterate(skip), total=len(train_loader), initial=skip, unit="batch",
+                       desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, disable=None if t.progress else True)
+            for step, (x, y) in enumerate(bar, start=skip):
+                inputs, targets = loss_fn.mix(x, y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = forward(inputs)
+                loss = loss_fn(logits.float(), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if interrupt.received is not None:
+                    checkpoint(epoch, {"step": step + 1, "loss_sum": loss_sum.item(), "correct": correct.item(),
+                                       "seen": seen, "seconds": time.perf_counter() - started})
+                    interrupt.hand_over()
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):
+                raise UserError(
+                    f"Non-finite training loss ({train_loss}) in epoch {epoch + 1}; stopping. "
+                    f"Lower trainer.lr or check the loss hyperparameters."
+                )
+            val_logits, val_labels = predict(forward, eval_loaders["val"], amp)
+            val_probs = torch.softmax(val_logits.double(), dim=1).cpu().numpy()
+            seconds = time.perf_counter() - started
+            row = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": train_loss,
+                "train_acc": correct.item() / seen,
+                "val_acc": accuracy(val_probs, val_labels.cpu().numpy()),
+                "val_ece": ece(val_probs, val_labels.cpu().numpy(), cfg.metrics.n_bins),
+                "seconds": round(seconds, 3),
+                "images_per_s": round(seen / seconds, 1),
+            }
+            if t.select == Select.best_val and row["val_acc"] > max((h["val_acc"] for h in history), default=-1.0):
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1}, best_path)
+            history.append(row)
+            write_history(run_dir, history)
+            log.info("epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  val_ece %.4f  %.0f img/s",
+                     epoch + 1, t.epochs, train_loss, row["train_acc"], row["val_acc"], row["val_ece"],
+                     row["images_per_s"])
+            if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs or interrupt.received is not None:
+                checkpoint(epoch + 1)
+            write_status(run_dir, "running", epoch=epoch + 1)
+            if interrupt.received is not None:
+                interrupt.hand_over()
+
+    if t.select == Select.best_val:
+        best = _load_checkpoint(best_path, device)
+        model.load_state_dict(best["model"])
+        log.info("Evaluating the weights of epoch %d, the best validation accuracy.", best["epoch"])
     for split, loader in eval_loaders.items():
         logits, labels = predict(forward, loader, amp)
         save_logits(run_dir / "logits" / f"{split}.npz", logits, labels, splits[split].index)

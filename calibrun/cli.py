@@ -90,3 +90,39 @@ def calibrate(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     log.info("Refitted %s in %s\n%s", ", ".join(calibrators), run_dir, table.to_string(index=False))
+
+
+def report(argv: list[str] | None = None) -> None:
+    """``calibrun-report DIR... [--out DIR] [--metric ece]``: one table (mean ± std over
+    seeds, grouped by the config keys that differ between runs) and plots from many run
+    folders. Failed and unfinished runs are listed, never dropped."""
+    import argparse
+
+    from calibrun import report as report_lib
+
+    parser = argparse.ArgumentParser(prog="calibrun-report", description=report.__doc__)
+    parser.add_argument("dirs", nargs="+", type=Path, help="run folders or folders that contain them")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first DIR)")
+    parser.add_argument("--metric", default="ece", choices=report_lib.SUMMARY_METRICS,
+                        help="the metric plotted against λ")
+    parser.add_argument("--name", default="report", help="base name of the .csv/.md files")
+    parser.add_argument("--calibrators", help="comma-separated calibrators to keep (default: all)")
+    parser.add_argument("--paper", help="published numbers to show beside ours: table1, pacs, or a CSV path")
+    parser.add_argument("--grid-calibrator", default="none", help="calibrator drawn in the reliability grid")
+    parser.add_argument("--grid-name", default="reliability_grid.png")
+    parser.add_argument("--table-metrics", default="accuracy,ece,mce,nll,brier")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = args.out or args.dirs[0]
+    try:
+        summary = report_lib.write_report(
+            args.dirs, out, metric=args.metric, name=args.name,
+            calibrators=args.calibrators.split(",") if args.calibrators else None, paper=args.paper,
+            grid_calibrator=args.grid_calibrator, grid_name=args.grid_name,
+            table_metrics=args.table_metrics.split(","),
+        )
+    except (FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(1)
+    log.info("%s\nWrote %s and %s", (out / f"{args.name}.md").read_text(), out / f"{args.name}.csv",
+             "plots" if len(summary) else "no plots (no finished runs)")

@@ -8,15 +8,16 @@ and each calibrator on both splits, and writes ``metrics.csv``, ``metrics.md``,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from calibrun._io import atomic_write_text
+from calibrun._io import atomic_open, atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.metrics import bin_stats, evaluate
-from calibrun.plots import confidence_histogram, reliability_diagram
+from calibrun.plots import confidence_histogram, reliability_diagram, reliability_grid
 
 METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
@@ -72,3 +73,187 @@ def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame) -> 
     atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
     atomic_write_text(run_dir / "metrics.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
     atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
+
+
+# --------------------------------------------------------------------------- many runs
+
+SUMMARY_METRICS = ["accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier"]
+# Config keys that never make two runs different experiments.
+IGNORED_KEYS = ("seed", "run_name", "data.root", "data.cache_dir", "trainer.device", "trainer.progress",
+                "trainer.checkpoint_every", "calibrator.")
+PAPERS = Path(__file__).resolve().parent / "papers"
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Every run folder (one holding ``.hydra/``) at or below ``paths``."""
+    runs = {hydra_dir.parent.resolve() for path in paths for hydra_dir in Path(path).rglob(".hydra")}
+    return sorted(runs)
+
+
+def _flatten(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: str(node) if isinstance(node, list) else node}
+
+
+def describe_run(run_dir: Path) -> dict[str, object]:
+    """The run's state, its config choices (data, model, loss, ...) and flattened config."""
+    import yaml
+
+    status = {"state": "unknown", "error": None}
+    if (run_dir / "status.json").is_file():
+        status.update(json.loads((run_dir / "status.json").read_text()))
+    config_file = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else run_dir / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.is_file() else {}
+    state = "done" if (run_dir / "DONE").is_file() else status["state"]
+    info: dict[str, object] = {"run": str(run_dir), "state": state, "error": status.get("error"),
+                               "seed": config.get("seed")}
+    info.update({k: v for k, v in choices.items() if k in ("data", "model", "loss", "experiment") and v})
+    info.update({k: v for k, v in _flatten(config).items() if not k.startswith(IGNORED_KEYS) and not k.endswith("_target_")})
+    return info
+
+
+def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(metric rows of finished runs, one row per run, the config keys that differ)."""
+    runs = [describe_run(r) for r in find_runs(paths)]
+    if not runs:
+        raise FileNotFoundError(f"No run folders (with .hydra/) under {', '.join(map(str, paths))}.")
+    table = pd.DataFrame(runs)
+    config_keys = [c for c in table.columns if c not in ("run", "state", "error", "seed")]
+    # A run that failed before writing its resolved config would make every key "differ".
+    done = table[table["state"] == "done"] if (table["state"] == "done").any() else table
+    varying = [c for c in config_keys if done[c].astype(str).nunique(dropna=False) > 1]
+    rows = []
+    for run in runs:
+        metrics_file = Path(str(run["run"])) / "metrics.csv"
+        if run["state"] == "done" and metrics_file.is_file():
+            metrics = pd.read_csv(metrics_file)
+            rows.append(metrics[metrics["split"] == split].assign(**{k: run.get(k) for k in ["run", "seed", *varying]}))
+    metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *SUMMARY_METRICS])
+    return metrics, table, varying
+
+
+def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean, standard deviation (over seeds) and n per group and calibrator."""
+    groups = [*keys, "calibrator"]
+    grouped = metrics.groupby(groups, dropna=False, sort=False)
+    out = grouped[SUMMARY_METRICS].agg(["mean", "std"])
+    out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
+    out.insert(0, "n", grouped.size())
+    return out.reset_index()
+
+
+def _mean_std(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4f}" if n < 2 or pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: pd.DataFrame | None) -> str:
+    shown = summary[[*keys, "calibrator", "n"]].copy()
+    for metric in metrics:
+        shown[metric] = [_mean_std(m, s, n) for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
+        if paper is not None and f"paper_{metric}" in summary:
+            shown[f"paper {metric}"] = summary[f"paper_{metric}"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    return shown.to_markdown(index=False)
+
+
+def load_paper(name_or_path: str) -> pd.DataFrame:
+    """Published numbers: a CSV whose columns are config keys (``loss``, ``data.target``, ...)
+    and metrics; ``table1`` and ``pacs`` name the files shipped with calibrun."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PAPERS / f"{name_or_path}.csv"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in PAPERS.glob("*.csv")))
+        raise FileNotFoundError(f"No paper table {name_or_path!r}: give a CSV path or one of {shipped}.")
+    return pd.read_csv(path)
+
+
+def with_paper(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    join = [c for c in paper.columns if c in summary.columns]
+    if not join:
+        raise ValueError(f"The paper table shares no column with the runs (its columns: {list(paper.columns)}).")
+    values = paper.rename(columns={c: f"paper_{c}" for c in paper.columns if c not in join})
+    summary = summary.copy()
+    for c in join:
+        # Config values come back from YAML as numbers or strings; compare as text.
+        summary[c], values[c] = summary[c].astype(str), values[c].astype(str)
+    return summary.merge(values, on=join, how="left")
+
+
+def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) -> list[tuple[str, pd.DataFrame, float, float]]:
+    """One panel per group: the bins of its runs pooled over seeds (counts add up)."""
+    panels = []
+    chosen = metrics[metrics["calibrator"] == calibrator]
+    for group, rows in chosen.groupby(keys, dropna=False, sort=False) if keys else [((), chosen)]:
+        bins = pd.concat([pd.read_csv(Path(r) / "bins.csv") for r in rows["run"]])
+        bins = bins[bins["calibrator"] == calibrator]
+        bins = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"], acc_sum=bins["acc"].fillna(0) * bins["count"])
+        pooled = bins.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
+        count = pooled["count"].where(pooled["count"] > 0)
+        pooled = pooled.assign(conf=pooled["conf_sum"] / count, acc=pooled["acc_sum"] / count)
+        title = ", ".join(f"{k}={v}" for k, v in zip(keys, group if isinstance(group, tuple) else (group,))) or calibrator
+        panels.append((title, pooled, rows["ece"].mean(), rows["mce"].mean()))
+    return panels
+
+
+def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    lam = next(k for k in keys if k.endswith(".lam"))
+    others = [k for k in keys if k != lam]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in zip(axes, (metric, "accuracy")):
+        for label, rows in summary.groupby([*others, "calibrator"], dropna=False, sort=False):
+            rows = rows.sort_values(lam)
+            ax.errorbar(rows[lam].astype(float), rows[f"{name}_mean"], yerr=rows[f"{name}_std"].fillna(0),
+                        marker="o", capsize=3, label=", ".join(map(str, label if isinstance(label, tuple) else (label,))))
+        ax.set(xscale="symlog", xlabel="λ (loss.lam)", ylabel=name, title=f"{name} against λ")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=130)
+    plt.close(fig)
+
+
+def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = "report",
+                 calibrators: list[str] | None = None, paper: str | None = None,
+                 grid_calibrator: str = "none", grid_name: str = "reliability_grid.png",
+                 table_metrics: list[str] | None = None) -> pd.DataFrame:
+    """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds), an
+    ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams."""
+    metrics, runs, keys = collect(paths)
+    if calibrators:
+        metrics = metrics[metrics["calibrator"].isin(calibrators)]
+    summary = aggregate(metrics, keys) if len(metrics) else pd.DataFrame()
+    reference = load_paper(paper) if paper else None
+    if reference is not None and len(summary):
+        summary = with_paper(summary, reference)
+    shown = table_metrics or ["accuracy", "ece", "mce", "nll", "brier"]
+    lines = [f"# {name}", "", f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
+    constant = {k: runs[k].iloc[0] for k in ("data", "model", "loss") if k in runs and k not in keys}
+    if constant:
+        lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]
+    if len(summary):
+        lines += [markdown(summary, keys, shown, reference), ""]
+    unfinished = runs[runs["state"] != "done"]
+    if len(unfinished):
+        lines += [f"## Runs not finished ({len(unfinished)})", "",
+                  unfinished[["run", "state", "error"]].fillna("").to_markdown(index=False), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.md", "\n".join(lines))
+    full = pd.concat([summary, unfinished[["run", "state", "error", *[k for k in keys if k in unfinished]]]],
+                     ignore_index=True) if len(unfinished) else summary
+    atomic_write_text(out / f"{name}.csv", full.to_csv(index=False))
+    if len(summary) and any(k.endswith(".lam") for k in keys):
+        metric_vs_lam(summary, keys, metric, out / f"{metric}_vs_lam.png")
+    if len(metrics) and grid_calibrator in set(metrics["calibrator"]):
+        panels = reliability_panels(metrics, keys, grid_calibrator)
+        reliability_grid(panels, out / grid_name, ncols=min(len(panels), 4))
+    return summary

@@ -1,0 +1,90 @@
+"""calibrun-report over a λ × seed sweep, repeated sweeps, and failed jobs."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibrun.report import write_report
+from conftest import FAST
+
+SWEEP = ["-m", "loss=gap_cap", "loss.lam=0,1,10", "seed=0,1", *FAST, "trainer.epochs=1",
+         "calibrator=[temperature]", "run_name=sweep"]
+
+
+def report_cli(args, cwd):
+    return subprocess.run([sys.executable, "-c", "from calibrun.cli import report; report()", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_lam_seed_sweep_report_matches_pandas_and_repeats_train_nothing(run_cli, tmp_path):
+    proc = run_cli(SWEEP)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "multirun" / "sweep"
+    runs = sorted(p.parent for p in sweep.glob("*/DONE"))
+    assert len(runs) == 6
+
+    out = tmp_path / "report"
+    result = report_cli([str(sweep), "--out", str(out), "--calibrators", "none"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(out / "report.csv")
+    assert len(table) == 3 and (table["n"] == 2).all()
+    assert (out / "ece_vs_lam.png").is_file() and (out / "reliability_grid.png").is_file()
+    assert "± " in (out / "report.md").read_text()
+
+    # The same numbers computed directly from the six metrics.csv files.
+    frames = []
+    for run in runs:
+        lam = float(run.name.split("loss.lam=")[1].split(",")[0])
+        m = pd.read_csv(run / "metrics.csv")
+        frames.append(m[(m.split == "test") & (m.calibrator == "none")].assign(lam=lam))
+    direct = pd.concat(frames).groupby("lam")[["ece", "accuracy", "mce"]].agg(["mean", "std"])
+    for _, row in table.iterrows():
+        lam = float(row["loss.lam"])
+        for metric in ("ece", "accuracy", "mce"):
+            assert row[f"{metric}_mean"] == pytest.approx(direct.loc[lam, (metric, "mean")], abs=1e-12)
+            assert row[f"{metric}_std"] == pytest.approx(direct.loc[lam, (metric, "std")], abs=1e-12, nan_ok=True)
+
+    stamps = {run: (run / "checkpoints" / "last.pt").stat().st_mtime_ns for run in runs}
+    again = run_cli(SWEEP)
+    assert again.returncode == 0
+    assert (again.stdout + again.stderr).count("holds DONE") == 6
+    assert all((run / "checkpoints" / "last.pt").stat().st_mtime_ns == t for run, t in stamps.items())
+
+
+def test_failed_job_lets_the_sweep_finish_exits_nonzero_and_is_reported(run_cli, tmp_path):
+    # lr=1e30 blows the weights up: the loss of that job is not finite.
+    proc = run_cli(["-m", "trainer.lr=0.05,1e30,0.01", *FAST, "trainer.epochs=1", "calibrator=[temperature]",
+                    "run_name=bad"])
+    assert proc.returncode != 0
+    assert "Non-finite training loss" in proc.stdout + proc.stderr
+    sweep = tmp_path / "outputs" / "multirun" / "bad"
+    assert len(list(sweep.glob("*/DONE"))) == 2
+    summary = write_report([sweep], tmp_path / "r")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "Runs not finished (1)" in text and "trainer.lr=1e+30" in text and "Non-finite" in text
+    assert set(summary["n"]) == {1}
+    assert "failed" in set(pd.read_csv(tmp_path / "r" / "report.csv")["state"].dropna())
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path):
+    result = report_cli([str(tmp_path)], tmp_path)
+    assert result.returncode == 1 and "No run folders" in result.stderr
+
+
+def test_pooled_bins_keep_every_sample(tmp_path):
+    from calibrun.report import reliability_panels
+
+    rows = []
+    for seed, n in ((0, 10), (1, 30)):
+        run = tmp_path / f"r{seed}"
+        run.mkdir()
+        pd.DataFrame({"calibrator": "none", "bin": [1, 2], "lo": [0, .5], "hi": [.5, 1], "count": [n, n],
+                      "conf": [.4, .9], "acc": [.2 + seed * .4, 1.0]}).to_csv(run / "bins.csv", index=False)
+        rows.append({"run": str(run), "calibrator": "none", "ece": 0.1, "mce": 0.2, "loss": "ce"})
+    (title, pooled, ece, mce), = reliability_panels(pd.DataFrame(rows), ["loss"], "none")
+    assert pooled["count"].tolist() == [40, 40]
+    assert pooled["acc"].iloc[0] == pytest.approx((10 * .2 + 30 * .6) / 40)
+    assert np.isclose(ece, 0.1) and title == "loss=ce"

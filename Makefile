@@ -6,10 +6,17 @@ BIN := $(VENV)/bin
 # make demo / bench read CIFAR-10 from here; DATA_FORMAT=folder reads an image folder.
 DATA_ROOT ?= data
 DATA_FORMAT ?= torchvision
-EPOCHS ?= 3
+# Empty: each target's own default (3 for demo, the full recipe for reproductions).
+EPOCHS ?=
+SEEDS ?= 1
+# Extra overrides passed to every calibrun call, e.g. ARGS="model.depth=20 trainer.device=cuda".
+ARGS ?=
+seed_list = $(shell seq -s, 0 $$(($(SEEDS) - 1)))
+epochs_arg = $(if $(EPOCHS),trainer.epochs=$(EPOCHS))
+data_args = data.root=$(DATA_ROOT) data.format=$(DATA_FORMAT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench clean
+.PHONY: help install test test-slow test-gpu demo bench reproduce-table1 sweep-lambda report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -34,11 +41,25 @@ test-gpu: install ## tests that need CUDA
 demo: install ## a short real run: CIFAR-10 (downloaded), ResNet-110, a few epochs on a subset
 	$(BIN)/calibrun data=cifar10 data.root=$(DATA_ROOT) data.format=$(DATA_FORMAT) \
 		data.train_subset=4000 data.test_subset=1000 data.val_size=1000 \
-		model=resnet110 trainer=quick trainer.epochs=$(EPOCHS) run_name=demo
+		model=resnet110 trainer=quick trainer.epochs=$(or $(EPOCHS),3) run_name=demo $(ARGS)
 	@echo "Run folder: outputs/runs/cifar10/ce/demo (metrics.md, figures/)"
 
 bench: install ## images/s of the device data pipeline against torchvision's DataLoader pipeline
 	$(BIN)/python benchmarks/bench_data.py --root $(DATA_ROOT) --format $(DATA_FORMAT)
+
+reproduce-table1: install ## gap+cap Table 1: CE, CE+gap, capped CE+gap (λ=10) on CIFAR-10 -> outputs/tables/table1.md, figure3.png
+	$(BIN)/calibrun -m experiment=table1_ce,table1_gap,table1_gap_cap seed=$(seed_list) $(data_args) \
+		$(epochs_arg) trainer.progress=false run_name=table1 $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/table1 --out outputs/tables --name table1 --calibrators none \
+		--paper table1 --table-metrics accuracy,ece,mce --grid-name figure3.png && exit $$status
+
+sweep-lambda: install ## gap_cap over λ in {0, 0.1, 1, 3, 10, 30} on CIFAR-10, then the report
+	$(BIN)/calibrun -m loss=gap_cap loss.lam=0,0.1,1,3,10,30 seed=$(seed_list) $(data_args) $(epochs_arg) \
+		trainer.progress=false run_name=sweep_lambda $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/sweep_lambda && exit $$status
+
+report: install ## aggregate run folders: make report RUNS="outputs/multirun/<sweep> ..."
+	$(BIN)/calibrun-report $(or $(RUNS),outputs/multirun)
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) build dist *.egg-info

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FAST
 
 from calibrun.report import write_report
-from conftest import FAST
 
 SWEEP = ["-m", "loss=gap_cap", "loss.lam=0,1,10", "seed=0,1", *FAST, "trainer.epochs=1",
          "calibrator=[temperature]", "run_name=sweep"]

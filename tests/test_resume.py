@@ -9,7 +9,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from conftest import FAST
 
 ARGS = [*FAST, "trainer.epochs=4", "trainer.deterministic=true", "trainer.batch_size=32", "calibrator=[temperature]"]

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import tarfile
 import urllib.error
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,7 +39,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 @dataclass
 class Split:
     """One split: images (uint8 N×3×H×W), labels (int64 N) and ``index``, each image's
-    position in the source set it came from (the training or the test set)."""
+    position in the source set it came from (CIFAR: the training or the test set; PACS:
+    the whole dataset, so indices of different splits never collide)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -137,8 +142,154 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator 
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+# JiGen's recipe for PACS, batched: every sample draws its own crop box, flip, jitter
+# factors and grayscale coin from one generator, and the whole batch is transformed by a
+# handful of tensor ops (an affine grid, a few blends, one HSV round trip). Constants are
+# Python scalars or made on the device: a small tensor copied from pageable host memory
+# would make the host wait for the GPU on every batch.
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def random_crop_boxes(
+    n: int,
+    image_hw: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    device: torch.device | None = None,
+    tries: int = 10,
+) -> torch.Tensor:
+    """Per-sample crop boxes (x0, y0, w, h) as fractions of the image, drawn like
+    torchvision's RandomResizedCrop: area fraction uniform in ``scale``, log aspect
+    ratio uniform in log ``ratio``, the first of ``tries`` draws that fits is kept, and a
+    sample with none that fits takes the whole image (torchvision's fallback for square
+    images; for others it would also clamp the aspect ratio).
+
+    References: Szegedy et al. 2015, "Going Deeper with Convolutions" (the crop);
+    torchvision.transforms.RandomResizedCrop.get_params.
+    """
+    h, w = image_hw
+    area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, device=device, generator=generator)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, tries, device=device, generator=generator))
+    # Width and height as fractions of the image's own width and height.
+    cw = torch.sqrt(area * aspect * h / w)
+    ch = torch.sqrt(area / aspect * w / h)
+    fits = (cw <= 1) & (ch <= 1)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    any_fit = fits.any(1)
+    cw = torch.where(any_fit, cw.gather(1, first).squeeze(1), 1.0)
+    ch = torch.where(any_fit, ch.gather(1, first).squeeze(1), 1.0)
+    x0 = (1 - cw) * torch.rand(n, device=device, generator=generator)
+    y0 = (1 - ch) * torch.rand(n, device=device, generator=generator)
+    return torch.stack([x0, y0, cw, ch], 1)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its box (x0, y0, w, h in fractions), mirror it where ``flip``,
+    and resample to size×size, bilinearly, in one ``grid_sample``. Returns float images
+    in the input's value range.
+
+    There is no antialiasing: callers keep the crop-to-output ratio near 1 (PACS stores
+    images at 227/222 of the output size, as JiGen does), where bilinear is enough.
+
+    References: Jaderberg et al. 2015, "Spatial Transformer Networks" (affine grids).
+    """
+    b, c = images.shape[:2]
+    x0, y0, cw, ch = boxes.unbind(1)
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    # Output coordinates in [-1, 1] map to the box: a scale of w (h) about its centre; a
+    # negative x scale reads the box right to left, which is the horizontal flip.
+    theta[:, 0, 0] = torch.where(flip, -cw, cw)
+    theta[:, 0, 2] = 2 * x0 + cw - 1
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = 2 * y0 + ch - 1
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """Luma of float RGB images, N×1×H×W."""
+    r, g, b = images.split(1, dim=1)
+    return GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of each image by its ``shift`` (fraction of a turn): RGB → HSV,
+    h + shift mod 1, → RGB, for any value range (hue and saturation are ratios)."""
+    r, g, b = images.unbind(1)
+    v = images.amax(1)
+    chroma = v - images.amin(1)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    s = chroma / torch.where(v > 0, v, torch.ones_like(v))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.remainder(h / 6 + shift.view(-1, 1, 1), 1.0)
+    # HSV → RGB without branches: channel n (5, 3, 1 for R, G, B) is
+    # v − v·s·clamp(min(k, 4 − k), 0, 1) with k = (n + 6h) mod 6.
+    n = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6 * h.unsqueeze(1), 6.0)
+    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(
+    images: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor,
+    bound: float = 255.0,
+) -> torch.Tensor:
+    """torchvision's colour-jitter operations with one factor per sample (each argument
+    has shape N): brightness, contrast, saturation, then hue, in that fixed order
+    (torchvision shuffles the order per call). ``bound`` is the white value.
+
+    References: torchvision.transforms.functional adjust_brightness, adjust_contrast,
+    adjust_saturation, adjust_hue.
+    """
+
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, 1, 1, 1)
+
+    x = (images * per_sample(brightness)).clamp(0, bound)
+    mean = grayscale(x).mean((1, 2, 3), keepdim=True)
+    x = (per_sample(contrast) * x + (1 - per_sample(contrast)) * mean).clamp(0, bound)
+    x = (per_sample(saturation) * x + (1 - per_sample(saturation)) * grayscale(x)).clamp(0, bound)
+    return _shift_hue(x, hue)
+
+
+def jigen_augment(
+    images: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None,
+    scale: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4),
+    grayscale_p: float = 0.1,
+) -> torch.Tensor:
+    """JiGen's training augmentation with per-sample parameters: random resized crop to
+    size×size, horizontal flip, colour jitter (brightness, contrast, saturation factors
+    uniform in [1 − j, 1 + j], hue shift uniform in [−j, j]), random grayscale. uint8 in,
+    float in [0, 255] out, not normalised.
+
+    References: Carlucci et al. 2019, "Domain Generalization by Solving Jigsaw Puzzles"
+    (CVPR), github.com/fmcarlucci/JigenDG data/data_helper.py get_train_transformers.
+    """
+    n, device = images.shape[0], images.device
+    boxes = random_crop_boxes(n, images.shape[-2:], scale, ratio, generator, device)
+    flip = torch.rand(n, device=device, generator=generator) < flip_p
+    x = resized_crop(images, boxes, flip, size)
+    ranges = [(max(0.0, 1 - j), 1 + j) for j in jitter[:3]] + [(-jitter[3], jitter[3])]
+    u = torch.rand(n, 4, device=device, generator=generator).unbind(1)
+    x = color_jitter(x, *(lo + (hi - lo) * ui for (lo, hi), ui in zip(ranges, u)))
+    gray = torch.rand(n, device=device, generator=generator) < grayscale_p
+    return torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+
+
 class Normalize:
-    """uint8 → float, scaled to [0, 1] and standardised per channel (one fused affine)."""
+    """uint8 (or float in [0, 255]) → float, scaled to [0, 1] and standardised per
+    channel (one fused affine)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1)
@@ -284,41 +435,59 @@ def _list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     ]
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """Decode one image file to uint8 H×W×3, naming the file if it is unreadable."""
+def decode_image(path: Path, size: int | None = None) -> np.ndarray:
+    """Decode one image file to uint8 H×W×3 (resized to size×size if ``size`` is given,
+    bilinear with PIL's antialiasing), naming the file if it is unreadable."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            rgb = img.convert("RGB")
+            if size is not None and rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            # A copy: PIL's array view is read-only, and torch wants writable memory.
+            return np.array(rgb, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise UserError(f"Cannot read image {path.resolve()}: {err}") from None
 
 
-def _decode_all(files: list[tuple[Path, int]], desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    arrays = [decode_image(p) for p, _ in tqdm(files, desc=desc, unit="img", leave=False, disable=None)]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        first = arrays[0].shape
-        odd = next(p for (p, _), a in zip(files, arrays) if a.shape != first)
-        raise UserError(f"Images must all have one size: {files[0][0]} is {first[:2]}, {odd} is not.")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+def _decode_all(files: list[tuple[Path, int]], desc: str, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not files:
+        raise UserError(f"No images to decode ({desc}).")
+    # Filled in place rather than stacked, so a large set (PACS: 1.5 GB) is held once.
+    images: torch.Tensor | None = None
+    for i, (path, _) in enumerate(tqdm(files, desc=desc, unit="img", leave=False, disable=None)):
+        array = decode_image(path, size)
+        if images is None:
+            images = torch.empty((len(files), 3, *array.shape[:2]), dtype=torch.uint8)
+        elif array.shape[:2] != images.shape[2:]:
+            raise UserError(
+                f"Images must all have one size: {files[0][0]} is {tuple(images.shape[2:])}, "
+                f"{path} is {array.shape[:2]}."
+            )
+        images[i] = torch.from_numpy(array).permute(2, 0, 1)
     return images, torch.tensor([label for _, label in files], dtype=torch.long)
 
 
-def _cached_decode(files: dict[str, list[tuple[Path, int]]], cache_dir: Path) -> tuple[torch.Tensor, ...]:
-    """Decode every image once; later runs load one tensor file.
+def _cached_decode(
+    files: dict[str, list[tuple[Path, int]]], cache_dir: Path, size: int | None = None, prefix: str = "folder"
+) -> tuple[torch.Tensor, ...]:
+    """Decode every image once (resized to size×size if given); later runs load one
+    tensor file. Returns (images, labels) for each entry of ``files``, in order.
 
     The cache key covers each file's path, size and modification time, so editing the
     folder invalidates it. Runs sharing the folder serialise on a file lock.
     """
     digest = hashlib.sha1()
+    # Added only when set, so that caches written before ``size`` existed stay valid.
+    if size is not None:
+        digest.update(f"size={size}\n".encode())
     for split, entries in files.items():
         for path, label in entries:
             st = path.stat()
             digest.update(f"{split}|{path.resolve()}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache_file = cache_dir / f"folder-{digest.hexdigest()[:16]}.pt"
+    cache_file = cache_dir / f"{prefix}-{digest.hexdigest()[:16]}.pt"
 
     def decode() -> tuple[torch.Tensor, ...]:
-        return (*_decode_all(files["train"], "decode train"), *_decode_all(files["test"], "decode test"))
+        return tuple(t for split, entries in files.items() for t in _decode_all(entries, f"decode {split}", size))
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -335,10 +504,308 @@ def _cached_decode(files: dict[str, list[tuple[Path, int]]], cache_dir: Path) ->
                 log.warning("Decode cache %s is unreadable (%s); rebuilding it.", cache_file, err)
         tensors = decode()
         atomic_torch_save(list(tensors), cache_file)
-        log.info("Decoded %d images into %s", len(tensors[1]) + len(tensors[3]), cache_file)
+        log.info("Decoded %d images into %s", sum(len(labels) for labels in tensors[1::2]), cache_file)
         return tensors
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------- PACS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _drive(file_id: str) -> str:
+    # The /file/d/ form is the one torchvision's download_url hands to gdown, which
+    # gets past Google Drive's confirmation page for large files.
+    return f"https://drive.google.com/file/d/{file_id}"
+
+
+class PACS:
+    """PACS leave-one-domain-out: train on three domains, test on the held-out ``target``.
+
+    Reads the official layout, ``root/kfold/<domain>/<class>/<image>`` and
+    ``root/<domain>_{train,crossval,test}_kfold.txt`` (lines ``<domain>/<class>/<image>
+    <label 1-7>``). ``split="official"``: train and val are the source domains' train and
+    crossval files; ``split="random"``: a hold-out of ``val_fraction`` of the source
+    images drawn with ``split_seed`` (stratified by domain and class when possible). Test
+    is every image of the target domain. A domain's images are those of its test file, or
+    with ``split="random"`` and no such file, those found under ``kfold/<domain>``.
+
+    Images are decoded once, resized to ``store_size`` = round(image_size·227/222) (the
+    native 227 for the default 222), into one uint8 cache of the whole dataset; indices of
+    all splits are positions in that sorted dataset. Training batches get JiGen's
+    augmentation on the device; evaluation resizes to ``image_size``.
+
+    References: Li et al. 2017, "Deeper, Broader and Artier Domain Generalization" (ICCV);
+    Carlucci et al. 2019, "Domain Generalization by Solving Jigsaw Puzzles" (CVPR).
+    """
+
+    domains = ("art_painting", "cartoon", "photo", "sketch")
+    classes = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    # JiGen's PACS settings (run_PACS_photo.sh): --min_scale 0.8 --max_scale 1.0
+    # --random_horiz_flip 0.5 --jitter 0.4 (hue = min(0.5, jitter)) --tile_random_grayscale
+    # 0.1. JiGen greys each jigsaw tile; without the jigsaw task the whole image is greyed.
+    crop_scale = (0.8, 1.0)
+    crop_ratio = (3 / 4, 4 / 3)
+    flip_p = 0.5
+    jitter = (0.4, 0.4, 0.4, 0.4)  # brightness, contrast, saturation, hue
+    grayscale_p = 0.1
+
+    # The images as DomainBed fetches them (a zip holding kfold/), and the official split
+    # files from the authors' Google Drive folder. Class attributes, so tests can patch them.
+    official_folder = "https://drive.google.com/drive/folders/0B6x7gtvErXgfUU1WcGY5SzdwZVk"
+    archive_url = _drive("1JFr8f805nMUelQWWmfnJR3y4_SYoN5Pd")
+    archive_name = "PACS.zip"
+    split_urls: ClassVar[dict[str, str]] = {
+        "art_painting_train_kfold.txt": _drive("1cSo_5_cQLKoURsWwsKqFmw9neWFvDIeV"),
+        "art_painting_crossval_kfold.txt": _drive("1g7haGuvxmZA1SxPyGFZneDVi9wOm3nK4"),
+        "art_painting_test_kfold.txt": _drive("1KVe_S73jECKG9MsIujF-yqZAjPrf0y_O"),
+        "cartoon_train_kfold.txt": _drive("1EhlIyRoeZ5UPiUJs_UXGH-Ql1PS5qtYW"),
+        "cartoon_crossval_kfold.txt": _drive("1suUUrxyPOmN_dAVdhVSaG-NZDMOsl8JR"),
+        "cartoon_test_kfold.txt": _drive("14fpMKzcherr1onzp8jcyhmjJMjZSZ72h"),
+        "photo_train_kfold.txt": _drive("1RyCVv67zVITU4JYYr1XxLnG5q165yu8s"),
+        "photo_crossval_kfold.txt": _drive("1lXtOcPL-yWli_MuDZ0mQwLfq0XbzDu--"),
+        "photo_test_kfold.txt": _drive("1opW_IbwDQQmuylquX5UvRFxbj3muP5sz"),
+        "sketch_train_kfold.txt": _drive("13rWm64rW_dcdcyTFugu4fJcSCTkCB8YA"),
+        "sketch_crossval_kfold.txt": _drive("1Rs0dUTduQ320bXwHBLQT1s82gyr92J9J"),
+        "sketch_test_kfold.txt": _drive("1dFnnsWxYHvdCXmWdhPVwuJ8zgkb_wtbQ"),
+    }
+
+    def __init__(
+        self,
+        target: str = "sketch",
+        num_classes: int = 7,
+        root: str = "data/PACS",
+        split: str = "official",
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int = 222,
+        download: bool = False,
+        cache_dir: str | None = None,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+    ) -> None:
+        if target not in self.domains:
+            raise UserError(f"data.target={target!r} is not a PACS domain; allowed: {', '.join(self.domains)}.")
+        if split not in ("official", "random"):
+            raise UserError(f"data.split={split!r} is not supported; allowed: official, random.")
+        if num_classes != len(self.classes):
+            raise UserError(f"data.num_classes={num_classes} but PACS has {len(self.classes)} classes.")
+        if not 0 < val_fraction < 1:
+            raise UserError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
+        if image_size < 8:
+            raise UserError(f"data.image_size must be at least 8, got {image_size}.")
+        self.target, self.num_classes, self.root, self.split = target, num_classes, Path(root), split
+        self.val_fraction, self.split_seed, self.download = val_fraction, split_seed, download
+        self.image_size = image_size
+        self.train_subset, self.test_subset = train_subset, test_subset
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".calibrun_cache"
+        self.sources = tuple(d for d in self.domains if d != target)
+        # JiGen crops 222 out of PACS's native 227; the same ratio at other sizes.
+        self.store_size = round(image_size * 227 / 222)
+
+    # ------------------------------------------------------------------ splits
+
+    def splits(self) -> dict[str, Split]:
+        self._ensure_data()
+        if self.split == "official":
+            parts = {
+                "train": [e for d in self.sources for e in self._read_split_file(d, "train")],
+                "val": [e for d in self.sources for e in self._read_split_file(d, "crossval")],
+                "test": self._read_split_file(self.target, "test"),
+            }
+        else:
+            parts = {
+                "sources": [e for d in self.sources for e in self._domain_images(d)],
+                "test": self._domain_images(self.target),
+            }
+        if self.split == "official":
+            both = sorted({p for p, _, _ in parts["train"]} & {p for p, _, _ in parts["val"]})
+            if both:
+                raise UserError(
+                    f"{len(both)} image(s) are in both a train and a crossval split file under {self.root.resolve()}, "
+                    f"e.g. {both[0]}; the official files never overlap."
+                )
+        label_of = self._labels(parts)
+        paths = sorted(label_of)
+        position = {p: i for i, p in enumerate(paths)}
+        images, labels = _cached_decode(
+            {"pacs": [(self.kfold / p, label_of[p]) for p in paths]}, self.cache_dir, self.store_size, prefix="pacs"
+        )
+        dataset = Split(images, labels, torch.arange(len(paths)))
+
+        def take(entries: list[tuple[str, int, str]]) -> Split:
+            return dataset.take(np.unique([position[p] for p, _, _ in entries]))
+
+        if self.split == "official":
+            splits = {name: take(entries) for name, entries in parts.items()}
+        else:
+            sources = take(parts["sources"])
+            rest, val = self._random_holdout(sources, paths)
+            splits = {"train": sources.take(rest), "val": sources.take(val), "test": take(parts["test"])}
+        for name, size in (("train", self.train_subset), ("test", self.test_subset)):
+            if size is not None:
+                _, chosen = stratified_indices(splits[name].labels.numpy(), size, self.split_seed,
+                                               f"data.{name}_subset")
+                splits[name] = splits[name].take(chosen)
+        empty = [name for name, split in splits.items() if len(split) == 0]
+        if empty:
+            raise UserError(f"PACS under {self.root.resolve()} gives no images for the {' and '.join(empty)} split.")
+        return splits
+
+    def _random_holdout(self, sources: Split, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """A seeded hold-out of ``val_fraction`` of the source images, stratified by
+        (domain, class) if every stratum allows it, else by class, else not at all."""
+        n = len(sources)
+        size = round(self.val_fraction * n)
+        if not 0 < size < n:
+            raise UserError(f"data.val_fraction={self.val_fraction} leaves no train or no val image of {n} sources.")
+        labels = sources.labels.numpy()
+        domain = np.array([self.domains.index(paths[i].split("/")[0]) for i in sources.index.tolist()])
+        for strata in (domain * len(self.classes) + labels, labels):
+            try:
+                rest, val = train_test_split(np.arange(n), test_size=size, stratify=strata,
+                                             random_state=self.split_seed)
+                break
+            except ValueError:  # a stratum too small for this hold-out
+                continue
+        else:
+            rest, val = train_test_split(np.arange(n), test_size=size, random_state=self.split_seed)
+        return np.sort(rest), np.sort(val)
+
+    def _labels(self, parts: dict[str, list[tuple[str, int, str]]]) -> dict[str, int]:
+        """Each image's class index; an image listed with two labels is an error."""
+        seen: dict[str, tuple[int, str]] = {}
+        for entries in parts.values():
+            for path, label, where in entries:
+                first, first_where = seen.setdefault(path, (label, where))
+                if first != label:
+                    raise UserError(f"{path} has label {label + 1} at {where} but {first + 1} at {first_where}.")
+        return {path: label for path, (label, _) in seen.items()}
+
+    def _read_split_file(self, domain: str, part: str) -> list[tuple[str, int, str]]:
+        """(relative path, class index, "file:line") for each line of ``<domain>_<part>_kfold.txt``."""
+        name = f"{domain}_{part}_kfold.txt"
+        path = self.root / name
+        if not path.is_file():
+            raise UserError(
+                f"PACS split file {path.resolve()} is missing (data.split={self.split} needs it). Get it with "
+                f"data.download=true (from {self.split_urls.get(name, self.official_folder)}) or from the official "
+                f"PACS folder {self.official_folder}; or use data.split=random, which needs only {self.kfold}."
+            )
+        entries, mismatched = [], 0
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path.resolve()}:{lineno}"
+            fields = line.split()
+            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+                raise UserError(f"{where}: expected '<domain>/<class>/<image> <label>', got {line.strip()!r}.")
+            rel, label = fields[0], int(fields[1])
+            if not 1 <= label <= len(self.classes):
+                raise UserError(f"{where}: label {label} is outside 1-{len(self.classes)} ({', '.join(self.classes)}).")
+            if rel.split("/")[0] != domain:
+                raise UserError(f"{where}: {rel} is not in the {domain} domain this file lists.")
+            if not (self.kfold / rel).is_file():
+                raise UserError(f"{where} names {rel}, but {self.kfold / rel} does not exist.")
+            mismatched += rel.split("/")[1] != self.classes[label - 1]
+            entries.append((rel, label - 1, where))
+        if mismatched:
+            # The label is what counts; a class folder that disagrees hints at a shifted file.
+            log.warning("%s: %d line(s) have a label that differs from their class folder.", path, mismatched)
+        return entries
+
+    def _domain_images(self, domain: str) -> list[tuple[str, int, str]]:
+        """Every image of a domain: its test file, or (no such file) the class folders."""
+        name = f"{domain}_test_kfold.txt"
+        if (self.root / name).is_file():
+            return self._read_split_file(domain, "test")
+        folder = self.kfold / domain
+        if not folder.is_dir():
+            raise UserError(f"PACS domain folder {folder.resolve()} is missing, as is {self.root.resolve() / name}.")
+        unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in self.classes)
+        if unknown:
+            raise UserError(f"{folder.resolve()} has class folders that are not PACS classes: {unknown}.")
+        return [
+            (f"{domain}/{cls}/{p.name}", label, str(p.resolve()))
+            for label, cls in enumerate(self.classes)
+            if (folder / cls).is_dir()
+            for p in sorted((folder / cls).iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+
+    # ------------------------------------------------------------------ data on disk
+
+    @property
+    def kfold(self) -> Path:
+        return self.root / "kfold"
+
+    def _ensure_data(self) -> None:
+        if self.download:
+            self._download()
+        elif not self.kfold.is_dir():
+            raise UserError(self._missing_message("data.download=false"))
+
+    def _download(self) -> None:
+        """Fetch whatever is missing of the images and the split files, under a lock."""
+        from torchvision.datasets.utils import download_and_extract_archive, download_url
+
+        url = self.archive_url
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.root / ".pacs.lock")):
+                if not self.kfold.is_dir():
+                    download_and_extract_archive(url, str(self.root), filename=self.archive_name, remove_finished=True)
+                for name, url in self.split_urls.items():
+                    if not (self.root / name).is_file():
+                        download_url(url, str(self.root), filename=name)
+        except (RuntimeError, OSError, urllib.error.URLError, zipfile.BadZipFile, tarfile.TarError) as err:
+            raise UserError(self._missing_message(f"the download of {url} failed ({err})")) from None
+        if not self.kfold.is_dir():
+            raise UserError(
+                f"{self.archive_url} was extracted into {self.root.resolve()} but no {self.kfold.resolve()} appeared; "
+                f"{self._missing_message('the archive has another layout')}"
+            )
+
+    def _missing_message(self, reason: str) -> str:
+        root = self.root.resolve()
+        leftover = root / self.archive_name
+        stale = (
+            f" A {leftover} left by an interrupted download is reused, not fetched again: delete it if incomplete."
+            if leftover.exists() else ""
+        )
+        split_files = ", ".join(f"{name}: {url}" for name, url in self.split_urls.items())
+        return (
+            f"PACS was not found in {root} and {reason}. calibrun reads the official layout: the images in "
+            f"{root}/kfold/<domain>/<class>/<image> (domains {', '.join(self.domains)}) and the split files "
+            f"{root}/<domain>_{{train,crossval,test}}_kfold.txt (lines '<domain>/<class>/<image> <label 1-7>'). "
+            f"Either run with network access and data.download=true, which fetches the images from "
+            f"{self.archive_url} (a zip holding kfold/; Google Drive downloads need the gdown package) and the "
+            f"split files ({split_files}); or download them yourself (all are in the "
+            f"official PACS folder {self.official_folder}) and put them there; or point data.root (or the "
+            f"CALIBRUN_DATA environment variable, read as $CALIBRUN_DATA/PACS) at a folder that already holds "
+            f"them. With the image folders alone, data.split=random needs no split files.{stale}"
+        )
+
+    # ------------------------------------------------------------------ transforms
+
+    def train_transform(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = jigen_augment(images, self.image_size, generator, self.crop_scale, self.crop_ratio, self.flip_p,
+                          self.jitter, self.grayscale_p)
+        return self._normalize(x)
+
+    def eval_transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        resized = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        return self._normalize(resized)
+
+    @cached_property
+    def _normalize(self) -> Normalize:
+        return Normalize(self.mean, self.std)
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,18 @@ def only_run_dir(root: Path) -> Path:
     dirs = [p.parent for p in (root / "outputs" / "runs").glob("*/*/*/.hydra")]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on the loopback interface serving ``tmp_path/served``: the
+    download code runs unchanged and nothing leaves the machine."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -1,9 +1,6 @@
-import functools
 import hashlib
-import http.server
 import pickle
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -132,21 +129,6 @@ def test_wrong_number_of_class_folders_is_explained(tmp_path):
 
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def local_server(tmp_path):
-    """An HTTP server on the loopback interface serving ``tmp_path/served``: the
-    download code runs unchanged and nothing leaves the machine."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _fake_cifar_archive(tmp_path: Path, monkeypatch, base_url: str) -> Path:

@@ -14,9 +14,12 @@ ARGS ?=
 seed_list = $(shell seq -s, 0 $$(($(SEEDS) - 1)))
 epochs_arg = $(if $(EPOCHS),trainer.epochs=$(EPOCHS))
 data_args = data.root=$(DATA_ROOT) data.format=$(DATA_FORMAT)
+# make reproduce-pacs reads PACS from PACS_ROOT (official layout, see README).
+PACS_ROOT ?= data/PACS
+pacs_args = data.root=$(PACS_ROOT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench reproduce-table1 sweep-lambda report clean
+.PHONY: help install test test-slow test-gpu demo bench reproduce-table1 reproduce-pacs sweep-lambda report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -52,6 +55,15 @@ reproduce-table1: install ## gap+cap Table 1: CE, CE+gap, capped CE+gap (λ=10) 
 		$(epochs_arg) trainer.progress=false run_name=table1 $(ARGS); status=$$?; \
 	$(BIN)/calibrun-report outputs/multirun/table1 --out outputs/tables --name table1 --calibrators none \
 		--paper table1 --table-metrics accuracy,ece,mce --grid-name figure3.png && exit $$status
+
+reproduce-pacs: install ## PACS: 4 targets x {ce, nts λ=0.5, nts λ=1} x SEEDS -> outputs/tables/pacs.md
+	$(BIN)/calibrun -m experiment=pacs_ce data.target=art_painting,cartoon,photo,sketch seed=$(seed_list) \
+		$(pacs_args) $(epochs_arg) trainer.progress=false run_name=pacs $(ARGS); ce=$$?; \
+	$(BIN)/calibrun -m experiment=pacs_nts loss.lam=0.5,1 data.target=art_painting,cartoon,photo,sketch \
+		seed=$(seed_list) $(pacs_args) $(epochs_arg) trainer.progress=false run_name=pacs $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/pacs --out outputs/tables --name pacs --calibrators none \
+		--paper pacs --pivot data.target --table-metrics accuracy,ece --grid-name pacs_reliability.png \
+		&& exit $$((ce | status))
 
 sweep-lambda: install ## gap_cap over λ in {0, 0.1, 1, 3, 10, 30} on CIFAR-10, then the report
 	$(BIN)/calibrun -m loss=gap_cap loss.lam=0,0.1,1,3,10,30 seed=$(seed_list) $(data_args) $(epochs_arg) \

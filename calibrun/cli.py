@@ -111,6 +111,7 @@ def report(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-calibrator", default="none", help="calibrator drawn in the reliability grid")
     parser.add_argument("--grid-name", default="reliability_grid.png")
     parser.add_argument("--table-metrics", default="accuracy,ece,mce,nll,brier")
+    parser.add_argument("--pivot", help="config key spread across the columns, e.g. data.target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or args.dirs[0]
@@ -119,7 +120,7 @@ def report(argv: list[str] | None = None) -> None:
             args.dirs, out, metric=args.metric, name=args.name,
             calibrators=args.calibrators.split(",") if args.calibrators else None, paper=args.paper,
             grid_calibrator=args.grid_calibrator, grid_name=args.grid_name,
-            table_metrics=args.table_metrics.split(","),
+            table_metrics=args.table_metrics.split(","), pivot=args.pivot,
         )
     except (FileNotFoundError, ValueError) as err:
         log.error("%s", err)

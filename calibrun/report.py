@@ -185,6 +185,29 @@ def with_paper(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     return summary.merge(values, on=join, how="left")
 
 
+def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: str,
+                   paper: pd.DataFrame | None) -> str:
+    """``metric`` with one column per value of ``pivot`` (the held-out domain, say) and
+    their average, in the layout of the papers' tables; the paper's rows underneath."""
+    rows = [k for k in keys if k != pivot] + ["calibrator"]
+    cells = summary.assign(cell=[_mean_std(m, s, n) for m, s, n in
+                                 zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])])
+    # Keys a loss does not have (λ for ce) are NaN; pivoting would drop those rows.
+    cells[rows] = cells[rows].astype(object).where(cells[rows].notna(), "–")
+    table = cells.pivot_table(index=rows, columns=pivot, values="cell", aggfunc="first")
+    table["avg"] = cells.pivot_table(index=rows, columns=pivot, values=f"{metric}_mean").mean(axis=1).map("{:.4f}".format)
+    table.index = [", ".join(map(str, i if isinstance(i, tuple) else (i,))) for i in table.index]
+    if paper is not None and metric in paper and pivot in paper:
+        by = [k for k in rows if k in paper.columns]
+        published = paper.pivot_table(index=by, columns=pivot, values=metric)
+        published["avg"] = published.mean(axis=1)
+        published = published.map("{:.4f}".format)
+        published.index = [f"paper: {', '.join(map(str, i if isinstance(i, tuple) else (i,)))}" for i in published.index]
+        table = pd.concat([table, published])
+    table.index.name = ", ".join(rows)
+    return f"### {metric}\n\n" + table.reset_index().to_markdown(index=False)
+
+
 def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) -> list[tuple[str, pd.DataFrame, float, float]]:
     """One panel per group: the bins of its runs pooled over seeds (counts add up)."""
     panels = []
@@ -225,7 +248,7 @@ def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Pat
 def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = "report",
                  calibrators: list[str] | None = None, paper: str | None = None,
                  grid_calibrator: str = "none", grid_name: str = "reliability_grid.png",
-                 table_metrics: list[str] | None = None) -> pd.DataFrame:
+                 table_metrics: list[str] | None = None, pivot: str | None = None) -> pd.DataFrame:
     """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds), an
     ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams."""
     metrics, runs, keys = collect(paths)
@@ -240,7 +263,10 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     constant = {k: runs[k].iloc[0] for k in ("data", "model", "loss") if k in runs and k not in keys}
     if constant:
         lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]
-    if len(summary):
+    if len(summary) and pivot in keys:
+        lines += [f"{pivot} across the columns; avg is the mean of the column means.", ""]
+        lines += [block for metric in shown for block in (pivot_markdown(summary, keys, pivot, metric, reference), "")]
+    elif len(summary):
         lines += [markdown(summary, keys, shown, reference), ""]
     unfinished = runs[runs["state"] != "done"]
     if len(unfinished):

@@ -3,9 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# make demo / bench read CIFAR-10 from here; DATA_FORMAT=folder reads an image folder.
-DATA_ROOT ?= data
-DATA_FORMAT ?= torchvision
+# Where the data is (default: each data config's own, data/ or data/PACS); for CIFAR,
+# DATA_FORMAT=folder reads an image folder instead of torchvision's release.
+DATA_ROOT ?=
+DATA_FORMAT ?=
+# TRAINER=quick swaps the trainer preset of any target.
+TRAINER ?=
 # Empty: each target's own default (3 for demo, the full recipe for reproductions).
 EPOCHS ?=
 SEEDS ?= 1
@@ -13,10 +16,9 @@ SEEDS ?= 1
 ARGS ?=
 seed_list = $(shell seq -s, 0 $$(($(SEEDS) - 1)))
 epochs_arg = $(if $(EPOCHS),trainer.epochs=$(EPOCHS))
-data_args = data.root=$(DATA_ROOT) data.format=$(DATA_FORMAT)
-# make reproduce-pacs reads PACS from PACS_ROOT (official layout, see README).
-PACS_ROOT ?= data/PACS
-pacs_args = data.root=$(PACS_ROOT)
+root_arg = $(if $(DATA_ROOT),data.root=$(DATA_ROOT))
+data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(TRAINER),trainer=$(TRAINER))
+pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-slow test-gpu demo bench reproduce-table1 reproduce-pacs sweep-lambda report clean
@@ -42,13 +44,13 @@ test-gpu: install ## tests that need CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
 demo: install ## a short real run: CIFAR-10 (downloaded), ResNet-110, a few epochs on a subset
-	$(BIN)/calibrun data=cifar10 data.root=$(DATA_ROOT) data.format=$(DATA_FORMAT) \
+	$(BIN)/calibrun data=cifar10 model=resnet110 trainer=quick $(data_args) \
 		data.train_subset=4000 data.test_subset=1000 data.val_size=1000 \
-		model=resnet110 trainer=quick trainer.epochs=$(or $(EPOCHS),3) run_name=demo $(ARGS)
+		trainer.epochs=$(or $(EPOCHS),3) run_name=demo $(ARGS)
 	@echo "Run folder: outputs/runs/cifar10/ce/demo (metrics.md, figures/)"
 
 bench: install ## images/s of the device data pipeline against torchvision's DataLoader pipeline
-	$(BIN)/python benchmarks/bench_data.py --root $(DATA_ROOT) --format $(DATA_FORMAT)
+	$(BIN)/python benchmarks/bench_data.py --root $(or $(DATA_ROOT),data) --format $(or $(DATA_FORMAT),torchvision)
 
 reproduce-table1: install ## gap+cap Table 1: CE, CE+gap, capped CE+gap (λ=10) on CIFAR-10 -> outputs/tables/table1.md, figure3.png
 	$(BIN)/calibrun -m experiment=table1_ce,table1_gap,table1_gap_cap seed=$(seed_list) $(data_args) \

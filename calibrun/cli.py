@@ -9,8 +9,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError
 
@@ -81,14 +83,10 @@ def calibrate(argv: list[str] | None = None) -> None:
             cfg = train.validate(compose(config_name="config", overrides=overrides))
         calibrators = train.build_calibrators(cfg)
         table = report.calibrate_and_report(run_dir, calibrators, cfg.metrics.n_bins)
-    except UserError as err:
+    except (UserError, HydraException, OmegaConfBaseException) as err:
+        # HydraException: an unknown calibrator option or a malformed override.
         log.error("%s", err)
         sys.exit(1)
-    except Exception as err:  # Hydra's override errors: bad group option or syntax.
-        if type(err).__module__.startswith(("hydra", "omegaconf")):
-            log.error("%s", err)
-            sys.exit(1)
-        raise
     log.info("Refitted %s in %s\n%s", ", ".join(calibrators), run_dir, table.to_string(index=False))
 
 

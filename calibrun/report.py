@@ -9,6 +9,7 @@ and each calibrator on both splits, and writes ``metrics.csv``, ``metrics.md``,
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +220,9 @@ def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) 
         pooled = bins.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
         count = pooled["count"].where(pooled["count"] > 0)
         pooled = pooled.assign(conf=pooled["conf_sum"] / count, acc=pooled["acc_sum"] / count)
-        title = ", ".join(f"{k}={v}" for k, v in zip(keys, group if isinstance(group, tuple) else (group,))) or calibrator
+        values = zip(keys, group if isinstance(group, tuple) else (group,))
+        title = ", ".join(f"{k}={v}" for k, v in values if not pd.isna(v)) or calibrator
+        title = "\n".join(textwrap.wrap(title, 45))
         panels.append((title, pooled, rows["ece"].mean(), rows["mce"].mean()))
     return panels
 

@@ -108,13 +108,19 @@ def make_splits(
     test = Split(test_x, test_y, torch.arange(len(test_y)))
     rest, val = stratified_indices(train_y.numpy(), resolve_val_size(val_size, len(train_y)), split_seed, "data.val_size")
     splits = {"train": train.take(rest), "val": train.take(val), "test": test}
-    if train_subset is not None:
-        _, chosen = stratified_indices(splits["train"].labels.numpy(), train_subset, split_seed, "data.train_subset")
-        splits["train"] = splits["train"].take(chosen)
-    if test_subset is not None:
-        _, chosen = stratified_indices(test_y.numpy(), test_subset, split_seed, "data.test_subset")
-        splits["test"] = test.take(chosen)
+    for split, size in (("train", train_subset), ("test", test_subset)):
+        splits[split] = subset(splits[split], size, split_seed, f"data.{split}_subset")
     return splits
+
+
+def subset(split: Split, size: int | None, seed: int, what: str) -> Split:
+    """A stratified subset of ``size`` images; the whole split when it is no larger."""
+    if size is None or size >= len(split):
+        if size is not None and size > len(split):
+            log.warning("%s=%d is more than the %d images there are; using all of them.", what, size, len(split))
+        return split
+    _, chosen = stratified_indices(split.labels.numpy(), size, seed, what)
+    return split.take(chosen)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -648,10 +654,7 @@ class PACS:
             rest, val = self._random_holdout(sources, paths)
             splits = {"train": sources.take(rest), "val": sources.take(val), "test": take(parts["test"])}
         for name, size in (("train", self.train_subset), ("test", self.test_subset)):
-            if size is not None:
-                _, chosen = stratified_indices(splits[name].labels.numpy(), size, self.split_seed,
-                                               f"data.{name}_subset")
-                splits[name] = splits[name].take(chosen)
+            splits[name] = subset(splits[name], size, self.split_seed, f"data.{name}_subset")
         empty = [name for name, split in splits.items() if len(split) == 0]
         if empty:
             raise UserError(f"PACS under {self.root.resolve()} gives no images for the {' and '.join(empty)} split.")

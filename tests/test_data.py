@@ -179,3 +179,11 @@ def test_synthetic_is_deterministic_and_balanced():
     a, b = Synthetic().splits(), Synthetic().splits()
     assert torch.equal(a["train"].images, b["train"].images)
     assert isinstance(a["val"], Split) and len(a["test"]) == 256
+
+
+def test_subset_as_large_as_the_split_keeps_it_whole():
+    labels = torch.arange(100) % 10
+    images = torch.zeros(100, 3, 4, 4, dtype=torch.uint8)
+    splits = make_splits(images, labels, images[:50], labels[:50], val_size=20, split_seed=0,
+                         train_subset=80, test_subset=500)
+    assert len(splits["train"]) == 80 and len(splits["test"]) == 50

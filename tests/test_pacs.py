@@ -300,3 +300,25 @@ def test_cli_run_on_pacs_mini(run_cli, tmp_path):
     output = bad.stdout + bad.stderr
     assert bad.returncode == 1 and "art_painting, cartoon, photo, sketch" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("breakage", ["missing_image", "label", "unreadable"])
+def test_cli_exits_1_naming_the_broken_file(run_cli, mini_copy, tmp_path, breakage):
+    if breakage == "missing_image":
+        name = next(iter(split_file(mini_copy, "cartoon", "train")))
+        (mini_copy / "kfold" / name).unlink()
+        expected = name
+    elif breakage == "label":
+        f = mini_copy / "photo_train_kfold.txt"
+        lines = f.read_text().splitlines()
+        lines[2] = lines[2].rsplit(" ", 1)[0] + " 9"
+        f.write_text("\n".join(lines) + "\n")
+        expected = "photo_train_kfold.txt:3: label 9 is outside 1-7"
+    else:
+        name = next(iter(split_file(mini_copy, "sketch", "test")))
+        (mini_copy / "kfold" / name).write_bytes(b"not an image")
+        expected = name
+    proc = run_cli(["data=pacs", f"data.root={mini_copy}", f"data.cache_dir={tmp_path / 'cache'}",
+                    f"data.image_size={IMAGE_SIZE}", "model=resnet18", "trainer.progress=false"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and expected in output and "Traceback" not in output

@@ -3,20 +3,23 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# DATA=cifar10_sample (pacs_sample for the PACS targets) swaps in the sample bundled with
+# calibrun, which needs no download.
+DATA ?=
 # Where the data is (default: each data config's own, data/ or data/PACS); for CIFAR,
 # DATA_FORMAT=folder reads an image folder instead of torchvision's release.
 DATA_ROOT ?=
 DATA_FORMAT ?=
 # TRAINER=quick swaps the trainer preset of any target.
 TRAINER ?=
-# Empty: each target's own default (3 for demo, the full recipe for reproductions).
+# Empty: each target's own default (the demo preset's 40, the full recipe for reproductions).
 EPOCHS ?=
 SEEDS ?= 1
 # Extra overrides passed to every calibrun call, e.g. ARGS="model.depth=20 trainer.device=cuda".
 ARGS ?=
 seed_list = $(shell seq -s, 0 $$(($(SEEDS) - 1)))
 epochs_arg = $(if $(EPOCHS),trainer.epochs=$(EPOCHS))
-root_arg = $(if $(DATA_ROOT),data.root=$(DATA_ROOT))
+root_arg = $(if $(DATA),data=$(DATA)) $(if $(DATA_ROOT),data.root=$(DATA_ROOT))
 data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(TRAINER),trainer=$(TRAINER))
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
@@ -43,14 +46,13 @@ test-slow: install ## the slow tests too (multiruns, non-editable install)
 test-gpu: install ## tests that need CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
-demo: install ## a short real run: CIFAR-10 (downloaded), ResNet-110, a few epochs on a subset
-	$(BIN)/calibrun data=cifar10 model=resnet110 trainer=quick $(data_args) \
-		data.train_subset=4000 data.test_subset=1000 data.val_size=1000 \
-		trainer.epochs=$(or $(EPOCHS),3) run_name=demo $(ARGS)
-	@echo "Run folder: outputs/runs/cifar10/ce/demo (metrics.md, figures/)"
+demo: install ## a real run offline: the bundled CIFAR-10 sample, ResNet-8, all calibrators (about 3 min on 2 cores)
+	$(BIN)/calibrun experiment=demo $(data_args) $(epochs_arg) run_name=demo $(ARGS)
+	@echo "Table:   outputs/runs/$(or $(DATA),cifar10_sample)/ce/demo/metrics.md"
+	@echo "Figures: outputs/runs/$(or $(DATA),cifar10_sample)/ce/demo/figures/"
 
 bench: install ## images/s of the device data pipeline against torchvision's DataLoader pipeline
-	$(BIN)/python benchmarks/bench_data.py --root $(or $(DATA_ROOT),data) --format $(or $(DATA_FORMAT),torchvision)
+	$(BIN)/python benchmarks/bench_data.py $(if $(DATA_ROOT),--root $(DATA_ROOT) --format $(or $(DATA_FORMAT),torchvision))
 
 reproduce-table1: install ## gap+cap Table 1: CE, CE+gap, capped CE+gap (λ=10) on CIFAR-10 -> outputs/tables/table1.md, figure3.png
 	$(BIN)/calibrun -m experiment=table1_ce,table1_gap,table1_gap_cap seed=$(seed_list) $(data_args) \

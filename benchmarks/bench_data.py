@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from calibrun.data import CIFAR, DeviceLoader, Split, Synthetic
+from calibrun.samples import cache_root, sample_root
 
 
 class ArrayDataset(Dataset):
@@ -39,9 +40,13 @@ class ArrayDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def load_images(root: str, fmt: str, n: int) -> tuple[Split, str]:
+def load_images(root: str | None, fmt: str, n: int) -> tuple[Split, str]:
+    """``n`` CIFAR-10 training images from ``root``; the bundled sample when ``root`` is None."""
+    cache_dir = None
+    if root is None:
+        root, fmt, cache_dir = sample_root("cifar10"), "folder", cache_root("cifar10_sample")
     try:
-        splits = CIFAR(root=root, format=fmt, download=False, val_size=0.1).splits()
+        splits = CIFAR(root=root, format=fmt, download=False, val_size=0.1, cache_dir=cache_dir).splits()
         # The whole training set: the val hold-out goes back in.
         parts = (splits["train"], splits["val"])
         split = Split(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "labels", "index")))
@@ -70,7 +75,7 @@ def time_epochs(batches, epochs: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data")
+    parser.add_argument("--root", help="CIFAR-10 folder (default: the sample bundled with calibrun)")
     parser.add_argument("--format", default="torchvision", choices=["torchvision", "folder"])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=3)
@@ -80,7 +85,7 @@ def main() -> None:
 
     split, source = load_images(args.root, args.format, args.images)
     # Both pipelines normalise with CIFAR-10's statistics, whatever the images are.
-    ours = CIFAR(root=args.root)
+    ours = CIFAR()
     size = split.images.shape[-1]
     reference = ArrayDataset(
         split.images.permute(0, 2, 3, 1).numpy(),

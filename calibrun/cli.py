@@ -11,10 +11,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from calibrun import UserError
+from calibrun import UserError, samples
+
+# ${calibrun.sample:cifar10} and ${calibrun.cache:cifar10} locate the image sets bundled
+# with the package and their decode cache (conf/data/*_sample.yaml).
+OmegaConf.register_new_resolver("calibrun.sample", samples.sample_root, replace=True)
+OmegaConf.register_new_resolver("calibrun.cache", samples.cache_root, replace=True)
 
 
 def config_dir() -> str:
@@ -62,7 +67,6 @@ def calibrate(argv: list[str] | None = None) -> None:
     import argparse
 
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from calibrun import report, train
 

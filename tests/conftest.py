@@ -14,14 +14,30 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from calibrun.cli import config_dir
+from calibrun.samples import sample_root
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
-CIFAR_MINI = SHARED_DATA / "cifar10-mini"
+# The real image sets bundled with the package: tests never need data from outside it.
+CIFAR_SAMPLE = Path(sample_root("cifar10"))
+PACS_SAMPLE = Path(sample_root("pacs"))
 
 # Small, fast settings for end-to-end runs on the synthetic data.
 FAST = ["data=synthetic", "model=resnet110", "model.depth=8", "trainer=quick", "trainer.epochs=2",
         "trainer.batch_size=64", "trainer.progress=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sample_cache(tmp_path_factory):
+    """Decode caches of the bundled samples go to one temporary folder per test session
+    (shared by the tests and the CLI processes they start), never to ~/.cache."""
+    cache = tmp_path_factory.mktemp("sample-cache")
+    old = os.environ.get("CALIBRUN_CACHE")
+    os.environ["CALIBRUN_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        del os.environ["CALIBRUN_CACHE"]
+    else:
+        os.environ["CALIBRUN_CACHE"] = old
 
 
 @pytest.fixture

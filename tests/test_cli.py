@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CIFAR_MINI, FAST, REPO, only_run_dir
+from conftest import CIFAR_SAMPLE, FAST, REPO, only_run_dir
 
 from calibrun.metrics import evaluate
 
@@ -48,16 +48,14 @@ def check_run_folder(run_dir, n_test):
     return metrics, history
 
 
-@pytest.mark.skipif(not CIFAR_MINI.is_dir(), reason="../shared/data/cifar10-mini is missing")
-def test_cifar_mini_run_writes_the_run_folder(run_cli, tmp_path):
+def test_cifar_sample_run_writes_the_run_folder(run_cli, tmp_path):
     proc = run_cli([
-        "data=cifar10", "data.format=folder", f"data.root={CIFAR_MINI}", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.train_subset=400", "data.val_size=200", "data.test_subset=200",
+        "data=cifar10_sample", "data.train_subset=400", "data.val_size=200", "data.test_subset=200",
         "model=resnet110", "trainer=quick", "trainer.epochs=2", "trainer.batch_size=64", "trainer.progress=false",
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
-    assert run_dir.parent.name == "ce" and run_dir.parent.parent.name == "cifar10"
+    assert run_dir.parent.name == "ce" and run_dir.parent.parent.name == "cifar10_sample"
     metrics, history = check_run_folder(run_dir, n_test=200)
     assert len(history) == 2
 
@@ -102,9 +100,9 @@ def test_resume_with_changed_config_is_refused(run_cli, tmp_path):
     assert proc.returncode == 1 and "Refusing to resume" in proc.stdout + proc.stderr
 
 
-def test_installed_package_finds_its_config_from_any_directory(tmp_path):
+def test_installed_package_finds_its_config_and_samples_from_any_directory(tmp_path):
     """A non-editable install (a wheel built from this checkout) composes its config
-    from an unrelated working directory."""
+    from an unrelated working directory and carries the bundled sample images."""
     target = tmp_path / "site"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -113,11 +111,20 @@ def test_installed_package_finds_its_config_from_any_directory(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-2000:]
     assert (target / "calibrun" / "conf" / "config.yaml").is_file()
+    installed = target / "calibrun" / "samples"
+    for name, n_files in (("cifar10", 6000), ("pacs", 52)):
+        shipped = [p for p in (CIFAR_SAMPLE.parent / name).rglob("*") if p.is_file()]
+        assert len(shipped) == n_files
+        assert all((installed / p.relative_to(CIFAR_SAMPLE.parent)).is_file() for p in shipped)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = "import calibrun, sys; print(calibrun.__file__); sys.argv[1:] = ['data=synthetic', '--cfg', 'job']; from calibrun.cli import main; main()"
+    code = ("import calibrun, sys; print(calibrun.__file__); "
+            "sys.argv[1:] = ['data=cifar10_sample', '--cfg', 'job', '--resolve']; "
+            "from calibrun.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=300)
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0].startswith(str(target))
-    assert "calibrun.data.Synthetic" in proc.stdout
+    assert f"root: {installed / 'cifar10'}" in proc.stdout
+    assert f"cache_dir: {tmp_path / '.cache' / 'calibrun' / 'cifar10_sample'}" in proc.stdout

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
-from conftest import CIFAR_MINI
+from conftest import CIFAR_SAMPLE
+from hydra.utils import instantiate
+from PIL import Image
 
 from calibrun import UserError
 from calibrun.data import CIFAR, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
@@ -87,9 +89,8 @@ def test_eval_transform_normalises_with_dataset_statistics():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
 
 
-@pytest.mark.skipif(not CIFAR_MINI.is_dir(), reason="../shared/data/cifar10-mini is missing")
-def test_folder_format_reads_cifar_mini_and_caches_decoded_images(tmp_path):
-    data = CIFAR(root=str(CIFAR_MINI), format="folder", val_size=500, train_subset=300, test_subset=100,
+def test_folder_format_reads_the_cifar_sample_and_caches_decoded_images(tmp_path):
+    data = CIFAR(root=str(CIFAR_SAMPLE), format="folder", val_size=500, train_subset=300, test_subset=100,
                  cache_dir=str(tmp_path / "cache"))
     splits = data.splits()
     assert [len(splits[s]) for s in ("train", "val", "test")] == [300, 500, 100]
@@ -102,8 +103,6 @@ def test_folder_format_reads_cifar_mini_and_caches_decoded_images(tmp_path):
 
 
 def _image_folder(root: Path, bad: bool = False) -> None:
-    from PIL import Image
-
     for split in ("train", "test"):
         for cls in ("a", "b"):
             d = root / split / cls
@@ -187,3 +186,21 @@ def test_subset_as_large_as_the_split_keeps_it_whole():
     splits = make_splits(images, labels, images[:50], labels[:50], val_size=20, split_seed=0,
                          train_subset=80, test_subset=500)
     assert len(splits["train"]) == 80 and len(splits["test"]) == 50
+
+
+def test_cifar10_sample_config_is_the_folder_loader_on_the_bundled_images(compose_cfg, sample_cache):
+    cfg = compose_cfg(["data=cifar10_sample"])
+    assert cfg.data.root == str(CIFAR_SAMPLE) and cfg.data.cache_dir == str(sample_cache / "cifar10_sample")
+    data = instantiate(cfg.data)
+    assert type(data) is CIFAR and data.format == "folder"
+    splits = data.splits()
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4500, 500, 1000]
+    # Folders sort into CIFAR-10's own class order, so label k means the same class in
+    # the sample and in the official release.
+    classes = sorted(p.name for p in (CIFAR_SAMPLE / "train").iterdir())
+    assert classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for split in splits.values():
+        assert torch.bincount(split.labels, minlength=10).tolist() == [len(split) // 10] * 10
+    # The first test image is the first JPEG of the first class, decoded by PIL directly.
+    first = np.array(Image.open(CIFAR_SAMPLE / "test" / "airplane" / "0000.jpg").convert("RGB"))
+    assert torch.equal(splits["test"].images[0], torch.from_numpy(first).permute(2, 0, 1))

@@ -9,15 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from conftest import only_run_dir
+from conftest import PACS_SAMPLE, only_run_dir
 from hydra.utils import instantiate
 
 from calibrun import UserError
 from calibrun.data import PACS, color_jitter, jigen_augment, random_crop_boxes, resized_crop
 from calibrun.train import validate
-
-PACS_MINI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pacs-mini"
-needs_mini = pytest.mark.skipif(not PACS_MINI.is_dir(), reason="../shared/data/pacs-mini is missing")
 
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 IMAGE_SIZE = 32  # stored at round(32 * 227/222) = 33
@@ -40,30 +37,27 @@ def make(root: Path, tmp_path: Path, **kwargs) -> PACS:
 
 @pytest.fixture
 def mini_copy(tmp_path) -> Path:
-    """A writable copy of pacs-mini, to break on purpose."""
-    if not PACS_MINI.is_dir():
-        pytest.skip("../shared/data/pacs-mini is missing")
-    return Path(shutil.copytree(PACS_MINI, tmp_path / "PACS"))
+    """A writable copy of the bundled PACS sample, to break on purpose."""
+    return Path(shutil.copytree(PACS_SAMPLE, tmp_path / "PACS"))
 
 
 # --------------------------------------------------------------------------- splits
 
 
-@needs_mini
 def test_official_split_holds_out_the_target_domain(tmp_path):
-    data = make(PACS_MINI, tmp_path, target="sketch")
+    data = make(PACS_SAMPLE, tmp_path, target="sketch")
     splits = data.splits()
-    paths = all_paths(PACS_MINI)
+    paths = all_paths(PACS_SAMPLE)
     names = {s: [paths[i] for i in splits[s].index.tolist()] for s in splits}
     assert {p.split("/")[0] for p in names["train"] + names["val"]} == {"art_painting", "cartoon", "photo"}
-    assert sorted(names["test"]) == sorted(split_file(PACS_MINI, "sketch", "test")) and len(names["test"]) == 10
+    assert sorted(names["test"]) == sorted(split_file(PACS_SAMPLE, "sketch", "test")) and len(names["test"]) == 10
     sources = ("art_painting", "cartoon", "photo")
-    assert sorted(names["train"]) == sorted(p for d in sources for p in split_file(PACS_MINI, d, "train"))
-    assert sorted(names["val"]) == sorted(p for d in sources for p in split_file(PACS_MINI, d, "crossval"))
+    assert sorted(names["train"]) == sorted(p for d in sources for p in split_file(PACS_SAMPLE, d, "train"))
+    assert sorted(names["val"]) == sorted(p for d in sources for p in split_file(PACS_SAMPLE, d, "crossval"))
     indices = [set(splits[s].index.tolist()) for s in ("train", "val", "test")]
     assert not (indices[0] & indices[1] or indices[0] & indices[2] or indices[1] & indices[2])
     # Labels are the file's label − 1, on the fixed 7-class index, though art_painting has no house.
-    labels = {p: lab for d in DOMAINS for p, lab in split_file(PACS_MINI, d, "test").items()}
+    labels = {p: lab for d in DOMAINS for p, lab in split_file(PACS_SAMPLE, d, "test").items()}
     for s, split in splits.items():
         assert split.labels.tolist() == [labels[p] - 1 for p in names[s]]
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 33, 33)
@@ -72,22 +66,21 @@ def test_official_split_holds_out_the_target_domain(tmp_path):
     assert 5 in splits["train"].labels.tolist()  # house, from cartoon or photo
     assert set(torch.cat([s.labels for s in splits.values()]).tolist()) <= set(range(7))
     assert len(list((tmp_path / "cache").glob("pacs-*.pt"))) == 1
-    again = make(PACS_MINI, tmp_path, target="sketch").splits()
+    again = make(PACS_SAMPLE, tmp_path, target="sketch").splits()
     assert torch.equal(again["test"].images, splits["test"].images)
 
 
-@needs_mini
 def test_random_split_is_disjoint_and_seeded(tmp_path):
-    splits = make(PACS_MINI, tmp_path, target="photo", split="random", val_fraction=0.2).splits()
-    paths = all_paths(PACS_MINI)
+    splits = make(PACS_SAMPLE, tmp_path, target="photo", split="random", val_fraction=0.2).splits()
+    paths = all_paths(PACS_SAMPLE)
     train, val, test = (set(splits[s].index.tolist()) for s in ("train", "val", "test"))
     assert not (train & val or train & test or val & test)
     assert len(val) == 6 and len(train) == 24
     assert {paths[i].split("/")[0] for i in train | val} == {"art_painting", "cartoon", "sketch"}
-    assert {paths[i] for i in test} == set(split_file(PACS_MINI, "photo", "test"))
-    same = make(PACS_MINI, tmp_path, target="photo", split="random", val_fraction=0.2).splits()
+    assert {paths[i] for i in test} == set(split_file(PACS_SAMPLE, "photo", "test"))
+    same = make(PACS_SAMPLE, tmp_path, target="photo", split="random", val_fraction=0.2).splits()
     assert torch.equal(same["val"].index, splits["val"].index)
-    others = [make(PACS_MINI, tmp_path, target="photo", split="random", val_fraction=0.2, split_seed=s).splits()
+    others = [make(PACS_SAMPLE, tmp_path, target="photo", split="random", val_fraction=0.2, split_seed=s).splits()
               for s in (1, 2)]
     assert any(not torch.equal(o["val"].index, splits["val"].index) for o in others)
 
@@ -101,16 +94,15 @@ def test_random_split_needs_only_the_image_folders(mini_copy, tmp_path):
         make(mini_copy, tmp_path, target="sketch").splits()
 
 
-@needs_mini
 def test_subsets_are_stratified_subsets_of_their_split(tmp_path):
-    full = make(PACS_MINI, tmp_path, split="random", val_fraction=0.25).splits()
-    splits = make(PACS_MINI, tmp_path, split="random", val_fraction=0.25, train_subset=14).splits()
+    full = make(PACS_SAMPLE, tmp_path, split="random", val_fraction=0.25).splits()
+    splits = make(PACS_SAMPLE, tmp_path, split="random", val_fraction=0.25, train_subset=14).splits()
     assert len(splits["train"]) == 14 and set(splits["train"].index.tolist()) <= set(full["train"].index.tolist())
     assert set(splits["train"].labels.tolist()) == set(full["train"].labels.tolist())
     assert torch.equal(splits["val"].index, full["val"].index), "a subset never changes the hold-out"
-    # Some sketch classes have a single image in pacs-mini: no stratified subset exists.
+    # Some sketch classes have a single image in the PACS sample: no stratified subset exists.
     with pytest.raises(UserError, match="data.test_subset=5"):
-        make(PACS_MINI, tmp_path, test_subset=5).splits()
+        make(PACS_SAMPLE, tmp_path, test_subset=5).splits()
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -232,16 +224,14 @@ def test_eval_transform_resizes_and_normalises():
 
 @pytest.fixture
 def served_pacs(tmp_path, monkeypatch, local_server):
-    """pacs-mini served on the loopback interface: the images as a zip of kfold/, the
+    """The PACS sample served on the loopback interface: the images as a zip of kfold/, the
     split files one by one, as the real download fetches them."""
-    if not PACS_MINI.is_dir():
-        pytest.skip("../shared/data/pacs-mini is missing")
     served = tmp_path / "served"
     with zipfile.ZipFile(served / "PACS.zip", "w") as zf:
-        for f in sorted((PACS_MINI / "kfold").rglob("*")):
-            zf.write(f, f.relative_to(PACS_MINI).as_posix())
+        for f in sorted((PACS_SAMPLE / "kfold").rglob("*")):
+            zf.write(f, f.relative_to(PACS_SAMPLE).as_posix())
     urls = {}
-    for f in PACS_MINI.glob("*_kfold.txt"):
+    for f in PACS_SAMPLE.glob("*_kfold.txt"):
         shutil.copy(f, served / f.name)
         urls[f.name] = f"{local_server}/{f.name}"
     monkeypatch.setattr(PACS, "archive_url", f"{local_server}/PACS.zip")
@@ -276,27 +266,26 @@ def test_download_failure_says_what_to_get_and_where(tmp_path, monkeypatch, serv
 # --------------------------------------------------------------------------- config and command line
 
 
-@needs_mini
-def test_pacs_config_validates_and_builds(compose_cfg, tmp_path):
-    cfg = compose_cfg(["data=pacs", f"data.root={PACS_MINI}", f"data.image_size={IMAGE_SIZE}",
-                       f"data.cache_dir={tmp_path / 'cache'}", "data.target=cartoon"])
+def test_pacs_sample_config_reads_the_bundled_images_through_the_pacs_loader(compose_cfg, sample_cache):
+    cfg = compose_cfg(["data=pacs_sample", f"data.image_size={IMAGE_SIZE}", "data.target=cartoon"])
     validate(cfg)
+    assert cfg.data.root == str(PACS_SAMPLE) and cfg.data.cache_dir == str(sample_cache / "pacs_sample")
     data = instantiate(cfg.data)
     assert isinstance(data, PACS) and data.target == "cartoon" and data.num_classes == 7
     assert len(data.splits()["test"]) == 10
+    assert list((sample_cache / "pacs_sample").glob("pacs-*.pt")), "the decode cache lives outside the package"
 
 
-@needs_mini
-def test_cli_run_on_pacs_mini(run_cli, tmp_path):
+def test_cli_run_on_the_pacs_sample(run_cli, tmp_path):
     proc = run_cli([
-        "data=pacs", f"data.root={PACS_MINI}", f"data.cache_dir={tmp_path / 'cache'}", f"data.image_size={IMAGE_SIZE}",
+        "data=pacs_sample", f"data.image_size={IMAGE_SIZE}",
         "model=resnet18", "model.stem=imagenet", "model.pretrained=false", "trainer=quick", "trainer.epochs=1",
         "trainer.batch_size=8", "trainer.progress=false",
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(only_run_dir(tmp_path) / "logits" / "test.npz") as f:
         assert len(f["labels"]) == 10 and f["logits"].shape == (10, 7)
-    bad = run_cli(["data=pacs", "data.target=paintings", f"data.root={PACS_MINI}"])
+    bad = run_cli(["data=pacs", "data.target=paintings", f"data.root={PACS_SAMPLE}"])
     output = bad.stdout + bad.stderr
     assert bad.returncode == 1 and "art_painting, cartoon, photo, sketch" in output
     assert "Traceback" not in output

@@ -1,4 +1,4 @@
-"""Post-hoc calibrators (DESIGN §5): fitted on validation logits, applied to test logits.
+"""Post-hoc calibrators (docs/design.md §5): fitted on validation logits, applied to test logits.
 
 Interface: ``fit(logits, labels) -> self`` and ``predict_proba(logits) -> probs`` with
 rows summing to 1. Logits and labels are numpy arrays (or anything ``np.asarray``
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 
-from calibrun.metrics import _equal_width_bins, _equal_width_index
+from calibrun.metrics import equal_width_bins, equal_width_index
 
 State = TypeVar("State")
 
@@ -369,12 +369,12 @@ class HistogramBinning(_OneVsRest[np.ndarray]):
 
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> np.ndarray:
         # The same binning code as the ECE, so a calibrated bin is an ECE bin.
-        bins = _equal_width_bins(score, target, self.n_bins)
+        bins = equal_width_bins(score, target, self.n_bins)
         centre = (np.arange(self.n_bins) + 0.5) / self.n_bins
         return np.where(bins.count > 0, bins.acc, centre)
 
     def _log_calibrated_class(self, state: np.ndarray, score: np.ndarray) -> np.ndarray:
-        return _log(state[_equal_width_index(score, self.n_bins)])
+        return _log(state[equal_width_index(score, self.n_bins)])
 
 
 class IsotonicCalibration(_OneVsRest[IsotonicRegression]):

@@ -61,14 +61,15 @@ def main() -> None:
 
 
 def calibrate(argv: list[str] | None = None) -> None:
-    """``calibrun-calibrate RUN_DIR [calibrator=[...]] [metrics.n_bins=M]``: refit the
-    post-hoc calibrators of a finished run from its saved logits (no model, no data)
-    and rewrite its tables and figures. Calibrators not named keep their rows."""
+    """``calibrun-calibrate RUN_DIR [calibrator=[...]] [calibrator.<name>.<key>=...]
+    [metrics.n_bins=M]``: refit the post-hoc calibrators of a finished run from its saved
+    logits (no model, no data), starting from the run's own calibrator settings, and
+    rewrite its tables and figures. Calibrators not named keep their rows, unless
+    metrics.n_bins changes: then every calibrator in the table is refitted. The run's
+    config.yaml is updated to match, and each refit is logged in calibrations.jsonl."""
     import argparse
 
-    from hydra import compose, initialize_config_dir
-
-    from calibrun import report, train
+    from calibrun.evaluate import recalibrate
 
     parser = argparse.ArgumentParser(prog="calibrun-calibrate", description=calibrate.__doc__)
     parser.add_argument("run_dir", type=Path)
@@ -76,22 +77,13 @@ def calibrate(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        run_dir = args.run_dir
-        needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz", run_dir / "logits" / "test.npz"]
-        missing = [str(p) for p in needed if not p.is_file()]
-        if missing:
-            raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
-        run_cfg = OmegaConf.load(run_dir / "config.yaml")
-        overrides = [f"metrics.n_bins={run_cfg.metrics.n_bins}", *args.overrides]
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = train.validate(compose(config_name="config", overrides=overrides))
-        calibrators = train.build_calibrators(cfg)
-        table = report.calibrate_and_report(run_dir, calibrators, cfg.metrics.n_bins)
+        table, refitted = recalibrate(args.run_dir, args.overrides, Path(config_dir()))
     except (UserError, HydraException, OmegaConfBaseException) as err:
-        # HydraException: an unknown calibrator option or a malformed override.
-        log.error("%s", err)
+        # HydraException, OmegaConfBaseException: a config the composition itself rejects;
+        # their messages can span lines, and an error must stay one line.
+        log.error("%s", "; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
         sys.exit(1)
-    log.info("Refitted %s in %s\n%s", ", ".join(calibrators), run_dir, table.to_string(index=False))
+    log.info("Refitted %s in %s\n%s", ", ".join(["none", *refitted]), args.run_dir, table.to_string(index=False))
 
 
 def report(argv: list[str] | None = None) -> None:
@@ -101,11 +93,12 @@ def report(argv: list[str] | None = None) -> None:
     import argparse
 
     from calibrun import report as report_lib
+    from calibrun.metrics import METRIC_NAMES
 
     parser = argparse.ArgumentParser(prog="calibrun-report", description=report.__doc__)
     parser.add_argument("dirs", nargs="+", type=Path, help="run folders or folders that contain them")
     parser.add_argument("--out", type=Path, help="where to write (default: the first DIR)")
-    parser.add_argument("--metric", default="ece", choices=report_lib.SUMMARY_METRICS,
+    parser.add_argument("--metric", default="ece", choices=METRIC_NAMES,
                         help="the metric plotted against λ")
     parser.add_argument("--name", default="report", help="base name of the .csv/.md files")
     parser.add_argument("--calibrators", help="comma-separated calibrators to keep (default: all)")
@@ -124,7 +117,7 @@ def report(argv: list[str] | None = None) -> None:
             grid_calibrator=args.grid_calibrator, grid_name=args.grid_name,
             table_metrics=args.table_metrics.split(","), pivot=args.pivot,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         log.error("%s", err)
         sys.exit(1)
     log.info("%s\nWrote %s and %s", (out / f"{args.name}.md").read_text(), out / f"{args.name}.csv",

@@ -1,4 +1,4 @@
-"""Training objectives (DESIGN §4). Each is called as ``loss(logits, targets)`` and
+"""Training objectives (docs/design.md §4). Each is called as ``loss(logits, targets)`` and
 returns the mean over the batch; p = softmax(z), K classes, y the label.
 
 The training loop calls two hooks on every loss, whatever it is: ``set_epoch(epoch)``
@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from calibrun import UserError
 
 
 class Loss(nn.Module):
@@ -77,7 +79,7 @@ class GapLoss(PenalizedLoss):
     through the mean confidence only.
 
     References: the gap+cap paper reproduced by ``make reproduce-table1`` (its Table 1:
-    CE, CE + gap, capped CE + gap, λ = 10); DESIGN.md §4, rows ``gap`` and ``gap_cap``.
+    CE, CE + gap, capped CE + gap, λ = 10); docs/design.md §4, rows ``gap`` and ``gap_cap``.
     """
 
     def __init__(self, lam: float = 10.0, cap: float | None = None, warmup_epochs: int = 0) -> None:
@@ -109,7 +111,7 @@ class NonTargetSmoothing(PenalizedLoss):
     renormalising p would divide by 1 − p_y ≈ 0.
 
     References: the non-target smoothing paper of the PACS experiments (CE + NTS,
-    λ = 0.5); DESIGN.md §4, row ``nts``.
+    λ = 0.5); docs/design.md §4, row ``nts``.
     """
 
     def __init__(self, lam: float = 0.5, warmup_epochs: int = 0) -> None:
@@ -147,7 +149,7 @@ class LabelSmoothing(Loss):
 
     This differs from ``torch.nn.CrossEntropyLoss(label_smoothing=α)``, which puts α/K
     on every class including y (so y gets 1−α+α/K): here α is exactly the mass moved
-    off the true class, as in DESIGN.md §4.
+    off the true class, as in docs/design.md §4.
 
     References: Szegedy et al. 2016, "Rethinking the Inception Architecture for
     Computer Vision", §7; Müller et al. 2019, "When Does Label Smoothing Help?".
@@ -197,3 +199,53 @@ class Mixup(Loss):
             return F.cross_entropy(logits, targets)
         y_a, y_b, weight = targets
         return weight * F.cross_entropy(logits, y_a) + (1 - weight) * F.cross_entropy(logits, y_b)
+
+
+class FocalLoss(Loss):
+    """Focal loss, −(1 − p_y)^γ log p_y, averaged over the batch.
+
+    The weight (1 − p_y)^γ shrinks the loss of samples the model already classifies
+    confidently, so training stops pushing their logits apart; γ = 0 is cross-entropy.
+    ``gamma_schedule=None`` uses the fixed ``gamma`` (the default γ = 3 is the paper's
+    FL-3). ``gamma_schedule="sd53"`` is the paper's sample-dependent FLSD-53: γ = 5 for
+    p_y ∈ [0, 0.2) and γ = 3 for p_y ∈ [0.2, 1]; ``gamma`` is then unused. The weight is
+    part of the graph: the gradient flows through it, as in the paper's code.
+
+    References: Mukhoti et al. 2020, "Calibrating Deep Neural Networks using Focal
+    Loss" (NeurIPS), §4: the focal loss L_f = −(1 − p̂_{i,y_i})^γ log p̂_{i,y_i}, FL-3 and
+    FLSD-53; Lin et al. 2017, "Focal Loss for Dense Object Detection", Eq. 4 (the
+    definition); docs/design.md §4, row ``focal``.
+    """
+
+    # FLSD-53: samples with p_y below the threshold get the larger γ.
+    SD53_THRESHOLD, SD53_LOW_GAMMA, SD53_HIGH_GAMMA = 0.2, 5.0, 3.0
+
+    def __init__(self, gamma: float = 3.0, gamma_schedule: str | None = None) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise UserError(f"loss.gamma must be >= 0, got {gamma}.")
+        if gamma_schedule not in (None, "sd53"):
+            raise UserError(f"loss.gamma_schedule={gamma_schedule!r} is not supported; allowed: null, sd53.")
+        self.gamma, self.gamma_schedule = float(gamma), gamma_schedule
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        if k < 2:
+            raise ValueError("focal loss needs at least 2 classes")
+        log_p = torch.log_softmax(logits, dim=1)
+        is_target = F.one_hot(targets, k).bool()
+        # log(1 − p_y) as a log-sum-exp over the other classes: accurate and with a finite
+        # gradient where p_y rounds to 1, where 1 − p_y would cancel to 0 (and 0^γ has an
+        # infinite derivative for γ < 1).
+        log_rest = torch.logsumexp(log_p.masked_fill(is_target, float("-inf")), dim=1)
+        weight = torch.exp(self.sample_gamma(log_p.detach(), is_target) * log_rest)
+        # nll_loss over the weighted log-probabilities: at γ = 0 every weight is exactly 1,
+        # so the loss equals F.cross_entropy bit for bit.
+        return F.nll_loss(weight[:, None] * log_p, targets)
+
+    def sample_gamma(self, log_p: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor | float:
+        """γ for each sample: the fixed ``gamma``, or FLSD-53's choice from its p_y."""
+        if self.gamma_schedule is None:
+            return self.gamma
+        p_y = log_p[is_target].exp()
+        return torch.where(p_y < self.SD53_THRESHOLD, self.SD53_LOW_GAMMA, self.SD53_HIGH_GAMMA).to(log_p.dtype)

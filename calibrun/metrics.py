@@ -6,12 +6,15 @@ confidence of sample i is ``max_k p_ik``; it is correct when ``argmax_k p_ik == 
 
 Equal-width bins are right-closed, B_m = ((m-1)/M, m/M], with 0 also in B_1, so every
 confidence in [0, 1] lands in exactly one bin and a value equal to m/M lands in B_m.
-All binned metrics and the reliability diagram go through :func:`bin_stats` and the
-private helpers below, so they always agree on which sample sits in which bin.
+All binned metrics, the reliability diagram and histogram binning
+(``calibrun.calibrators``) go through :func:`equal_width_index`, so they always agree on
+which sample sits in which bin. :data:`METRIC_NAMES` names what :func:`evaluate` returns,
+in the column order of ``metrics.csv``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Union
 
 import numpy as np
@@ -27,7 +30,7 @@ _SUM_TOLERANCE = 1e-3
 _NLL_EPS = 1e-12
 
 
-class _Bins(NamedTuple):
+class Bins(NamedTuple):
     """Per-bin aggregates; ``conf`` and ``acc`` are NaN where ``count`` is 0."""
 
     count: np.ndarray
@@ -92,14 +95,14 @@ def _bin_edges(n_bins: int) -> np.ndarray:
     return np.arange(n_bins + 1, dtype=np.float64) / n_bins
 
 
-def _equal_width_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
+def equal_width_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
     """0-based bin of each confidence for the right-closed bins ((m-1)/M, m/M]."""
     # Searching only the interior edges sends 0 (and anything below) to the first bin
     # and 1.0 (and float overshoot above it) to the last, so no sample is ever dropped.
     return np.searchsorted(_bin_edges(n_bins)[1:-1], conf, side="left")
 
 
-def _aggregate(index: np.ndarray, conf: np.ndarray, hit: np.ndarray, n_bins: int) -> _Bins:
+def _aggregate(index: np.ndarray, conf: np.ndarray, hit: np.ndarray, n_bins: int) -> Bins:
     """Count, mean confidence and mean hit rate of each of ``n_bins`` bins."""
     count = np.bincount(index, minlength=n_bins)
     conf_sum = np.bincount(index, weights=conf, minlength=n_bins)
@@ -107,20 +110,22 @@ def _aggregate(index: np.ndarray, conf: np.ndarray, hit: np.ndarray, n_bins: int
     # Dividing only where count > 0 keeps empty bins at NaN without a RuntimeWarning.
     mean_conf = np.divide(conf_sum, count, out=np.full(n_bins, np.nan), where=count > 0)
     mean_acc = np.divide(hit_sum, count, out=np.full(n_bins, np.nan), where=count > 0)
-    return _Bins(count=count, conf=mean_conf, acc=mean_acc)
+    return Bins(count=count, conf=mean_conf, acc=mean_acc)
 
 
-def _equal_width_bins(conf: np.ndarray, hit: np.ndarray, n_bins: int) -> _Bins:
-    return _aggregate(_equal_width_index(conf, n_bins), conf, hit, n_bins)
+def equal_width_bins(conf: np.ndarray, hit: np.ndarray, n_bins: int) -> Bins:
+    """Count, mean score and mean hit rate of each equal-width bin of the scores ``conf``
+    (float arrays, validated by the caller); ``hit`` is 1.0 where the sample counts as a hit."""
+    return _aggregate(equal_width_index(conf, n_bins), conf, hit, n_bins)
 
 
-def _filled(bins: _Bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _filled(bins: Bins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weight |B_m|/n, confidence and accuracy of the non-empty bins only."""
     filled = bins.count > 0
     return bins.count[filled] / bins.count.sum(), bins.conf[filled], bins.acc[filled]
 
 
-def _weighted_gap(bins: _Bins) -> float:
+def _weighted_gap(bins: Bins) -> float:
     """Sum over non-empty bins of |B_m|/n * |acc(B_m) - conf(B_m)|."""
     weight, conf, acc = _filled(bins)
     return float(np.sum(weight * np.abs(acc - conf)))
@@ -135,7 +140,7 @@ def bin_stats(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> pd.DataF
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    bins = _equal_width_bins(*_top_label(p, y), n_bins)
+    bins = equal_width_bins(*_top_label(p, y), n_bins)
     edges = _bin_edges(n_bins)
     return pd.DataFrame(
         {
@@ -161,7 +166,7 @@ def ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    return _weighted_gap(_equal_width_bins(*_top_label(p, y), n_bins))
+    return _weighted_gap(equal_width_bins(*_top_label(p, y), n_bins))
 
 
 def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -170,7 +175,7 @@ def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    _, conf, acc = _filled(_equal_width_bins(*_top_label(p, y), n_bins))
+    _, conf, acc = _filled(equal_width_bins(*_top_label(p, y), n_bins))
     return float(np.max(np.abs(acc - conf)))
 
 
@@ -197,7 +202,7 @@ def classwise_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> floa
     """
     p, y = _validate(probs, labels, n_bins)
     per_class = [
-        _weighted_gap(_equal_width_bins(p[:, k], (y == k).astype(np.float64), n_bins)) for k in range(p.shape[1])
+        _weighted_gap(equal_width_bins(p[:, k], (y == k).astype(np.float64), n_bins)) for k in range(p.shape[1])
     ]
     return float(np.mean(per_class))
 
@@ -209,7 +214,7 @@ def overconfidence_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) 
     Predictive Uncertainty for Deep Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    weight, conf, acc = _filled(_equal_width_bins(*_top_label(p, y), n_bins))
+    weight, conf, acc = _filled(equal_width_bins(*_top_label(p, y), n_bins))
     return float(np.sum(weight * conf * np.maximum(conf - acc, 0.0)))
 
 
@@ -227,8 +232,24 @@ def brier(probs: ArrayLike, labels: ArrayLike) -> float:
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
 
 
+# The metrics of ``evaluate`` in the column order of metrics.csv and the sweep reports;
+# each is called as f(probs, labels, n_bins), the unbinned ones ignoring n_bins.
+_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
+    "accuracy": lambda p, y, n_bins: accuracy(p, y),
+    "ece": ece,
+    "mce": mce,
+    "ada_ece": adaptive_ece,
+    "classwise_ece": classwise_ece,
+    "oe": overconfidence_error,
+    "nll": lambda p, y, n_bins: nll(p, y),
+    "brier": lambda p, y, n_bins: brier(p, y),
+}
+METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
+
+
 def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, float | int]:
-    """All metrics at once, keyed ``accuracy, ece, mce, ada_ece, classwise_ece, oe, nll, brier, n``.
+    """All metrics at once, keyed by :data:`METRIC_NAMES` (``accuracy, ece, mce, ada_ece,
+    classwise_ece, oe, nll, brier``) in that order, then ``n``, the number of samples.
 
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks" (ECE, MCE);
     Nixon et al. (2019), "Measuring Calibration in Deep Learning" (adaptive, classwise);
@@ -236,14 +257,4 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str,
     """
     # Convert once so that torch inputs are not copied off the device for every metric.
     p, y = _validate(probs, labels, n_bins)
-    return {
-        "accuracy": accuracy(p, y),
-        "ece": ece(p, y, n_bins),
-        "mce": mce(p, y, n_bins),
-        "ada_ece": adaptive_ece(p, y, n_bins),
-        "classwise_ece": classwise_ece(p, y, n_bins),
-        "oe": overconfidence_error(p, y, n_bins),
-        "nll": nll(p, y),
-        "brier": brier(p, y),
-        "n": int(len(y)),
-    }
+    return {**{name: metric(p, y, n_bins) for name, metric in _METRICS.items()}, "n": int(len(y))}

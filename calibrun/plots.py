@@ -1,13 +1,16 @@
-"""Reliability diagrams and confidence histograms, written as PNG files (matplotlib, Agg).
+"""Every figure calibrun draws, written as PNG files (matplotlib, Agg): reliability
+diagrams, confidence histograms, and metrics against a swept value (``calibrun-report``).
 
 The diagrams draw the bin table of ``calibrun.metrics.bin_stats`` (columns ``bin, lo, hi,
-count, conf, acc``) and print the ECE/MCE they are given: no metric formula lives here,
-so a figure can never disagree with ``metrics.csv``.
+count, conf, acc``) and print the ECE/MCE they are given; the curves draw the numbers they
+are given. No metric formula lives here, so a figure can never disagree with the tables.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -133,3 +136,39 @@ def confidence_histogram(confidences: np.ndarray, path: Path | str, accuracy: fl
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)
+
+
+class Curve(NamedTuple):
+    """One line of :func:`curves_against`: ``y`` ± ``yerr`` at ``x``, named ``label``."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    yerr: Sequence[float]
+
+
+def _curves_figure(panels: dict[str, list[Curve]], x_name: str, xlabel: str, xscale: str) -> Figure:
+    """The figure of :func:`curves_against`, one Axes per panel, not yet saved."""
+    if not panels:
+        raise ValueError("curves_against needs at least one panel")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, curves) in zip(axes.flat, panels.items()):
+        for curve in curves:
+            ax.errorbar(curve.x, curve.y, yerr=curve.yerr, marker="o", capsize=3, label=curve.label)
+        ax.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} against {x_name}")
+        ax.grid(alpha=0.3)
+    # One legend is enough: every panel has the same curves.
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def curves_against(panels: dict[str, list[Curve]], path: Path | str, x_name: str, xlabel: str,
+                   xscale: str = "symlog") -> None:
+    """Panels side by side, one per ``{y label: curves}`` entry, each curve drawn as
+    points with error bars joined by lines; the legend sits in the first panel.
+
+    ``x_name`` is the short name of the x quantity used in the titles (``λ``), ``xlabel``
+    the axis label. ``symlog`` keeps x = 0 on a log-like axis (a λ sweep from 0 to 30).
+    """
+    _save(_curves_figure(panels, x_name, xlabel, xscale), path)

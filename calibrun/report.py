@@ -1,9 +1,10 @@
-"""Per-run tables and figures from saved logits (DESIGN §7).
+"""``calibrun-report``: one table and a few figures from many run folders.
 
-``calibrate_and_report`` is the one place where calibrators, metrics and plots meet: it
-reads ``logits/{val,test}.npz``, fits every calibrator on ``val``, evaluates ``none``
-and each calibrator on both splits, and writes ``metrics.csv``, ``metrics.md``,
-``bins.csv`` and ``figures/``. It needs no model and no data.
+Finds the run folders below the given paths, groups the finished ones by the config keys
+that differ between them (leaving out ``calibrun.config.NON_EXPERIMENT_KEYS``, the seed
+and the calibrator settings) and the calibrator, and writes mean ± std over seeds. The
+per-run tables it reads are written by ``calibrun.evaluate``; the figures are drawn by
+``calibrun.plots`` from the numbers computed here.
 """
 
 from __future__ import annotations
@@ -12,77 +13,24 @@ import json
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from calibrun._io import atomic_open, atomic_write_text
-from calibrun.calibrators import Calibrator, Uncalibrated
-from calibrun.metrics import bin_stats, evaluate
-from calibrun.plots import confidence_histogram, reliability_diagram, reliability_grid
+from calibrun import UserError
+from calibrun._io import atomic_write_text
+from calibrun.config import NON_EXPERIMENT_KEYS
+from calibrun.metrics import METRIC_NAMES
+from calibrun.plots import Curve, curves_against, reliability_grid
 
-METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
-BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
-
-
-def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as f:
-        return f["logits"], f["labels"]
-
-
-def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15) -> pd.DataFrame:
-    """Fit each calibrator on the val logits, evaluate on val and test, write the tables.
-
-    ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
-    calibrators are in-sample; the test rows are the ones to compare. Rows and bins of
-    calibrators already in the run's tables but not given here are kept, so a refit
-    of a subset (``calibrun-calibrate``) does not erase the others. Returns the table.
-    """
-    val_z, val_y = load_logits(run_dir / "logits" / "val.npz")
-    test_z, test_y = load_logits(run_dir / "logits" / "test.npz")
-    rows, bins = [], []
-    for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
-        calibrator.fit(val_z, val_y)
-        for split, (z, y) in {"val": (val_z, val_y), "test": (test_z, test_y)}.items():
-            probs = calibrator.predict_proba(z)
-            scores = evaluate(probs, y, n_bins)
-            rows.append({"split": split, "calibrator": name, **scores})
-            if split != "test":
-                continue
-            stats = bin_stats(probs, y, n_bins)
-            bins.append(stats.assign(calibrator=name))
-            reliability_diagram(stats, run_dir / "figures" / f"reliability_{name}.png",
-                                title=f"{name} (test)", ece=scores["ece"], mce=scores["mce"])
-            if name == "none":
-                conf = probs.max(axis=1)
-                confidence_histogram(conf, run_dir / "figures" / "confidence_hist.png",
-                                     accuracy=scores["accuracy"], mean_confidence=float(conf.mean()),
-                                     n_bins=n_bins, title="uncalibrated (test)")
-    table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
-    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]))
-    return table
-
-
-def _keep_others(path: Path, new: pd.DataFrame) -> pd.DataFrame:
-    """``new`` plus the rows of ``path`` whose calibrator ``new`` does not cover."""
-    if not path.exists():
-        return new.reset_index(drop=True)
-    old = pd.read_csv(path)
-    return pd.concat([new, old[~old["calibrator"].isin(new["calibrator"])]], ignore_index=True)
-
-
-def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame) -> None:
-    atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
-    atomic_write_text(run_dir / "metrics.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
-    atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
-
-
-# --------------------------------------------------------------------------- many runs
-
-SUMMARY_METRICS = ["accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier"]
-# Config keys that never make two runs different experiments.
-IGNORED_KEYS = ("seed", "run_name", "data.root", "data.cache_dir", "trainer.device", "trainer.progress",
-                "trainer.checkpoint_every", "calibrator.")
 PAPERS = Path(__file__).resolve().parent / "papers"
+
+
+def splits_groups(key: str) -> bool:
+    """Whether two runs that differ in config ``key`` belong to different report groups.
+
+    Beyond the keys that never make two runs different experiments, the seed is what the
+    groups aggregate over, and calibrator settings are reported per calibrator row.
+    """
+    return key not in NON_EXPERIMENT_KEYS and key != "seed" and not key.startswith("calibrator.")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -115,7 +63,7 @@ def describe_run(run_dir: Path) -> dict[str, object]:
     info: dict[str, object] = {"run": str(run_dir), "state": state, "error": status.get("error"),
                                "seed": config.get("seed")}
     info.update({k: v for k, v in choices.items() if k in ("data", "model", "loss", "experiment") and v})
-    info.update({k: v for k, v in _flatten(config).items() if not k.startswith(IGNORED_KEYS) and not k.endswith("_target_")})
+    info.update({k: v for k, v in _flatten(config).items() if splits_groups(k) and not k.endswith("_target_")})
     return info
 
 
@@ -123,7 +71,7 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
     """(metric rows of finished runs, one row per run, the config keys that differ)."""
     runs = [describe_run(r) for r in find_runs(paths)]
     if not runs:
-        raise FileNotFoundError(f"No run folders (with .hydra/) under {', '.join(map(str, paths))}.")
+        raise UserError(f"No run folders (with .hydra/) under {', '.join(map(str, paths))}.")
     table = pd.DataFrame(runs)
     config_keys = [c for c in table.columns if c not in ("run", "state", "error", "seed")]
     # A run that failed before writing its resolved config would make every key "differ".
@@ -135,7 +83,7 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
         if run["state"] == "done" and metrics_file.is_file():
             metrics = pd.read_csv(metrics_file)
             rows.append(metrics[metrics["split"] == split].assign(**{k: run.get(k) for k in ["run", "seed", *varying]}))
-    metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *SUMMARY_METRICS])
+    metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *METRIC_NAMES])
     return metrics, table, varying
 
 
@@ -143,7 +91,7 @@ def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean, standard deviation (over seeds) and n per group and calibrator."""
     groups = [*keys, "calibrator"]
     grouped = metrics.groupby(groups, dropna=False, sort=False)
-    out = grouped[SUMMARY_METRICS].agg(["mean", "std"])
+    out = grouped[list(METRIC_NAMES)].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out.insert(0, "n", grouped.size())
     return out.reset_index()
@@ -170,14 +118,17 @@ def load_paper(name_or_path: str) -> pd.DataFrame:
         path = PAPERS / f"{name_or_path}.csv"
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in PAPERS.glob("*.csv")))
-        raise FileNotFoundError(f"No paper table {name_or_path!r}: give a CSV path or one of {shipped}.")
-    return pd.read_csv(path)
+        raise UserError(f"No paper table {name_or_path!r}: give a CSV path or one of {shipped}.")
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise UserError(f"Cannot read the paper table {path}: {err}") from None
 
 
 def with_paper(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
     join = [c for c in paper.columns if c in summary.columns]
     if not join:
-        raise ValueError(f"The paper table shares no column with the runs (its columns: {list(paper.columns)}).")
+        raise UserError(f"The paper table shares no column with the runs (its columns: {list(paper.columns)}).")
     values = paper.rename(columns={c: f"paper_{c}" for c in paper.columns if c not in join})
     summary = summary.copy()
     for c in join:
@@ -209,12 +160,19 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
     return f"### {metric}\n\n" + table.reset_index().to_markdown(index=False)
 
 
+def _read_bins(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise UserError(f"Cannot read {path} of a finished run: {err}") from None
+
+
 def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) -> list[tuple[str, pd.DataFrame, float, float]]:
     """One panel per group: the bins of its runs pooled over seeds (counts add up)."""
     panels = []
     chosen = metrics[metrics["calibrator"] == calibrator]
     for group, rows in chosen.groupby(keys, dropna=False, sort=False) if keys else [((), chosen)]:
-        bins = pd.concat([pd.read_csv(Path(r) / "bins.csv") for r in rows["run"]])
+        bins = pd.concat([_read_bins(Path(r) / "bins.csv") for r in rows["run"]])
         bins = bins[bins["calibrator"] == calibrator]
         bins = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"], acc_sum=bins["acc"].fillna(0) * bins["count"])
         pooled = bins.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
@@ -227,25 +185,33 @@ def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) 
     return panels
 
 
-def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curve]:
+    """``metric`` (mean ± std over seeds) against λ, one curve per group of the other keys
+    and calibrator, with λ ascending."""
     lam = next(k for k in keys if k.endswith(".lam"))
     others = [k for k in keys if k != lam]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, name in zip(axes, (metric, "accuracy")):
-        for label, rows in summary.groupby([*others, "calibrator"], dropna=False, sort=False):
-            rows = rows.sort_values(lam)
-            ax.errorbar(rows[lam].astype(float), rows[f"{name}_mean"], yerr=rows[f"{name}_std"].fillna(0),
-                        marker="o", capsize=3, label=", ".join(map(str, label if isinstance(label, tuple) else (label,))))
-        ax.set(xscale="symlog", xlabel="λ (loss.lam)", ylabel=name, title=f"{name} against λ")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as fh:
-        fig.savefig(fh, format="png", dpi=130)
-    plt.close(fig)
+    curves = []
+    for label, rows in summary.groupby([*others, "calibrator"], dropna=False, sort=False):
+        rows = rows.sort_values(lam, key=lambda values: values.astype(float))
+        # One seed has no standard deviation: draw no error bar rather than drop the point.
+        curves.append(Curve(label=", ".join(map(str, label if isinstance(label, tuple) else (label,))),
+                            x=rows[lam].astype(float).to_numpy(), y=rows[f"{metric}_mean"].to_numpy(),
+                            yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
+    return curves
+
+
+def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Path) -> None:
+    """``metric`` and the accuracy against λ (the ``*.lam`` key among ``keys``), side by side."""
+    lam = next(k for k in keys if k.endswith(".lam"))
+    panels = {name: lam_curves(summary, keys, name) for name in (metric, "accuracy")}
+    curves_against(panels, path, x_name="λ", xlabel=f"λ ({lam})")
+
+
+def _check_metrics(names: list[str], option: str) -> None:
+    unknown = [name for name in names if name not in METRIC_NAMES]
+    if unknown:
+        raise UserError(f"Unknown metric {', '.join(map(repr, unknown))} in {option}; "
+                        f"choose from {', '.join(METRIC_NAMES)}.")
 
 
 def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = "report",
@@ -254,6 +220,9 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
                  table_metrics: list[str] | None = None, pivot: str | None = None) -> pd.DataFrame:
     """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds), an
     ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams."""
+    shown = table_metrics or ["accuracy", "ece", "mce", "nll", "brier"]
+    _check_metrics([metric], "--metric")
+    _check_metrics(shown, "--table-metrics")
     metrics, runs, keys = collect(paths)
     if calibrators:
         metrics = metrics[metrics["calibrator"].isin(calibrators)]
@@ -261,7 +230,6 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     reference = load_paper(paper) if paper else None
     if reference is not None and len(summary):
         summary = with_paper(summary, reference)
-    shown = table_metrics or ["accuracy", "ece", "mce", "nll", "brier"]
     lines = [f"# {name}", "", f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
     constant = {k: runs[k].iloc[0] for k in ("data", "model", "loss") if k in runs and k not in keys}
     if constant:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from calibrun.cli import config_dir
+from calibrun.cli import config_dir, main
 from calibrun.samples import sample_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,13 +52,38 @@ def compose_cfg():
 
 
 @pytest.fixture
-def run_cli(tmp_path):
-    """Run ``python -m calibrun ARGS`` in ``tmp_path`` (or ``cwd``); returns the process."""
+def run_cli(tmp_path, monkeypatch, capfd):
+    """Run the ``calibrun`` console script with ARGS in ``tmp_path`` (or ``cwd``), in this
+    process: the same Hydra app, exit status and output as ``python -m calibrun``,
+    without a new interpreter importing torch for every run. Returns a CompletedProcess.
+    Tests that need a separate process (a signal, an installed copy) start one."""
 
     def _run(args: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+        with monkeypatch.context() as patch:
+            patch.chdir(cwd or tmp_path)
+            patch.setattr(sys, "argv", ["calibrun", *args])
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            capfd.readouterr()
+            try:
+                main()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return _run
+
+
+@pytest.fixture
+def run_cli_process(tmp_path):
+    """Run ``python -m calibrun ARGS`` in a new process in ``tmp_path`` (or ``cwd``)."""
+
+    def _run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         return subprocess.run([sys.executable, "-m", "calibrun", *args], cwd=cwd or tmp_path,
-                              capture_output=True, text=True, env=full_env, timeout=900)
+                              capture_output=True, text=True, env=env, timeout=900)
 
     return _run
 

@@ -1,15 +1,67 @@
 """``calibrun-calibrate``: refitting calibrators of a finished run from its saved logits."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
+import yaml
 from conftest import FAST
+from omegaconf import OmegaConf
+
+from calibrun import UserError, cli
+from calibrun.calibrators import HistogramBinning, MatrixScaling, PlattScaling, TemperatureScaling
+from calibrun.config import validate
+from calibrun.cli import config_dir
+from calibrun.evaluate import build_calibrators, calibrate_and_report, recalibrate, refit_config
+from calibrun.metrics import evaluate
 
 
-def calibrate(args, cwd):
+def calibrate(args):
+    """``calibrun-calibrate ARGS`` in this process (a failure raises SystemExit)."""
+    cli.calibrate(args)
+
+
+def calibrate_process(args, cwd):
+    """``calibrun-calibrate ARGS`` in a new process, for its exit status and stderr."""
     return subprocess.run([sys.executable, "-c", "from calibrun.cli import calibrate; calibrate()", *args],
                           cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def split_rows(run_dir) -> pd.DataFrame:
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    return metrics[metrics.split == "test"].set_index("calibrator")
+
+
+def expected_test_scores(run_dir, calibrator, n_bins) -> dict:
+    """The test row of ``calibrator`` computed here from the saved logits, not by the CLI."""
+    with np.load(run_dir / "logits" / "val.npz") as val, np.load(run_dir / "logits" / "test.npz") as test:
+        probs = calibrator.fit(val["logits"], val["labels"]).predict_proba(test["logits"])
+        return evaluate(probs, test["labels"], n_bins)
+
+
+def log_entries(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "calibrations.jsonl").read_text().splitlines()]
+
+
+def finished_run(run_dir, compose_cfg, overrides):
+    """A finished run folder without training: config.yaml, logits, tables, DONE."""
+    cfg = validate(compose_cfg(overrides))
+    rng = np.random.default_rng(0)
+    (run_dir / "logits").mkdir(parents=True)
+    for split, n in (("val", 400), ("test", 300)):
+        z = 3.0 * rng.standard_normal((n, 4))
+        # Labels follow softmax(z / 2): the logits are overconfident, as a trained net's are.
+        p = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
+        y = np.array([rng.choice(4, p=row) for row in p])
+        np.savez(run_dir / "logits" / f"{split}.npz", logits=z.astype(np.float32), labels=y, index=np.arange(n))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), cfg.metrics.n_bins)
+    (run_dir / "DONE").write_text("")
+    return run_dir
 
 
 def test_refit_a_subset_keeps_the_other_rows_and_the_checkpoint(run_cli, tmp_path):
@@ -20,8 +72,7 @@ def test_refit_a_subset_keeps_the_other_rows_and_the_checkpoint(run_cli, tmp_pat
     before = pd.read_csv(run_dir / "metrics.csv")
     (run_dir / "figures" / "reliability_temperature.png").unlink()
 
-    proc = calibrate([str(run_dir), "calibrator=[temperature,histogram]"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    calibrate([str(run_dir), "calibrator=[temperature,histogram]"])
     after = pd.read_csv(run_dir / "metrics.csv")
     assert set(after.calibrator) == {"none", "temperature", "isotonic", "histogram"}
     # Untouched calibrator: identical rows. Refitted deterministic ones: identical values.
@@ -35,11 +86,94 @@ def test_refit_a_subset_keeps_the_other_rows_and_the_checkpoint(run_cli, tmp_pat
     assert (run_dir / "figures" / "reliability_histogram.png").is_file()
     assert "histogram" in (run_dir / "metrics.md").read_text()
     assert ckpt.stat().st_mtime_ns == before_ckpt
+    # config.yaml names every calibrator in the table; the new one with conf/'s settings.
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert list(config["calibrator"]) == ["temperature", "isotonic", "histogram"]
+    assert config["calibrator"]["histogram"]["n_bins"] == 15
+    (entry,) = log_entries(run_dir)
+    assert entry["overrides"] == ["calibrator=[temperature,histogram]"]
+    assert entry["refitted"] == ["temperature", "histogram"] and entry["n_bins"] == 15
+
+
+def test_refit_without_overrides_uses_the_runs_own_settings_and_is_recorded(run_cli, tmp_path):
+    proc = run_cli([*FAST, "calibrator=[temperature,histogram]", "calibrator.histogram.n_bins=5", "run_name=r"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "r"
+    config_before = yaml.safe_load((run_dir / "config.yaml").read_text())
+
+    calibrate([str(run_dir)])
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config_before
+    ece = split_rows(run_dir).loc["histogram", "ece"]
+    assert ece == pytest.approx(expected_test_scores(run_dir, HistogramBinning(n_bins=5), 15)["ece"], abs=1e-12)
+    # The default 15 calibration bins would have given another number.
+    assert abs(ece - expected_test_scores(run_dir, HistogramBinning(n_bins=15), 15)["ece"]) > 1e-6
+    (entry,) = log_entries(run_dir)
+    assert entry["overrides"] == [] and entry["refitted"] == ["temperature", "histogram"]
+    assert entry["calibrator"]["histogram"]["n_bins"] == 5
+
+
+def test_new_metric_bins_refit_every_calibrator_in_the_table(compose_cfg, tmp_path):
+    run_dir = finished_run(tmp_path / "run", compose_cfg,
+                           ["calibrator=[temperature,histogram,platt]", "calibrator.platt.C=0.5"])
+    assert (pd.read_csv(run_dir / "bins.csv").groupby("calibrator").size() == 15).all()
+
+    calibrate([str(run_dir), "calibrator=[matrix]", "calibrator.matrix.off_diagonal_l2=0",
+           "metrics.n_bins=10"])
+    bins = pd.read_csv(run_dir / "bins.csv")
+    assert bins.groupby("calibrator").size().to_dict() == dict.fromkeys(
+        ["none", "temperature", "histogram", "platt", "matrix"], 10)
+    rows = split_rows(run_dir)
+    expected = {"temperature": TemperatureScaling(), "histogram": HistogramBinning(), "platt": PlattScaling(C=0.5),
+                "matrix": MatrixScaling(off_diagonal_l2=0.0)}
+    for name, calibrator in expected.items():
+        scores = expected_test_scores(run_dir, calibrator, 10)
+        assert rows.loc[name, "ece"] == pytest.approx(scores["ece"], abs=1e-9), name
+        assert rows.loc[name, "mce"] == pytest.approx(scores["mce"], abs=1e-9), name
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["metrics"]["n_bins"] == 10
+    assert config["calibrator"]["matrix"]["off_diagonal_l2"] == 0 and config["calibrator"]["platt"]["C"] == 0.5
+    (entry,) = log_entries(run_dir)
+    assert sorted(entry["refitted"]) == ["histogram", "matrix", "platt", "temperature"] and entry["n_bins"] == 10
+
+
+def test_settings_come_from_the_run_then_conf_then_the_command_line(compose_cfg, tmp_path):
+    run_cfg = validate(compose_cfg(["calibrator=[temperature,histogram]", "calibrator.temperature.max_iter=7",
+                                    "calibrator.histogram.n_bins=5"]))
+    cfg = refit_config(run_cfg, ["calibrator=[temperature,platt]", "calibrator.platt.C=2"], ["histogram"],
+                       Path(config_dir()))
+    assert list(cfg.calibrator) == ["temperature", "platt"]  # same bins: histogram keeps its rows
+    assert cfg.calibrator.temperature.max_iter == 7  # the run's own, not conf's 100
+    assert cfg.calibrator.platt.C == 2.0  # conf/calibrator/platt.yaml's 1.0, overridden
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["trainer.epochs=3"], "trainer.epochs=3"),
+    (["calibrator.histogram.n_bins=0"], "calibrator.histogram"),
+    (["calibrator=[temperature,nosuch]"], "'nosuch'"),
+    (["calibrator.platt.C=2"], "'platt'"),
+    (["metrics.n_bins=many"], "metrics.n_bins"),
+    (["calibrator=[temperature"], "calibrator=[temperature"),
+])
+def test_bad_overrides_are_refused_naming_the_key_and_change_nothing(compose_cfg, tmp_path, overrides, named):
+    run_dir = finished_run(tmp_path / "run", compose_cfg, ["calibrator=[temperature,histogram]"])
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "metrics.csv", "bins.csv")}
+    with pytest.raises(UserError, match=named.replace("[", r"\[")):
+        recalibrate(run_dir, overrides, Path(config_dir()))
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not (run_dir / "calibrations.jsonl").exists()
+
+
+def test_a_bad_value_is_one_line_on_stderr_and_exit_1(compose_cfg, tmp_path):
+    run_dir = finished_run(tmp_path / "run", compose_cfg, ["calibrator=[temperature]"])
+    proc = calibrate_process([str(run_dir), "calibrator.temperature.max_iter=0"], tmp_path)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and "calibrator.temperature" in proc.stderr, proc.stderr
+    assert "max_iter" in proc.stderr
 
 
 def test_unfinished_folder_is_refused(tmp_path):
     (tmp_path / "half" / "logits").mkdir(parents=True)
-    proc = calibrate([str(tmp_path / "half")], tmp_path)
+    proc = calibrate_process([str(tmp_path / "half")], tmp_path)
     assert proc.returncode == 1
     assert "is not a finished calibrun run" in proc.stderr and "DONE" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
-from conftest import CIFAR_SAMPLE
+from conftest import CIFAR_SAMPLE, PACS_SAMPLE
 from hydra.utils import instantiate
 from PIL import Image
 
 from calibrun import UserError
-from calibrun.data import CIFAR, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
+from calibrun.data import CIFAR, PACS, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
 
 
 def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
@@ -124,6 +124,50 @@ def test_wrong_number_of_class_folders_is_explained(tmp_path):
     _image_folder(tmp_path / "imgs")
     with pytest.raises(UserError, match="2 class folders but data.num_classes=10"):
         CIFAR(root=str(tmp_path / "imgs"), format="folder", num_classes=10).splits()
+
+
+def test_test_folder_with_a_class_the_training_folder_lacks_is_named(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "test" / "c").mkdir()
+    with pytest.raises(UserError, match=r"imgs/test has class folders not in the training set: \['c'\]"):
+        CIFAR(root=str(tmp_path / "imgs"), format="folder", num_classes=2, val_size=2).splits()
+
+
+def _expected_cache_name(prefix: str, files: dict[str, list[tuple[Path, int]]], size: int | None = None) -> str:
+    """The decode-cache file name as earlier releases wrote it, spelled out here so that
+    a change to it, which would orphan every existing cache, fails a test."""
+    digest = hashlib.sha1()
+    if size is not None:
+        digest.update(f"size={size}\n".encode())
+    for split, entries in files.items():
+        for path, label in entries:
+            st = path.stat()
+            digest.update(f"{split}|{path.resolve()}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return f"{prefix}-{digest.hexdigest()[:16]}.pt"
+
+
+def test_folder_decode_cache_keeps_its_file_name(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    CIFAR(root=str(tmp_path / "imgs"), format="folder", num_classes=2, val_size=2).splits()
+    # Classes in sorted folder order, files in sorted name order, train before test.
+    files = {
+        split: [(tmp_path / "imgs" / split / cls / f"{i}.png", label)
+                for label, cls in enumerate("ab") for i in range(6)]
+        for split in ("train", "test")
+    }
+    cached = [p.name for p in (tmp_path / "imgs" / ".calibrun_cache").glob("*.pt")]
+    assert cached == [_expected_cache_name("folder", files)]
+
+
+def test_pacs_decode_cache_keeps_its_file_name(tmp_path):
+    PACS(root=str(PACS_SAMPLE), image_size=32, cache_dir=str(tmp_path)).splits()
+    # The cache holds the whole dataset, every image of the four test files, sorted.
+    labels = {}
+    for f in PACS_SAMPLE.glob("*_test_kfold.txt"):
+        lines = [line.split() for line in f.read_text().splitlines() if line.strip()]
+        labels.update((rel, int(label) - 1) for rel, label in lines)
+    files = {"pacs": [(PACS_SAMPLE / "kfold" / rel, labels[rel]) for rel in sorted(labels)]}
+    assert [p.name for p in tmp_path.glob("*.pt")] == [_expected_cache_name("pacs", files, size=33)]
 
 
 def _md5(path: Path) -> str:

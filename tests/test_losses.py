@@ -1,13 +1,28 @@
-"""Every loss against a direct computation of its DESIGN §4 formula."""
+"""Every loss against a direct computation of its formula (docs/design.md §4)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
-from calibrun.losses import CrossEntropy, EntropyRegularized, GapLoss, LabelSmoothing, Mixup, NonTargetSmoothing
+from calibrun import UserError
+from calibrun.cli import config_dir
+from calibrun.losses import (
+    CrossEntropy,
+    EntropyRegularized,
+    FocalLoss,
+    GapLoss,
+    LabelSmoothing,
+    Mixup,
+    NonTargetSmoothing,
+)
+
+# Every loss a user can pick: the YAML files of conf/loss.
+LOSS_NAMES = sorted(p.stem for p in (Path(config_dir()) / "loss").glob("*.yaml"))
 
 # One confident correct sample (p_y > 0.99) and two misclassified ones.
 LOGITS = np.array([[10.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [1.0, 0.5, -0.5, 2.0], [0.2, 0.1, 0.0, -0.1]])
@@ -56,29 +71,72 @@ def ref_label_smoothing(alpha):
     return total / len(LABELS)
 
 
+def ref_focal(gamma_of_p):
+    """−(1 − p_y)^γ log p_y, mean over the batch; γ may depend on p_y (FLSD-53)."""
+    terms = []
+    for z, y in zip(LOGITS, LABELS):
+        p_y = softmax(z)[y]
+        terms.append(-((1 - p_y) ** gamma_of_p(p_y)) * math.log(p_y))
+    return float(np.mean(terms))
+
+
+def sd53(p_y):
+    """FLSD-53 (Mukhoti et al. 2020): γ = 5 for p_y in [0, 0.2), 3 for p_y in [0.2, 1]."""
+    return 5.0 if p_y < 0.2 else 3.0
+
+
 def value(loss, logits=LOGITS, labels=LABELS):
     return float(loss(torch.tensor(logits, dtype=torch.float64), torch.tensor(labels)))
 
 
-def test_batch_has_a_confident_and_a_misclassified_sample():
-    assert softmax(LOGITS[0])[0] > 0.99 and np.argmax(LOGITS[1]) != LABELS[1]
+# Each configured loss at its YAML defaults (the README's "defaults" column) on LOGITS.
+# Mixup without its mix hook sees plain targets and is CE.
+CONFIG_DEFAULTS = {
+    "ce": ref_ce,
+    "gap": lambda: ref_ce() + 10 * ref_gap_term(),
+    "gap_cap": lambda: ref_capped_ce(0.5) + 10 * ref_gap_term(),
+    "nts": lambda: ref_ce() + 0.5 * ref_nts(),
+    "erl": lambda: ref_ce() + 0.1 * ref_neg_entropy(),
+    "label_smoothing": lambda: ref_label_smoothing(0.05),
+    "mixup": ref_ce,
+    "focal": lambda: ref_focal(lambda p: 3.0),
+}
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_configured_loss_matches_its_formula_at_its_defaults(compose_cfg, name):
+    assert name in CONFIG_DEFAULTS, f"conf/loss/{name}.yaml has no reference formula in this file"
+    loss = instantiate(compose_cfg([f"loss={name}"]).loss)
+    assert value(loss) == pytest.approx(CONFIG_DEFAULTS[name](), abs=1e-10, rel=0)
+
+
+def test_cap_and_gap_act_on_the_samples_they_should():
+    """On LOGITS, samples 0 and 2 have p_y > 0.5 and samples 1 and 3 are misclassified."""
+    z, y = torch.tensor(LOGITS), torch.tensor(LABELS)
+    p = [softmax(row)[label] for row, label in zip(LOGITS, LABELS)]
+    # Capping at c = 0.5 raises exactly the terms of samples 0 and 2, from −log p_y to −log c.
+    raised = (math.log(p[0]) - math.log(0.5) + math.log(p[2]) - math.log(0.5)) / 4
+    assert value(GapLoss(lam=0, cap=0.5)) - value(CrossEntropy()) == pytest.approx(raised, abs=1e-12)
+    # The gap compares the mean top-label confidence with the batch accuracy, 2/4.
+    mean_confidence = np.mean([max(softmax(row)) for row in LOGITS])
+    assert float(GapLoss(lam=1).penalty(z, y)) == pytest.approx(abs(mean_confidence - 0.5), abs=1e-12)
 
 
 @pytest.mark.parametrize(
     ("loss", "expected"),
     [
-        (CrossEntropy(), ref_ce),
-        (GapLoss(lam=10), lambda: ref_ce() + 10 * ref_gap_term()),
-        (GapLoss(lam=10, cap=0.5), lambda: ref_capped_ce(0.5) + 10 * ref_gap_term()),
+        (GapLoss(lam=2.5), lambda: ref_ce() + 2.5 * ref_gap_term()),
         (GapLoss(lam=2.5, cap=0.9), lambda: ref_capped_ce(0.9) + 2.5 * ref_gap_term()),
-        (NonTargetSmoothing(lam=0.5), lambda: ref_ce() + 0.5 * ref_nts()),
-        (EntropyRegularized(lam=0.1), lambda: ref_ce() + 0.1 * ref_neg_entropy()),
-        (LabelSmoothing(alpha=0.05), lambda: ref_label_smoothing(0.05)),
+        (NonTargetSmoothing(lam=2), lambda: ref_ce() + 2 * ref_nts()),
+        (EntropyRegularized(lam=1), lambda: ref_ce() + ref_neg_entropy()),
         (LabelSmoothing(alpha=0.3), lambda: ref_label_smoothing(0.3)),
+        (FocalLoss(gamma=1), lambda: ref_focal(lambda p: 1.0)),
+        (FocalLoss(gamma=0.5), lambda: ref_focal(lambda p: 0.5)),
+        (FocalLoss(gamma_schedule="sd53"), lambda: ref_focal(sd53)),
     ],
-    ids=["ce", "gap", "gap_cap", "gap_cap_0.9", "nts", "erl", "ls_0.05", "ls_0.3"],
+    ids=["gap_2.5", "gap_cap_0.9", "nts_2", "erl_1", "ls_0.3", "focal_1", "focal_0.5", "flsd_53"],
 )
-def test_loss_matches_design_formula(loss, expected):
+def test_loss_matches_its_formula_away_from_the_defaults(loss, expected):
     assert value(loss) == pytest.approx(expected(), abs=1e-10, rel=0)
 
 
@@ -105,6 +163,7 @@ def test_penalised_losses_equal_their_base_with_lam_zero():
     assert value(NonTargetSmoothing(lam=0)) == ce
     assert value(EntropyRegularized(lam=0)) == ce
     assert value(LabelSmoothing(alpha=0)) == ce
+    assert value(FocalLoss(gamma=0)) == ce
     assert value(GapLoss(lam=0, cap=0.5)) == pytest.approx(ref_capped_ce(0.5), abs=1e-12)
 
 
@@ -173,3 +232,48 @@ def test_lam_warmup_ramps_linearly():
 def test_bad_hyperparameters_are_refused(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_focal_gamma_zero_is_cross_entropy_exactly():
+    z = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 10
+    assert torch.equal(FocalLoss(gamma=0)(z, y), F.cross_entropy(z, y))
+
+
+@pytest.mark.parametrize(("p_y", "gamma"), [(0.2 - 1e-9, 5.0), (0.2, 3.0), (0.2 + 1e-9, 3.0), (0.05, 5.0), (0.9, 3.0)])
+def test_flsd_53_switches_gamma_at_p_y_0_2(p_y, gamma):
+    # Two classes, logits (log(p/(1−p)), 0): the first class has probability p.
+    z = torch.tensor([[math.log(p_y / (1 - p_y)), 0.0]], dtype=torch.float64)
+    y = torch.tensor([0])
+    expected = -((1 - p_y) ** gamma) * math.log(p_y)
+    assert float(FocalLoss(gamma_schedule="sd53")(z, y)) == pytest.approx(expected, rel=1e-9)
+    assert float(FocalLoss(gamma=gamma)(z, y)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_focal_gradient_flows_through_the_weight():
+    """The gradient is that of −(1 − p_y)^γ log p_y as a whole, weight included."""
+    z = torch.tensor(LOGITS, requires_grad=True)
+    y = torch.tensor(LABELS)
+    FocalLoss(gamma=3)(z, y).backward()
+    direct = torch.tensor(LOGITS, requires_grad=True)
+    p_y = torch.softmax(direct, dim=1).gather(1, y[:, None]).squeeze(1)
+    (-((1 - p_y) ** 3) * torch.log(p_y)).mean().backward()
+    torch.testing.assert_close(z.grad, direct.grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("build", [lambda: FocalLoss(gamma=0.5), lambda: FocalLoss(gamma_schedule="sd53")])
+def test_focal_is_finite_where_p_y_rounds_to_one(build):
+    # float32 rounds p_y to exactly 1 here; (1 − p_y)^0.5 would have an infinite derivative.
+    z = torch.tensor([[30.0, 0.0, -1.0], [0.0, 40.0, 0.0]], requires_grad=True)
+    loss = build()(z, torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"gamma": -0.5}, "loss.gamma must be >= 0"), ({"gamma_schedule": "sd35"}, "loss.gamma_schedule='sd35'")],
+)
+def test_focal_refuses_bad_hyperparameters_naming_the_key(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        FocalLoss(**kwargs)

@@ -73,7 +73,16 @@ def test_multiples_of_bin_width_land_in_the_bin_they_close(n_bins: int) -> None:
     m = np.arange(n_bins + 1)
     # m / M goes to bin m (0-based m - 1); 0 goes to the first bin.
     expected = np.maximum(m - 1, 0)
-    np.testing.assert_array_equal(metrics._equal_width_index(m / n_bins, n_bins), expected)
+    np.testing.assert_array_equal(metrics.equal_width_index(m / n_bins, n_bins), expected)
+
+
+def test_equal_width_bins_of_any_score_by_hand() -> None:
+    # The public helper histogram binning uses: scores need not be top-label confidences.
+    # M = 4: 0 and .25 in bin 1, .3 in bin 2, bin 3 empty, 1.0 in bin 4.
+    bins = metrics.equal_width_bins(np.array([0.0, 0.25, 0.3, 1.0]), np.array([1.0, 0.0, 1.0, 1.0]), 4)
+    assert bins.count.tolist() == [2, 1, 0, 1]
+    np.testing.assert_allclose(bins.conf, [0.125, 0.3, np.nan, 1.0])
+    np.testing.assert_allclose(bins.acc, [0.5, 1.0, np.nan, 1.0])
 
 
 def test_hand_case_edges_and_empty_bin() -> None:

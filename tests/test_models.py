@@ -10,11 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torchvision.models import ResNet18_Weights
 from torchvision.models import resnet18 as tv_resnet18
 
+from calibrun.cli import config_dir
 from calibrun.models import ZeroPadShortcut, cifar_resnet, resnet18
+
+# Every model a user can pick: the YAML files of conf/model.
+MODEL_NAMES = sorted(p.stem for p in (Path(config_dir()) / "model").glob("*.yaml"))
 
 
 def n_params(model: nn.Module) -> int:
@@ -105,10 +110,10 @@ def test_channels_last_matches_contiguous(shortcut: str) -> None:
     assert all(layouts)
 
 
-@pytest.mark.parametrize("build", [lambda: cifar_resnet(10, depth=20), lambda: resnet18(10)],
-                         ids=["resnet20", "resnet18"])
-def test_trains_under_autocast_and_channels_last(build) -> None:
-    model = build().to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_trains_under_autocast_and_channels_last(compose_cfg, name: str) -> None:
+    """Each configured model, as the CUDA path runs it (bf16 autocast, channels_last)."""
+    model = instantiate(compose_cfg([f"model={name}", "data=cifar10"]).model).to(memory_format=torch.channels_last)
     # 16x16 keeps bf16 on the CPU fast; the stride-2 stages still see even sizes.
     x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):

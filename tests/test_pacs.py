@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 from calibrun import UserError
 from calibrun.data import PACS, color_jitter, jigen_augment, random_crop_boxes, resized_crop
-from calibrun.train import validate
+from calibrun.config import validate
 
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
 IMAGE_SIZE = 32  # stored at round(32 * 227/222) = 33
@@ -92,6 +92,14 @@ def test_random_split_needs_only_the_image_folders(mini_copy, tmp_path):
     assert len(splits["test"]) == 10 and len(splits["train"]) + len(splits["val"]) == 30
     with pytest.raises(UserError, match=r"art_painting_train_kfold.txt is missing.*data.split=random"):
         make(mini_copy, tmp_path, target="sketch").splits()
+
+
+def test_random_split_names_a_class_folder_pacs_does_not_have(mini_copy, tmp_path):
+    for f in mini_copy.glob("*.txt"):
+        f.unlink()
+    (mini_copy / "kfold" / "cartoon" / "cat").mkdir()
+    with pytest.raises(UserError, match=r"kfold/cartoon has class folders that are not PACS classes: \['cat'\]"):
+        make(mini_copy, tmp_path, split="random").splits()
 
 
 def test_subsets_are_stratified_subsets_of_their_split(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from calibrun import plots
-from calibrun.plots import confidence_histogram, reliability_diagram, reliability_grid
+from calibrun.plots import Curve, confidence_histogram, curves_against, reliability_diagram, reliability_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -175,3 +175,41 @@ def test_reliability_grid_writes_png(tmp_path: Path) -> None:
     assert 0.7 < image.shape[0] / image.shape[1] < 1.4
     with pytest.raises(ValueError):
         reliability_grid([], tmp_path / "none.png")
+
+
+def make_curves() -> list[Curve]:
+    return [Curve("ce, none", [0.0, 1.0, 10.0], [0.10, 0.05, 0.02], [0.01, 0.0, 0.005]),
+            Curve("gap_cap, none", [0.0, 10.0], [0.2, 0.1], [0.0, 0.02])]
+
+
+def test_curves_against_draws_the_given_numbers(tmp_path: Path, monkeypatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    curves = make_curves()
+    curves_against({"ece": curves, "accuracy": curves[:1]}, tmp_path / "c.png", x_name="λ", xlabel="λ (loss.lam)")
+    ece_ax, acc_ax = figures[0].axes
+    assert [ax.get_ylabel() for ax in (ece_ax, acc_ax)] == ["ece", "accuracy"]
+    assert ece_ax.get_title() == "ece against λ" and ece_ax.get_xlabel() == "λ (loss.lam)"
+    assert ece_ax.get_xscale() == "symlog"
+    assert len(ece_ax.containers) == 2 and len(acc_ax.containers) == 1
+    for container, curve in zip(ece_ax.containers, curves):
+        data_line, _, (bars,) = container
+        np.testing.assert_allclose(np.asarray(data_line.get_xdata(), dtype=float), curve.x)
+        np.testing.assert_allclose(np.asarray(data_line.get_ydata(), dtype=float), curve.y)
+        # Each error bar spans y - yerr to y + yerr.
+        spans = [(segment[0][1], segment[1][1]) for segment in bars.get_segments()]
+        np.testing.assert_allclose(spans, [(y - e, y + e) for y, e in zip(curve.y, curve.yerr)])
+    assert [t.get_text() for t in ece_ax.get_legend().get_texts()] == ["ce, none", "gap_cap, none"]
+    # One legend for the figure: the panels share their curves.
+    assert acc_ax.get_legend() is None
+
+
+def test_curves_against_writes_png(tmp_path: Path) -> None:
+    path = tmp_path / "report" / "ece_vs_lam.png"
+    curves_against({"ece": make_curves(), "accuracy": make_curves()}, path, x_name="λ", xlabel="λ")
+    image = read_png(path)
+    # Two panels side by side: wider than tall.
+    assert image.shape[1] > 1.8 * image.shape[0]
+    assert no_temp_files(path.parent) and plt.get_fignums() == []
+    with pytest.raises(ValueError, match="panel"):
+        curves_against({}, tmp_path / "none.png", x_name="λ", xlabel="λ")

@@ -6,9 +6,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import FAST
 
-from calibrun.report import write_report
+from calibrun import UserError
+from calibrun.config import NON_EXPERIMENT_KEYS
+from calibrun.metrics import METRIC_NAMES
+from calibrun.report import aggregate, collect, lam_curves, write_report
 
 SWEEP = ["-m", "loss=gap_cap", "loss.lam=0,1,10", "seed=0,1", *FAST, "trainer.epochs=1",
          "calibrator=[temperature]", "run_name=sweep"]
@@ -88,3 +92,62 @@ def test_pooled_bins_keep_every_sample(tmp_path):
     assert pooled["count"].tolist() == [40, 40]
     assert pooled["acc"].iloc[0] == pytest.approx((10 * .2 + 30 * .6) / 40)
     assert np.isclose(ece, 0.1) and title == "loss=ce"
+
+
+def _set(config: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        config = config.setdefault(key, {})
+    config[leaf] = value
+
+
+def fake_run(folder, config: dict, ece: float) -> None:
+    """A finished run folder as calibrun-report reads it: .hydra/, config.yaml, DONE, metrics.csv."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "DONE").write_text("")
+    rows = [{"split": split, "calibrator": "none", **dict.fromkeys(METRIC_NAMES, 0.5), "ece": ece, "n": 10}
+            for split in ("val", "test")]
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+
+
+def test_runs_differing_only_in_non_experiment_keys_seed_and_calibrators_form_one_group(tmp_path):
+    for i, ece in enumerate((0.1, 0.2, 0.3)):
+        config = {"seed": i, "loss": {"_target_": "calibrun.losses.GapCap", "lam": 1.0}, "trainer": {"epochs": 2},
+                  "calibrator": {"histogram": {"_target_": "calibrun.calibrators.HistogramBinning", "n_bins": 5 + i}}}
+        for key in NON_EXPERIMENT_KEYS:
+            _set(config, key, f"value-{i}")
+        fake_run(tmp_path / f"lam1_seed{i}", config, ece)
+    config["loss"]["lam"] = 10.0
+    fake_run(tmp_path / "lam10", config, 0.5)
+
+    metrics, runs, keys = collect([tmp_path])
+    assert keys == ["loss.lam"]
+    summary = aggregate(metrics, keys).set_index("loss.lam")
+    assert summary.loc[1.0, "n"] == 3 and summary.loc[10.0, "n"] == 1
+    assert summary.loc[1.0, "ece_mean"] == pytest.approx(0.2)
+    assert summary.loc[1.0, "ece_std"] == pytest.approx(0.1)  # sample std of .1, .2, .3
+    assert summary.loc[10.0, "ece_mean"] == pytest.approx(0.5)
+
+
+def test_lam_curves_sort_numerically_and_keep_single_seed_points():
+    summary = pd.DataFrame({
+        "loss": ["gap_cap"] * 3 + ["nts"],
+        "loss.lam": ["10", "0.5", "2", "0.5"],  # sorted as text: 0.5, 10, 2
+        "calibrator": "none",
+        "ece_mean": [0.3, 0.1, 0.2, 0.4],
+        "ece_std": [0.03, np.nan, 0.02, np.nan],
+    })
+    gap_cap, nts = lam_curves(summary, ["loss", "loss.lam"], "ece")
+    assert gap_cap.label == "gap_cap, none" and nts.label == "nts, none"
+    np.testing.assert_allclose(gap_cap.x, [0.5, 2.0, 10.0])
+    np.testing.assert_allclose(gap_cap.y, [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(gap_cap.yerr, [0.0, 0.02, 0.03])
+    np.testing.assert_allclose(nts.x, [0.5])
+
+
+@pytest.mark.parametrize(("option", "kwargs"), [("--table-metrics", {"table_metrics": ["ece", "ecee"]}),
+                                                ("--metric", {"metric": "ecee"})])
+def test_unknown_metric_names_the_option(tmp_path, option, kwargs):
+    with pytest.raises(UserError, match=f"'ecee' in {option}"):
+        write_report([tmp_path], tmp_path / "out", **kwargs)

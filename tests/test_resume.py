@@ -1,15 +1,24 @@
 """Interrupted runs: SIGTERM saves a checkpoint, and resuming gives the same result."""
 
 import json
+import logging
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import FAST
+import torch
+from conftest import CIFAR_SAMPLE, FAST
+
+from calibrun import UserError, train
+from calibrun.train import Interrupted
 
 ARGS = [*FAST, "trainer.epochs=4", "trainer.deterministic=true", "trainer.batch_size=32", "calibrator=[temperature]"]
 
@@ -52,3 +61,86 @@ def test_best_val_selection_evaluates_the_best_epoch(run_cli, tmp_path):
     assert f"Evaluating the weights of epoch {best_epoch}" in proc.stdout + proc.stderr
     val = pd.read_csv(run_dir / "metrics.csv").query("split == 'val' and calibrator == 'none'").iloc[0]
     assert val.accuracy == pytest.approx(history.val_acc.max())
+
+
+# --------------------------------------------------------------------------- in-process resumes
+
+
+def run_interrupted(cfg, run_dir):
+    """Run in this process and send it SIGTERM once the first epoch is in history.csv:
+    the loop checkpoints mid-epoch and raises Interrupted."""
+    history = run_dir / "history.csv"
+
+    def watch():
+        deadline = time.time() + 300
+        while not history.exists() and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # A no-op handler underneath calibrun's: a signal that came too late cannot kill pytest.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Thread(target=watch, daemon=True).start()
+        with pytest.raises(Interrupted):
+            train.run(cfg, run_dir)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["partial"] is not None or state["epoch"] >= 1
+
+
+def logits_of(run_dir):
+    with np.load(run_dir / "logits" / "test.npz") as f:
+        return f["logits"]
+
+
+def test_mixup_resumed_mid_epoch_equals_an_uninterrupted_run(compose_cfg, tmp_path, caplog):
+    """Mixup draws its mixing weights and partners from torch's RNG: the checkpoint must
+    carry every RNG stream for the resumed run to be the run it replaces."""
+    args = [*ARGS, "loss=mixup", "trainer.epochs=3"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train.run(compose_cfg(args), straight)
+    run_interrupted(compose_cfg(args), cut)
+    caplog.set_level(logging.INFO, logger="calibrun")
+    train.run(compose_cfg(args), cut)
+    assert "Resuming from" in caplog.text
+    np.testing.assert_array_equal(logits_of(cut), logits_of(straight))
+    pd.testing.assert_frame_equal(pd.read_csv(cut / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))
+
+
+def test_resume_follows_the_data_to_a_new_root_but_not_a_new_lr(compose_cfg, tmp_path, caplog):
+    """data.root does not change the experiment: a run resumes after its data moves to
+    a copy. trainer.lr does: resuming with another is refused."""
+    old_root, new_root = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(CIFAR_SAMPLE, old_root)
+    args = ["data=cifar10_sample", f"data.cache_dir={tmp_path / 'cache'}", "data.train_subset=300",
+            "data.val_size=100", "data.test_subset=100", "model.depth=8", "trainer=quick", "trainer.epochs=3",
+            "trainer.batch_size=50", "trainer.progress=false", "calibrator=[temperature]"]
+    run_dir = tmp_path / "run"
+    run_interrupted(compose_cfg([*args, f"data.root={old_root}"]), run_dir)
+    with pytest.raises(UserError, match="Refusing to resume"):
+        train.run(compose_cfg([*args, f"data.root={old_root}", "trainer.lr=0.01"]), run_dir)
+    shutil.move(old_root, new_root)
+    caplog.set_level(logging.INFO, logger="calibrun")
+    train.run(compose_cfg([*args, f"data.root={new_root}"]), run_dir)
+    assert "Resuming from" in caplog.text and (run_dir / "DONE").is_file()
+    assert len(pd.read_csv(run_dir / "history.csv")) == 3
+
+
+def test_rng_state_restores_every_stream_the_loop_draws_from():
+    state = train.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    train.set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+@pytest.mark.gpu
+def test_rng_state_holds_and_restores_the_cuda_generators():
+    """On a GPU, mixup draws its partners from the CUDA generator."""
+    torch.cuda.init()
+    state = train.rng_state()
+    assert "cuda" in state
+    first = torch.randperm(1000, device="cuda")
+    train.set_rng_state(state)
+    assert torch.equal(torch.randperm(1000, device="cuda"), first)

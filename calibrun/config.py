@@ -1,0 +1,225 @@
+"""Everything about the config object: the schemas, validation, and which keys make two
+runs different experiments.
+
+``validate`` checks a composed Hydra config before any work: the trainer and metrics
+have dataclass schemas, every component node (``data``, ``model``, ``loss``,
+``optimizer``, ``scheduler``, each calibrator) gets a schema derived from the signature
+of its ``_target_``, so a new component needs no schema of its own (docs/design.md §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import inspect
+import json
+import types
+import typing
+from typing import Any, List, Optional
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from calibrun import UserError
+
+# Config keys that never make two runs different experiments: changing one neither
+# refuses a resume, nor names a new sweep folder, nor splits a report group. The
+# override_dirname exclude list in conf/config.yaml must hold these (a test checks it).
+NON_EXPERIMENT_KEYS = (
+    "run_name", "data.root", "data.cache_dir", "data.download",
+    "trainer.device", "trainer.progress", "trainer.checkpoint_every",
+)
+# Component nodes built with hydra.utils.instantiate, each checked against its _target_.
+COMPONENTS = ("data", "model", "loss", "optimizer", "scheduler")
+
+
+class Schedule(str, enum.Enum):
+    multistep = "multistep"
+    cosine = "cosine"
+
+
+class Select(str, enum.Enum):
+    """Which weights are evaluated: the last epoch's, or the best validation accuracy's."""
+
+    last = "last"
+    best_val = "best_val"
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Schema of ``conf/trainer/*.yaml``; the values live in the YAML files."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    weight_decay: float = MISSING
+    schedule: Schedule = MISSING
+    # Fractions of the run after which the learning rate is multiplied by gamma
+    # (multistep), so that shortening a run keeps the shape of its schedule.
+    milestones: List[float] = MISSING
+    gamma: float = MISSING
+    warmup_epochs: float = MISSING
+    device: str = MISSING
+    amp: bool = MISSING
+    channels_last: bool = MISSING
+    compile: bool = MISSING
+    deterministic: bool = MISSING
+    checkpoint_every: int = MISSING
+    select: Select = MISSING
+    progress: bool = MISSING
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    n_bins: int = MISSING
+
+
+def _schema_type(hint: Any) -> Any:
+    """Map a parameter annotation onto a type OmegaConf can enforce."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and type(None) in args:
+            return Optional[_schema_type(rest[0])]
+        return Any
+    if hint in (int, float, bool, str) or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        return hint
+    if typing.get_origin(hint) in (list, List) and args and args[0] in (int, float, bool, str):
+        return List[args[0]]
+    return Any
+
+
+def component_schema(node: DictConfig, key: str) -> type:
+    """A structured-config schema derived from the signature of ``node._target_``.
+
+    Each parameter becomes a typed field with the parameter's default, so the schema
+    can never drift from the code: a new loss or calibrator needs no schema of its own.
+    A ``_partial_: true`` node (an optimizer, say) leaves out the required parameters it
+    does not set: the code that calls the partial supplies them (the model's parameters).
+    """
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise UserError(f"Config '{key}' needs a _target_ naming the class or function to build.")
+    try:
+        obj = get_object(target)
+    except Exception as err:
+        raise UserError(f"{key}._target_={target!r} cannot be imported: {err}") from None
+    partial = bool(node.get("_partial_", False))
+    hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target))]
+    if partial:
+        fields.append(("_partial_", bool, dataclasses.field(default=True)))
+    for name, param in inspect.signature(obj).parameters.items():
+        required = param.default is inspect.Parameter.empty
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or (partial and required and name not in node):
+            continue
+        default = MISSING if required else param.default
+        field = (dataclasses.field(default_factory=lambda d=default: d) if isinstance(default, (list, dict))
+                 else dataclasses.field(default=default))
+        fields.append((name, _schema_type(hints.get(name, Any)), field))
+    return dataclasses.make_dataclass(f"{key.replace('.', '_')}_schema", fields)
+
+
+def _schema_field(name: str, node: Any, key: str) -> tuple[str, type, Any]:
+    schema = component_schema(OmegaConf.create(node or {}), key)
+    return name, schema, dataclasses.field(default_factory=schema)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Resolve ``cfg`` and check it against the schemas; raise UserError naming the key.
+
+    Runs before any work: an unknown key, a wrong type or a missing value stops the run.
+    """
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"Config cannot be resolved: {first_line(err)} (key: {getattr(err, 'full_key', '?')}).") from None
+    calibrators = raw.get("calibrator") or {}
+    calibrator_schema = dataclasses.make_dataclass(
+        "calibrator_schema",
+        [_schema_field(name, node, f"calibrator.{name}") for name, node in calibrators.items()],
+    )
+    schema = dataclasses.make_dataclass(
+        "calibrun_config",
+        [
+            ("seed", int, dataclasses.field(default=MISSING)),
+            ("run_name", str, dataclasses.field(default=MISSING)),
+            ("metrics", MetricsConfig, dataclasses.field(default_factory=MetricsConfig)),
+            *(_schema_field(key, raw.get(key), key) for key in COMPONENTS),
+            ("calibrator", calibrator_schema, dataclasses.field(default_factory=calibrator_schema)),
+            ("trainer", TrainerConfig, dataclasses.field(default_factory=TrainerConfig)),
+        ],
+    )
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, raw)
+        missing = sorted(OmegaConf.missing_keys(merged))
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        parent = key.rpartition(".")[0]
+        allowed = ", ".join(k for k in OmegaConf.select(base, parent).keys() if k != "_target_") if parent else ", ".join(base.keys())
+        raise UserError(f"Unknown config key '{key}'. Allowed keys{f' under {parent!r}' if parent else ''}: {allowed}.") from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"Invalid value for '{err.full_key}': {first_line(err)}") from None
+    if missing:
+        raise UserError(f"Config values are missing for: {', '.join(missing)}.")
+    _check_trainer(merged.trainer)
+    if merged.metrics.n_bins < 1:
+        raise UserError(f"metrics.n_bins must be at least 1, got {merged.metrics.n_bins}.")
+    return merged
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _check_trainer(t: DictConfig) -> None:
+    rules = {
+        "epochs": t.epochs >= 1,
+        "batch_size": t.batch_size >= 1,
+        "eval_batch_size": t.eval_batch_size >= 1,
+        "lr": t.lr > 0,
+        "momentum": 0 <= t.momentum < 1,
+        "weight_decay": t.weight_decay >= 0,
+        "gamma": 0 < t.gamma <= 1,
+        "warmup_epochs": 0 <= t.warmup_epochs <= t.epochs,
+        "checkpoint_every": t.checkpoint_every >= 1,
+        "milestones": all(0 < m < 1 for m in t.milestones),
+        "device": t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),
+    }
+    allowed = {
+        "momentum": "in [0, 1)", "gamma": "in (0, 1]", "warmup_epochs": "between 0 and trainer.epochs",
+        "milestones": "fractions of the run in (0, 1)", "device": "auto, cpu, cuda, cuda:N or mps",
+        "weight_decay": ">= 0", "lr": "> 0",
+    }
+    for key, ok in rules.items():
+        if not ok:
+            raise UserError(f"Invalid value trainer.{key}={t[key]}: must be {allowed.get(key, '>= 1')}.")
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """A hash of the experiment: the resolved config without ``NON_EXPERIMENT_KEYS``.
+    A run resumes only from a checkpoint with the same fingerprint."""
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for dotted in NON_EXPERIMENT_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_component(node: DictConfig, key: str) -> Any:
+    """``hydra.utils.instantiate`` with the component's own complaint (a hyperparameter
+    out of range, say) turned into a one-line UserError naming the key."""
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        raise UserError(f"Cannot build {key} ({node._target_}): {err.__cause__ or err}") from None

@@ -1,0 +1,118 @@
+"""CIFAR-10/100, from torchvision's official release or from an image folder."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from calibrun import UserError
+from calibrun.data.base import CropFlipDataset
+from calibrun.data.decode import cached_decode, default_cache_dir, list_images
+from calibrun.data.splits import Split, make_splits
+
+
+class CIFAR(CropFlipDataset):
+    """CIFAR-10/100 from torchvision's official release, or from an image folder.
+
+    ``format="torchvision"`` reads (and with ``download=True`` fetches, MD5-checked)
+    ``cifar-10-batches-py`` / ``cifar-100-python`` under ``root``. ``format="folder"``
+    reads ``root/train/<class>/*`` and ``root/test/<class>/*``; its decoded images are
+    cached as one uint8 tensor file under ``cache_dir`` (default ``root/.calibrun_cache``).
+
+    References: Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images".
+    """
+
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    crop_pad = 4
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        num_classes: int = 10,
+        root: str = "data",
+        format: str = "torchvision",
+        download: bool = True,
+        val_size: float = 5000,
+        split_seed: int = 0,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        expected = {"cifar10": 10, "cifar100": 100}
+        if name not in expected:
+            raise UserError(f"data.name={name!r} is not a CIFAR variant; allowed: cifar10, cifar100.")
+        if format not in ("torchvision", "folder"):
+            raise UserError(f"data.format={format!r} is not supported; allowed: torchvision, folder.")
+        if format == "torchvision" and num_classes != expected[name]:
+            raise UserError(f"data.num_classes={num_classes} but {name} has {expected[name]} classes.")
+        self.name, self.num_classes, self.root, self.format = name, num_classes, Path(root), format
+        self.download, self.val_size, self.split_seed = download, val_size, split_seed
+        self.train_subset, self.test_subset = train_subset, test_subset
+        self.cache_dir = default_cache_dir(self.root, cache_dir)
+
+    def splits(self) -> dict[str, Split]:
+        """A stratified val hold-out of the training set, the official test set, and the subsets."""
+        loaded = self._load_torchvision() if self.format == "torchvision" else self._load_folder()
+        return make_splits(*loaded, self.val_size, self.split_seed, self.train_subset, self.test_subset)
+
+    def _load_torchvision(self) -> tuple[torch.Tensor, ...]:
+        """(train images, train labels, test images, test labels) of the official release."""
+        import torchvision.datasets as tvd
+
+        dataset_cls = tvd.CIFAR10 if self.name == "cifar10" else tvd.CIFAR100
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.root / f".{self.name}.lock")):
+                train = dataset_cls(str(self.root), train=True, download=self.download)
+                test = dataset_cls(str(self.root), train=False, download=False)
+        except (RuntimeError, OSError, urllib.error.URLError) as err:
+            raise UserError(self._missing_message(dataset_cls, err)) from None
+        # torchvision keeps CIFAR decoded as uint8 N×H×W×C already: a transpose is all
+        # the "decoding" there is, so no extra cache file is written.
+        return (
+            torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(train.targets, dtype=torch.long),
+            torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(test.targets, dtype=torch.long),
+        )
+
+    def _missing_message(self, dataset_cls: type, err: BaseException) -> str:
+        """What to download and where to put it, when the official release is missing."""
+        root = self.root.resolve()
+        folder = root / dataset_cls.base_folder
+        reason = f"the download failed ({err})" if self.download else "data.download=false"
+        return (
+            f"{self.name.upper()} was not found in {folder} and {reason}. "
+            f"Either run with network access and data.download=true, which fetches "
+            f"{dataset_cls.url} into {root} and checks its MD5; or download that archive "
+            f"yourself, put it in {root} and run once with data.download=true to check and "
+            f"extract it (no network needed then); or point data.root (or the CALIBRUN_DATA "
+            f"environment variable) at a folder that already holds {dataset_cls.base_folder}. "
+            f"Images in class folders work too: data.format=folder with "
+            f"data.root/train/<class>/* and data.root/test/<class>/*."
+        )
+
+    def _load_folder(self) -> tuple[torch.Tensor, ...]:
+        """(train images, train labels, test images, test labels) of ``root/{train,test}/<class>/*``;
+        the classes are the training folder's sub-folders, sorted."""
+        train_dir, test_dir = self.root / "train", self.root / "test"
+        for d in (train_dir, test_dir):
+            if not d.is_dir():
+                raise UserError(
+                    f"data.format=folder expects {d.resolve()} with one sub-folder per class "
+                    f"(data.root/train/<class>/*, data.root/test/<class>/*)."
+                )
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        if len(classes) != self.num_classes:
+            raise UserError(
+                f"{train_dir.resolve()} has {len(classes)} class folders but data.num_classes={self.num_classes}."
+            )
+        files = {
+            split: list_images(self.root / split, classes, unknown_classes="not in the training set")
+            for split in ("train", "test")
+        }
+        return cached_decode(files, self.cache_dir)

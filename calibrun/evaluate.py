@@ -1,0 +1,234 @@
+"""Per-run evaluation from saved logits (docs/design.md §7), and ``calibrun-calibrate``'s refit.
+
+``calibrate_and_report`` is the one place where calibrators, metrics and plots meet: it
+reads ``logits/{val,test}.npz``, fits every calibrator on ``val``, evaluates ``none``
+and each calibrator on both splits, and writes ``metrics.csv``, ``metrics.md``,
+``bins.csv`` and ``figures/``. It needs no model and no data. Training calls it at the
+end of a run; :func:`recalibrate` calls it again on a finished run, starting from the
+run's own calibrator settings, and records what it did in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from calibrun import UserError
+from calibrun._io import atomic_write_text
+from calibrun.calibrators import Calibrator, Uncalibrated
+from calibrun.config import build_component, first_line, validate
+from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate
+from calibrun.plots import confidence_histogram, reliability_diagram
+
+METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n"]
+BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
+# One JSON object per calibrun-calibrate call, appended in the run folder.
+CALIBRATION_LOG = "calibrations.jsonl"
+OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.n_bins=M"
+
+
+# --------------------------------------------------------------------------- tables and figures
+
+
+def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The logits and labels saved in ``path`` (``logits/<split>.npz``)."""
+    try:
+        with np.load(path) as f:
+            return f["logits"], f["labels"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"Cannot read logits from {path}: {err}") from None
+
+
+def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15) -> pd.DataFrame:
+    """Fit each calibrator on the val logits, evaluate on val and test, write the tables.
+
+    ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
+    calibrators are in-sample; the test rows are the ones to compare. Rows and bins of
+    calibrators already in the run's tables but not given here are kept, so a refit
+    of a subset (``calibrun-calibrate``) does not erase the others. Returns the table.
+    """
+    splits = {split: load_logits(run_dir / "logits" / f"{split}.npz") for split in ("val", "test")}
+    rows, bins = [], []
+    for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
+        calibrator.fit(*splits["val"])
+        for split, (z, y) in splits.items():
+            probs = calibrator.predict_proba(z)
+            scores = evaluate(probs, y, n_bins)
+            rows.append({"split": split, "calibrator": name, **scores})
+            if split == "test":
+                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scores, n_bins))
+    table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
+    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]))
+    return table
+
+
+def _test_bins_and_figures(figures: Path, name: str, probs: np.ndarray, labels: np.ndarray,
+                           scores: dict[str, float], n_bins: int) -> pd.DataFrame:
+    """The test-set reliability bins of calibrator ``name``; draws its reliability diagram
+    (and for ``none`` the confidence histogram) from the same numbers on the way."""
+    stats = bin_stats(probs, labels, n_bins)
+    reliability_diagram(stats, figures / f"reliability_{name}.png", title=f"{name} (test)",
+                        ece=scores["ece"], mce=scores["mce"])
+    if name == "none":
+        conf = probs.max(axis=1)
+        confidence_histogram(conf, figures / "confidence_hist.png", accuracy=scores["accuracy"],
+                             mean_confidence=float(conf.mean()), n_bins=n_bins, title="uncalibrated (test)")
+    return stats.assign(calibrator=name)
+
+
+def _read_run_table(path: Path) -> pd.DataFrame | None:
+    """A run's ``metrics.csv`` or ``bins.csv``, None if it has none yet."""
+    if not path.exists():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise UserError(f"Cannot read {path}: {err}") from None
+    if "calibrator" not in table:
+        raise UserError(f"{path} has no 'calibrator' column; delete it to write a new one.")
+    return table
+
+
+def _keep_others(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` plus the rows of ``path`` whose calibrator ``new`` does not cover."""
+    old = _read_run_table(path)
+    if old is None:
+        return new.reset_index(drop=True)
+    return pd.concat([new, old[~old["calibrator"].isin(new["calibrator"])]], ignore_index=True)
+
+
+def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame) -> None:
+    """``metrics.csv``, ``metrics.md`` and ``bins.csv``, each written atomically."""
+    atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
+    atomic_write_text(run_dir / "metrics.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
+
+
+# --------------------------------------------------------------------------- calibrun-calibrate
+
+
+def build_calibrators(section: DictConfig) -> dict[str, Calibrator]:
+    """One calibrator per entry of a validated ``calibrator`` config section."""
+    return {name: build_component(node, f"calibrator.{name}") for name, node in section.items()}
+
+
+def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Refit the calibrators of a finished run from its saved logits (``calibrun-calibrate``).
+
+    Starts from the run's own ``calibrator`` and ``metrics.n_bins`` settings, applies
+    ``overrides`` (see :func:`refit_config`), rewrites the tables and figures, brings the
+    run's ``config.yaml`` in line with them and appends the refit to ``calibrations.jsonl``.
+    Returns the table and the calibrators refitted.
+    """
+    needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz",
+              run_dir / "logits" / "test.npz"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
+    run_cfg = _load_run_config(run_dir / "config.yaml")
+    metrics = _read_run_table(run_dir / "metrics.csv")
+    in_table = [] if metrics is None else [c for c in metrics["calibrator"].unique() if c != "none"]
+    cfg = refit_config(run_cfg, overrides, in_table, conf_dir)
+    table = calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), cfg.metrics.n_bins)
+    _record_refit(run_dir, run_cfg, cfg, overrides)
+    return table, list(cfg.calibrator)
+
+
+def _load_run_config(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise UserError(f"Cannot read {path}: {first_line(err)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"{path} does not hold a config mapping.")
+    return cfg
+
+
+def refit_config(run_cfg: DictConfig, overrides: list[str], in_table: list[str], conf_dir: Path) -> DictConfig:
+    """The validated config a refit uses: the run's ``calibrator`` and ``metrics`` settings
+    with ``overrides`` on top, the rest of it the default config (only these two sections
+    matter to a refit, and the default stays valid while old runs' configs may not).
+
+    ``calibrator=[a,b]`` picks the calibrators (default: the run's), each with the run's
+    settings when it has them, else ``conf/calibrator/<name>.yaml``'s. A ``metrics.n_bins``
+    that differs from the run's also refits ``in_table``, the calibrators already in the
+    table, so that no row keeps the old bins.
+    """
+    chosen, settings, n_bins = _parse_overrides(overrides)
+    run_section = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
+    run_bins = OmegaConf.select(run_cfg, "metrics.n_bins")
+    base = _compose_all_calibrators(conf_dir)
+    n_bins = next(n for n in (n_bins, run_bins, base.metrics.n_bins) if n is not None)
+    names = list(run_section) if chosen is None else list(dict.fromkeys(chosen))
+    if n_bins != run_bins:
+        names += [name for name in in_table if name not in names]
+    unknown = [name for name in names if name not in run_section and name not in base.calibrator]
+    if unknown:
+        known = ", ".join(sorted({*run_section, *base.calibrator}))
+        raise UserError(f"Unknown calibrator {', '.join(map(repr, unknown))} in calibrator=[...]; known: {known}.")
+    section = OmegaConf.create({name: run_section[name] if name in run_section else base.calibrator[name]
+                                for name in names})
+    for key, value in settings.items():
+        if key.split(".")[0] not in names:
+            raise UserError(f"Override calibrator.{key}: {key.split('.')[0]!r} is not among the calibrators "
+                            f"refitted ({', '.join(names) or 'none'}); add it to calibrator=[...].")
+        OmegaConf.update(section, key, value, merge=True)
+    raw = OmegaConf.to_container(base)
+    raw.update(calibrator=OmegaConf.to_container(section), metrics={**raw["metrics"], "n_bins": n_bins})
+    return validate(OmegaConf.create(raw))
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[list[str] | None, dict[str, object], object]:
+    """(the calibrators ``calibrator=[...]`` picks or None, the ``calibrator.<key>`` values
+    keyed below ``calibrator``, the ``metrics.n_bins`` value or None)."""
+    parser = OverridesParser.create()
+    chosen, settings, n_bins = None, {}, None
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except HydraException as err:
+            raise UserError(f"Cannot parse override {text!r}: {first_line(err)}") from None
+        key = override.key_or_group
+        if override.is_delete() or override.is_sweep_override() or override.package is not None:
+            raise UserError(f"calibrun-calibrate cannot apply {text!r}: it takes plain {OVERRIDE_HELP}.")
+        if key == "calibrator":
+            value = override.value()
+            chosen = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        elif key.startswith("calibrator."):
+            settings[key.removeprefix("calibrator.")] = override.value()
+        elif key == "metrics.n_bins":
+            n_bins = override.value()
+        else:
+            raise UserError(f"calibrun-calibrate cannot apply {text!r}: it takes only {OVERRIDE_HELP}.")
+    return chosen, settings, n_bins
+
+
+def _compose_all_calibrators(conf_dir: Path) -> DictConfig:
+    """The default config with every ``conf/calibrator/*.yaml`` selected."""
+    available = sorted(path.stem for path in (conf_dir / "calibrator").glob("*.yaml"))
+    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"calibrator=[{','.join(available)}]"])
+
+
+def _record_refit(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig, overrides: list[str]) -> None:
+    """Make ``config.yaml`` say what the tables were made with, and log the refit."""
+    refitted = OmegaConf.to_container(cfg.calibrator, resolve=True)
+    kept = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
+    run_cfg.calibrator = {**kept, **refitted}
+    OmegaConf.update(run_cfg, "metrics.n_bins", cfg.metrics.n_bins, merge=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides,
+             "refitted": list(refitted), "n_bins": cfg.metrics.n_bins, "calibrator": refitted}
+    with open(run_dir / CALIBRATION_LOG, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")

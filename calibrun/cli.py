@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError, samples
+from calibrun.config import first_line
 
 # ${calibrun.sample:cifar10} and ${calibrun.cache:cifar10} locate the image sets bundled
 # with the package and their decode cache (conf/data/*_sample.yaml).
@@ -41,18 +42,26 @@ def _calibrun(cfg: DictConfig) -> dict | None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if "root" in cfg.get("data", {}):
-        # Relative data roots mean "relative to where the user typed the command",
-        # whatever hydra.job.chdir says.
-        with open_dict(cfg):
-            cfg.data.root = hydra.utils.to_absolute_path(str(cfg.data.root))
     try:
+        _absolute_data_root(cfg)
         return train.run(cfg, run_dir)
     except UserError as err:
         log.error("%s", err)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise
         sys.exit(1)
+
+
+def _absolute_data_root(cfg: DictConfig) -> None:
+    """Relative data roots mean "relative to where the user typed the command", whatever
+    hydra.job.chdir says. Reading the root resolves it: a bad interpolation there (an
+    unknown ${calibrun.sample:...}, an unset ${oc.env:...}) is the user's to fix."""
+    try:
+        if "root" in cfg.get("data", {}):
+            with open_dict(cfg):
+                cfg.data.root = hydra.utils.to_absolute_path(str(cfg.data.root))
+    except OmegaConfBaseException as err:
+        raise UserError(f"data.root cannot be resolved: {first_line(err)}") from None
 
 
 def main() -> None:

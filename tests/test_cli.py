@@ -85,6 +85,13 @@ def test_missing_cifar_exits_1_with_instructions_and_no_traceback(run_cli, tmp_p
     assert status["state"] == "failed" and "not found" in status["error"]
 
 
+def test_unknown_bundled_sample_exits_1_naming_it(run_cli):
+    proc = run_cli(["data=cifar10_sample", "data.root=${calibrun.sample:nope}", "trainer.progress=false"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in output
+    assert "data.root cannot be resolved" in output and "no bundled sample 'nope'; it ships cifar10, pacs" in output
+
+
 def test_bad_config_exits_1_naming_the_key(run_cli_process):
     """In a process of its own, as a user meets it: exit status 1, one message, no traceback."""
     proc = run_cli_process(["+typo=1", "data=synthetic"])

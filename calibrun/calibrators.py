@@ -2,7 +2,8 @@
 
 Interface: ``fit(logits, labels) -> self`` and ``predict_proba(logits) -> probs`` with
 rows summing to 1. Logits and labels are numpy arrays (or anything ``np.asarray``
-takes); probabilities come back as float64 numpy arrays.
+takes); probabilities come back as float64 numpy arrays. ``params()`` returns the
+fitted parameters as a JSON-ready dict (the run folder's ``calibrators.json``).
 
 Two families share their machinery:
 
@@ -60,11 +61,16 @@ def _check_at_least_one(name: str, value: int) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}")
 
 
+def _require_fitted(owner: Calibrator, state: State | None) -> State:
+    """``state`` (a fitted parameter of ``owner``), or an error if ``fit`` has not run."""
+    if state is None:
+        raise RuntimeError(f"{type(owner).__name__} must be fitted first")
+    return state
+
+
 def _check_fitted(owner: Calibrator, per_class: Sized | None, z: torch.Tensor) -> None:
     """Refuse to predict before ``fit`` or on a different number of classes than fitted."""
-    if per_class is None:
-        raise RuntimeError(f"{type(owner).__name__} must be fitted before predict_proba")
-    if len(per_class) != z.shape[1]:
+    if len(_require_fitted(owner, per_class)) != z.shape[1]:
         raise ValueError(f"{type(owner).__name__} was fitted on {len(per_class)} classes, got logits with {z.shape[1]}")
 
 
@@ -110,12 +116,21 @@ def _log(q: np.ndarray) -> np.ndarray:
         return np.log(q)
 
 
+def _floats(values: torch.Tensor | np.ndarray) -> list:
+    """A tensor or array of any shape as nested lists of Python floats, for JSON."""
+    return np.asarray(values, dtype=np.float64).tolist()
+
+
 class Calibrator:
     """Base class. Logit transforms implement ``fit`` and ``_calibrated(z)`` on float64
     logits; calibrators that do not end in a softmax override ``predict_proba`` instead."""
 
     def fit(self, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
         return self
+
+    def params(self) -> dict:
+        """The fitted parameters as plain JSON values (floats and lists of floats); none here."""
+        return {}
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         return torch.softmax(self._calibrated(_as_logits(logits)), dim=1).numpy()
@@ -155,6 +170,10 @@ class TemperatureScaling(Calibrator):
         _fit_nll(self._calibrated, z, y, [self.log_temperature], self.max_iter)
         return self
 
+    def params(self) -> dict:
+        """``{"T": T}``."""
+        return {"T": self.temperature}
+
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.log_temperature.exp()
 
@@ -186,6 +205,10 @@ class VectorScaling(Calibrator):
         self.bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
         _fit_nll(self._calibrated, z, y, [self.scale, self.bias], self.max_iter)
         return self
+
+    def params(self) -> dict:
+        """``{"w": [w_1..w_K], "b": [b_1..b_K]}``."""
+        return {"w": _floats(_require_fitted(self, self.scale)), "b": _floats(self.bias)}
 
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         _check_fitted(self, self.scale, z)
@@ -246,6 +269,10 @@ class MatrixScaling(Calibrator):
         _fit_nll(self._calibrated, z, y, [self.weight, self.bias], self.max_iter, penalty)
         return self
 
+    def params(self) -> dict:
+        """``{"W": K×K rows, "b": [b_1..b_K]}``."""
+        return {"W": _floats(_require_fitted(self, self.weight)), "b": _floats(self.bias)}
+
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         _check_fitted(self, self.bias, z)
         # Rows of z are samples, so W z for every sample is z @ Wᵀ.
@@ -303,13 +330,23 @@ class _OneVsRest(Calibrator, ABC, Generic[State]):
 
 
 class PlattScaling(_OneVsRest[tuple[float, float]]):
-    """One-vs-rest Platt scaling on the logits: q_k = σ(a_k z_k + b_k), p_k = q_k / Σ_j q_j.
+    """One-vs-rest Platt scaling on each class's softmax log-odds:
+
+        s_k = log p_k − log(1 − p_k),   q_k = σ(a_k s_k + b_k),   p_k ← q_k / Σ_j q_j
+
+    with p = softmax(z), so s_k = z_k − log Σ_{j≠k} e^{z_j}, computed in that form so that
+    it stays exact when p_k is within rounding of 0 or 1. Why not the raw logit z_k: a
+    logit is only defined up to a shift shared by the whole row, so z_k alone says little
+    about p_k without the other logits; the one-dimensional sigmoid on z_k left a
+    74%-accurate CIFAR-10 ResNet-20 with a test ECE of 0.176 (0.038 uncalibrated), while
+    s_k carries exactly what the binning calibrators read from p_k. With a_k = 1, b_k = 0
+    the sigmoid gives back p_k, so the fit starts from the uncalibrated probabilities.
 
     Each (a_k, b_k) is a scikit-learn ``LogisticRegression`` of [y = k] on the single
-    feature z_k; ``per_class[k] = (a_k, b_k)``. ``C`` is scikit-learn's inverse L2
+    feature s_k; ``per_class[k] = (a_k, b_k)``. ``C`` is scikit-learn's inverse L2
     strength on a_k (the intercept is not penalised): the penalty a_k² / (2C) is set
     against a *sum* of log-losses over the validation set, so C = 1 is negligible with
-    thousands of samples, yet it keeps a_k finite when z_k separates class k perfectly,
+    thousands of samples, yet it keeps a_k finite when s_k separates class k perfectly,
     which happens for the easy classes of an accurate network.
 
     A class with only negatives (missing from the validation labels) or only positives
@@ -319,8 +356,10 @@ class PlattScaling(_OneVsRest[tuple[float, float]]):
     fall back to softmax here: σ > 0 and the renormalisation is done in log space.
 
     References: Platt 1999, "Probabilistic Outputs for Support Vector Machines and
-    Comparisons to Regularized Likelihood Methods"; Guo et al. 2017, "On Calibration of
-    Modern Neural Networks", §4.1 and §4.2 (one-vs-rest extension).
+    Comparisons to Regularized Likelihood Methods" (the sigmoid on a classifier's score);
+    Zadrozny & Elkan 2002, "Transforming Classifier Scores into Accurate Multiclass
+    Probability Estimates" (one-vs-rest, then normalise); Guo et al. 2017, "On
+    Calibration of Modern Neural Networks", §4.1 and §4.2 (one-vs-rest extension).
     """
 
     def __init__(self, C: float = 1.0) -> None:
@@ -329,8 +368,21 @@ class PlattScaling(_OneVsRest[tuple[float, float]]):
         super().__init__()
         self.C = C
 
+    def params(self) -> dict:
+        """``{"a": [a_1..a_K], "b": [b_1..b_K]}``."""
+        a, b = zip(*_require_fitted(self, self.per_class))
+        return {"a": list(a), "b": list(b)}
+
     def _scores(self, z: torch.Tensor) -> np.ndarray:
-        return z.numpy()
+        """The log-odds s_k = z_k − logsumexp_{j≠k} z_j of every class (N×K)."""
+        # One class at a time, masking its own logit: an N×K×K mask would not fit in
+        # memory for 10 000 samples of 100 classes.
+        log_odds = torch.empty_like(z)
+        for k in range(z.shape[1]):
+            others = z.clone()
+            others[:, k] = -torch.inf
+            log_odds[:, k] = z[:, k] - torch.logsumexp(others, dim=1)
+        return log_odds.numpy()
 
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> tuple[float, float]:
         n, positives = len(target), int(target.sum())
@@ -367,6 +419,11 @@ class HistogramBinning(_OneVsRest[np.ndarray]):
         super().__init__()
         self.n_bins = n_bins
 
+    def params(self) -> dict:
+        """``{"bin_edges": [0, 1/M, .., 1], "values": K rows of θ_k1..θ_kM}``."""
+        values = _require_fitted(self, self.per_class)
+        return {"bin_edges": _floats(np.arange(self.n_bins + 1) / self.n_bins), "values": _floats(values)}
+
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> np.ndarray:
         # The same binning code as the ECE, so a calibrated bin is an ECE bin.
         bins = equal_width_bins(score, target, self.n_bins)
@@ -391,6 +448,13 @@ class IsotonicCalibration(_OneVsRest[IsotonicRegression]):
     Multiclass Probability Estimates"; Guo et al. 2017, "On Calibration of Modern Neural
     Networks", §4.1 and §4.2 (one-vs-rest extension).
     """
+
+    def params(self) -> dict:
+        """``{"thresholds": K lists of p_k knots, "values": K lists of g_k at those knots}``;
+        g_k interpolates linearly between knots and is constant beyond the end ones."""
+        fitted = _require_fitted(self, self.per_class)
+        return {"thresholds": [_floats(g.X_thresholds_) for g in fitted],
+                "values": [_floats(g.y_thresholds_) for g in fitted]}
 
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> IsotonicRegression:
         return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(score, target)

@@ -116,6 +116,7 @@ def report(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid-name", default="reliability_grid.png")
     parser.add_argument("--table-metrics", default="accuracy,ece,mce,nll,brier")
     parser.add_argument("--pivot", help="config key spread across the columns, e.g. data.target")
+    parser.add_argument("--caption", help="text written under the table's title, e.g. the setting it was run in")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or args.dirs[0]
@@ -124,7 +125,7 @@ def report(argv: list[str] | None = None) -> None:
             args.dirs, out, metric=args.metric, name=args.name,
             calibrators=args.calibrators.split(",") if args.calibrators else None, paper=args.paper,
             grid_calibrator=args.grid_calibrator, grid_name=args.grid_name,
-            table_metrics=args.table_metrics.split(","), pivot=args.pivot,
+            table_metrics=args.table_metrics.split(","), pivot=args.pivot, caption=args.caption,
         )
     except UserError as err:
         log.error("%s", err)

@@ -3,9 +3,10 @@
 ``calibrate_and_report`` is the one place where calibrators, metrics and plots meet: it
 reads ``logits/{val,test}.npz``, fits every calibrator on ``val``, evaluates ``none``
 and each calibrator on both splits, and writes ``metrics.csv``, ``metrics.md``,
-``bins.csv`` and ``figures/``. It needs no model and no data. Training calls it at the
-end of a run; :func:`recalibrate` calls it again on a finished run, starting from the
-run's own calibrator settings, and records what it did in the run folder.
+``bins.csv``, ``calibrators.json`` (the fitted parameters) and ``figures/``. It needs
+no model and no data. Training calls it at the end of a run; :func:`recalibrate` calls
+it again on a finished run, starting from the run's own calibrator settings, and
+records what it did in the run folder.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n"]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
 # One JSON object per calibrun-calibrate call, appended in the run folder.
 CALIBRATION_LOG = "calibrations.jsonl"
+# The fitted parameters of each calibrator, keyed by its name (Calibrator.params()).
+CALIBRATOR_PARAMS = "calibrators.json"
 OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.n_bins=M"
 
 
@@ -51,17 +54,18 @@ def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15) -> pd.DataFrame:
-    """Fit each calibrator on the val logits, evaluate on val and test, write the tables.
+    """Fit each calibrator on the val logits, evaluate on val and test, write the tables
+    and the fitted parameters (``calibrators.json``).
 
     ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
-    calibrators are in-sample; the test rows are the ones to compare. Rows and bins of
-    calibrators already in the run's tables but not given here are kept, so a refit
-    of a subset (``calibrun-calibrate``) does not erase the others. Returns the table.
+    calibrators are in-sample; the test rows are the ones to compare. Rows, bins and
+    parameters of calibrators already in the run folder but not given here are kept, so
+    a refit of a subset (``calibrun-calibrate``) does not erase the others. Returns the table.
     """
     splits = {split: load_logits(run_dir / "logits" / f"{split}.npz") for split in ("val", "test")}
-    rows, bins = [], []
+    rows, bins, params = [], [], {}
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
-        calibrator.fit(*splits["val"])
+        params[name] = calibrator.fit(*splits["val"]).params()
         for split, (z, y) in splits.items():
             probs = calibrator.predict_proba(z)
             scores = evaluate(probs, y, n_bins)
@@ -70,6 +74,7 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
                 bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scores, n_bins))
     table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
     write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]))
+    write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
     return table
 
 
@@ -106,6 +111,21 @@ def _keep_others(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     if old is None:
         return new.reset_index(drop=True)
     return pd.concat([new, old[~old["calibrator"].isin(new["calibrator"])]], ignore_index=True)
+
+
+def write_calibrator_params(path: Path, params: dict[str, dict]) -> None:
+    """Write ``params`` (calibrator name -> fitted parameters) to ``path`` atomically,
+    followed by the entries of calibrators already in ``path`` that ``params`` lacks."""
+    old = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"Cannot read {path}: {err}; delete it to write a new one.") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} does not hold a JSON object; delete it to write a new one.")
+    kept = {name: value for name, value in old.items() if name not in params}
+    atomic_write_text(path, json.dumps({**params, **kept}, indent=2) + "\n")
 
 
 def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame) -> None:

@@ -180,11 +180,16 @@ def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
 
 
 def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
-    """ECE over equal-mass bins: samples sorted by confidence, split into ``n_bins`` groups.
+    """Adaptive ECE (AdaECE): the top-label ECE over equal-mass bins, i.e. samples sorted
+    by top-label confidence and split into ``n_bins`` groups of (nearly) equal size.
 
     With fewer samples than bins the surplus groups are empty and contribute nothing.
+    This is *not* the ACE of Nixon et al. (2019), which averages equal-mass-bin errors
+    over every class's probability rather than the top label's.
 
-    References: Nixon et al. (2019), "Measuring Calibration in Deep Learning".
+    References: Nguyen & O'Connor (2015), "Posterior calibration and exploratory analysis
+    for natural language processing models" (equal-mass binning); Mukhoti et al. (2020),
+    "Calibrating Deep Neural Networks using Focal Loss" (AdaECE).
     """
     p, y = _validate(probs, labels, n_bins)
     conf, hit = _top_label(p, y)
@@ -196,9 +201,13 @@ def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float
 
 
 def classwise_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
-    """Mean over classes k of the one-vs-rest ECE of p_ik against [y_i == k].
+    """Classwise ECE: mean over classes k of the one-vs-rest ECE of p_ik against
+    [y_i == k], each over ``n_bins`` equal-width bins of p_ik.
 
-    References: Nixon et al. (2019), "Measuring Calibration in Deep Learning".
+    References: Kull et al. (2019), "Beyond temperature scaling: Obtaining well-calibrated
+    multiclass probabilities with Dirichlet calibration" (classwise-ECE); Nixon et al.
+    (2019), "Measuring Calibration in Deep Learning" (the same quantity as SCE, the static
+    calibration error).
     """
     p, y = _validate(probs, labels, n_bins)
     per_class = [
@@ -252,8 +261,10 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str,
     classwise_ece, oe, nll, brier``) in that order, then ``n``, the number of samples.
 
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks" (ECE, MCE);
-    Nixon et al. (2019), "Measuring Calibration in Deep Learning" (adaptive, classwise);
-    Thulasidasan et al. (2019), "On Mixup Training" (OE).
+    Nguyen & O'Connor (2015) and Mukhoti et al. (2020), "Calibrating Deep Neural Networks
+    using Focal Loss" (AdaECE); Kull et al. (2019), "Beyond temperature scaling" and
+    Nixon et al. (2019), "Measuring Calibration in Deep Learning" (classwise ECE, their
+    SCE); Thulasidasan et al. (2019), "On Mixup Training" (OE).
     """
     # Convert once so that torch inputs are not copied off the device for every metric.
     p, y = _validate(probs, labels, n_bins)

@@ -65,30 +65,39 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3×3 stem, three stages of basic blocks (width, 2·width, 4·width channels; strides
-    1, 2, 2), global average pooling and a linear classifier.
+    """3×3 stem, stages of basic blocks, global average pooling, an optional hidden fully
+    connected layer with ReLU, and a linear classifier.
+
+    ``stages`` lists (channels, blocks) per stage. The stem has the first stage's width;
+    the first block of every later stage halves the resolution (stride 2), as in
+    He et al.'s CIFAR networks, where each widening comes with a halving.
 
     References: He et al. 2016, "Deep Residual Learning for Image Recognition", §4.2.
     """
 
-    def __init__(self, num_classes: int, blocks_per_stage: int, shortcut: str, width: int,
-                 zero_init_residual: bool = False) -> None:
+    def __init__(self, num_classes: int, stages: list[tuple[int, int]], shortcut: str,
+                 hidden_features: int | None = None, zero_init_residual: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        in_channels = stages[0][0]
+        self.conv1 = nn.Conv2d(3, in_channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_channels)
         blocks: list[nn.Module] = []
-        in_channels = width
-        for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
-            for i in range(blocks_per_stage):
+        for stage, (out_channels, n_blocks) in enumerate(stages):
+            for i in range(n_blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
                 blocks.append(BasicBlock(in_channels, out_channels, stride, shortcut))
                 in_channels = out_channels
         self.blocks = nn.Sequential(*blocks)
+        # Identity keeps the state_dict (and the random draws) of networks without it.
+        self.hidden: nn.Module = nn.Identity()
+        if hidden_features:
+            self.hidden = nn.Sequential(nn.Linear(in_channels, hidden_features), nn.ReLU(inplace=True))
+            in_channels = hidden_features
         self.fc = nn.Linear(in_channels, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 # He et al. (2015) init with fan_out, as in the authors' fb.resnet.torch
-                # code and torchvision; the fc layer keeps PyTorch's default init.
+                # code and torchvision; the linear layers keep PyTorch's default init.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -99,15 +108,49 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(self.hidden(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
 
-def cifar_resnet(num_classes: int, depth: int = 110, shortcut: str = "A", width: int = 16,
-                 zero_init_residual: bool = False) -> nn.Module:
-    """CIFAR ResNet of depth 6n + 2 (n basic blocks per stage); 16/32/64 channels by default.
+def _stage_plan(depth: int | None, width: int | None, stage_widths: list[int] | None,
+                stage_blocks: list[int] | None) -> list[tuple[int, int]]:
+    """(channels, blocks) per stage, from ``depth``/``width`` or from the explicit lists."""
+    if stage_widths is None and stage_blocks is None:
+        depth = 110 if depth is None else depth
+        width = 16 if width is None else width
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(
+                f"model.depth={depth} is not 6n+2 with n >= 1; allowed: 8, 14, 20, 32, 44, 56, 110, ... (6n+2)"
+            )
+        if width < 1:
+            raise ValueError(f"model.width={width} must be a positive number of channels")
+        n = (depth - 2) // 6
+        return [(width, n), (2 * width, n), (4 * width, n)]
+    if depth is not None or width is not None:
+        raise ValueError("model.stage_widths/model.stage_blocks replace model.depth and model.width; "
+                         "set model.depth=null and model.width=null (or leave the stage lists null)")
+    if not stage_widths or not stage_blocks or len(stage_widths) != len(stage_blocks):
+        raise ValueError(f"model.stage_widths={stage_widths} and model.stage_blocks={stage_blocks} "
+                         "must be two lists of the same, non-zero length (one entry per stage)")
+    if min(stage_widths) < 1 or min(stage_blocks) < 1:
+        raise ValueError(f"model.stage_widths={stage_widths} and model.stage_blocks={stage_blocks} "
+                         "must hold positive numbers of channels and blocks")
+    return list(zip(stage_widths, stage_blocks))
 
+
+def cifar_resnet(num_classes: int, depth: int | None = None, shortcut: str = "A", width: int | None = None,
+                 zero_init_residual: bool = False, stage_widths: list[int] | None = None,
+                 stage_blocks: list[int] | None = None, hidden_features: int | None = None) -> nn.Module:
+    """CIFAR ResNet: a 3×3 stem, stages of basic blocks, average pooling, an optional
+    hidden fully connected layer (``hidden_features`` units followed by a ReLU), and the
+    class outputs.
+
+    Stages come either from ``depth`` = 6n + 2 (default 110) and ``width`` (default 16):
+    three stages of n blocks with width/2·width/4·width channels, He et al.'s networks;
+    or from ``stage_widths`` and ``stage_blocks`` (channels and block count per stage,
+    ``depth`` and ``width`` left None), e.g. [32, 64] and [9, 18] for the gap+cap paper's
+    network. Every stage after the first starts with a stride-2 block.
     ``shortcut="A"``: parameter-free identity, subsampled and zero-padded where the shape
-    changes (the paper's CIFAR choice); ``"B"``: 1×1 conv + BN projection there.
+    changes (He et al.'s CIFAR choice); ``"B"``: 1×1 conv + BN projection there.
     ResNet-110 with option A has 1.73 M parameters, ResNet-20 0.27 M.
     ``zero_init_residual`` starts each block's last BN scale at 0, so the network starts
     as its shortcut path: with He et al.'s initialisation alone, the 54 residual branches
@@ -116,15 +159,12 @@ def cifar_resnet(num_classes: int, depth: int = 110, shortcut: str = "A", width:
     References: He et al. 2016, "Deep Residual Learning for Image Recognition";
     Goyal et al. 2017, "Accurate, Large Minibatch SGD", §5.1 (zero-initialised γ).
     """
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(
-            f"model.depth={depth} is not 6n+2 with n >= 1; allowed: 8, 14, 20, 32, 44, 56, 110, ... (6n+2)"
-        )
+    stages = _stage_plan(depth, width, stage_widths, stage_blocks)
     if shortcut not in SHORTCUTS:
         raise ValueError(f"model.shortcut={shortcut!r}; allowed: {', '.join(map(repr, SHORTCUTS))}")
-    if width < 1:
-        raise ValueError(f"model.width={width} must be a positive number of channels")
-    return CifarResNet(num_classes, (depth - 2) // 6, shortcut, width, zero_init_residual)
+    if hidden_features is not None and hidden_features < 1:
+        raise ValueError(f"model.hidden_features={hidden_features} must be a positive width or null (no hidden layer)")
+    return CifarResNet(num_classes, stages, shortcut, hidden_features, zero_init_residual)
 
 
 def resnet18(num_classes: int, stem: str = "cifar", pretrained: bool = False) -> nn.Module:

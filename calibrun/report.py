@@ -217,9 +217,11 @@ def _check_metrics(names: list[str], option: str) -> None:
 def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = "report",
                  calibrators: list[str] | None = None, paper: str | None = None,
                  grid_calibrator: str = "none", grid_name: str = "reliability_grid.png",
-                 table_metrics: list[str] | None = None, pivot: str | None = None) -> pd.DataFrame:
+                 table_metrics: list[str] | None = None, pivot: str | None = None,
+                 caption: str | None = None) -> pd.DataFrame:
     """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds), an
-    ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams."""
+    ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams.
+    ``caption`` goes under the title of ``<name>.md`` (the setting a reader must know)."""
     shown = table_metrics or ["accuracy", "ece", "mce", "nll", "brier"]
     _check_metrics([metric], "--metric")
     _check_metrics(shown, "--table-metrics")
@@ -230,7 +232,10 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     reference = load_paper(paper) if paper else None
     if reference is not None and len(summary):
         summary = with_paper(summary, reference)
-    lines = [f"# {name}", "", f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
+    lines = [f"# {name}", ""]
+    if caption:
+        lines += [caption, ""]
+    lines += [f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
     constant = {k: runs[k].iloc[0] for k in ("data", "model", "loss") if k in runs and k not in keys}
     if constant:
         lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]

@@ -276,14 +276,19 @@ class SignalFlag:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: DeviceLoader, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the device) and labels of a whole split, in split order."""
+def predict(model: torch.nn.Module, loader: DeviceLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split, in split order, computed in float32 on the device.
+
+    Autocast is switched off even if a caller left it on: the saved logits are what the
+    calibrators and metrics read, and bf16 logits (8 bits of mantissa) would quantise the
+    confidences being calibrated. The weights are float32, so this costs only speed.
+    """
     model.eval()
     outs, labels = [], []
-    for x, y in loader:
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(loader.device.type, enabled=False):
+        for x, y in loader:
             outs.append(model(x).float())
-        labels.append(y)
+            labels.append(y)
     return torch.cat(outs), torch.cat(labels)
 
 
@@ -351,7 +356,7 @@ def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalF
 
 def validation_scores(tr: Training, n_bins: int) -> dict:
     """Accuracy and ECE of the current weights on the validation split."""
-    logits, labels = predict(tr.forward, tr.eval_loaders["val"], tr.amp)
+    logits, labels = predict(tr.forward, tr.eval_loaders["val"])
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()
     labels = labels.cpu().numpy()
     return {"val_acc": accuracy(probs, labels), "val_ece": ece(probs, labels, n_bins)}
@@ -434,7 +439,7 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     fit(tr, cfg, run_dir, tr.checkpointer.restore(tr.train_loader.device))
     tr.best.select(tr.model, tr.train_loader.device)
     for split, loader in tr.eval_loaders.items():
-        logits, labels = predict(tr.forward, loader, tr.amp)
+        logits, labels = predict(tr.forward, loader)
         save_logits(run_dir / "logits" / f"{split}.npz", logits, labels, splits[split].index)
     table = calibrate_and_report(run_dir, calibrators, cfg.metrics.n_bins)
     write_status(run_dir, "done", epoch=cfg.trainer.epochs)

@@ -1,4 +1,6 @@
 import inspect
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,15 @@ from calibrun.calibrators import (
     Uncalibrated,
     VectorScaling,
 )
+from calibrun import UserError
 from calibrun.config import validate
-from calibrun.evaluate import build_calibrators
+from calibrun.evaluate import build_calibrators, calibrate_and_report, load_logits
 from calibrun.metrics import ece, nll
 
 REPO = Path(__file__).resolve().parent.parent
+# Real logits of an overconfident ResNet-8 (``make demo`` on the bundled CIFAR-10 sample):
+# 500 val and 1000 test rows, 10 classes.
+DEMO_LOGITS = Path(__file__).resolve().parent / "fixtures" / "demo_logits"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,21 +220,36 @@ def test_histogram_binning_by_hand():
     np.testing.assert_allclose(hb.predict_proba(np.log(p_test)), expected, atol=1e-12)
 
 
-def test_platt_matches_scikit_learn_and_smooths_a_missing_class():
+def _naive_log_odds(z: np.ndarray) -> np.ndarray:
+    """log p - log(1 - p) of p = softmax(z), straight from the definition (fine for moderate z)."""
+    p = _softmax(z)
+    return np.log(p) - np.log1p(-p)
+
+
+def test_platt_matches_scikit_learn_on_the_softmax_log_odds_and_smooths_a_missing_class():
     rng = np.random.default_rng(10)
     z_val = 3.0 * rng.standard_normal((500, 4))
     y_val = rng.choice(3, 500, p=[0.5, 0.3, 0.2])  # class 3 never occurs
     z_test = 3.0 * rng.standard_normal((100, 4))
     platt = PlattScaling(C=0.5).fit(z_val, y_val)
+    s_val, s_test = _naive_log_odds(z_val), _naive_log_odds(z_test)
     q = np.empty_like(z_test)
     for k in range(3):
-        lr = LogisticRegression(C=0.5).fit(z_val[:, [k]], y_val == k)
-        assert platt.per_class[k] == pytest.approx((lr.coef_[0, 0], lr.intercept_[0]), abs=1e-12)
-        q[:, k] = lr.predict_proba(z_test[:, [k]])[:, 1]
+        lr = LogisticRegression(C=0.5).fit(s_val[:, [k]], y_val == k)
+        assert platt.per_class[k] == pytest.approx((lr.coef_[0, 0], lr.intercept_[0]), abs=1e-6)
+        q[:, k] = lr.predict_proba(s_test[:, [k]])[:, 1]
     # The missing class: constant (0 + 1) / (500 + 2), Platt's smoothed negative target.
     assert platt.per_class[3][0] == 0.0
     q[:, 3] = 1 / 502
     np.testing.assert_allclose(platt.predict_proba(z_test), q / q.sum(1, keepdims=True), rtol=1e-10)
+
+
+def test_platt_with_unit_slope_and_zero_bias_is_the_softmax_even_when_saturated():
+    """σ(s_k) = p_k: the log-odds must stay exact where p_k rounds to 1 (1 - p_k = 0)."""
+    z = np.array([[50.0, 0.0, 0.0], [0.0, 40.0, -40.0], [1.0, 2.0, 3.0]])
+    platt = PlattScaling().fit(z, np.array([0, 1, 2]))
+    platt.per_class = [(1.0, 0.0)] * 3
+    np.testing.assert_allclose(platt.predict_proba(z), _softmax(z), rtol=1e-12, atol=1e-300)
 
 
 def test_vector_scaling_recovers_per_class_scales_and_biases():
@@ -345,3 +366,90 @@ def test_every_calibrator_yaml_composes_validates_and_builds(compose_cfg, name):
     assert list(cfg.calibrator) == [name]
     (built,) = build_calibrators(cfg.calibrator).values()
     assert type(built) is get_class(cfg.calibrator[name]._target_)
+
+
+# --------------------------------------------------------------------------- real logits
+
+
+def _demo_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    return load_logits(DEMO_LOGITS / f"{split}.npz")
+
+
+# Methods that end in a smooth map of the logits; binning methods trade NLL for ECE.
+LOWER_TEST_NLL = {"temperature", "vector", "matrix", "platt"}
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_every_calibrator_lowers_test_ece_of_the_demo_model(name):
+    (z_val, y_val), (z_test, y_test) = _demo_split("val"), _demo_split("test")
+    before = Uncalibrated().predict_proba(z_test)
+    after = FITTED[name]().fit(z_val, y_val).predict_proba(z_test)
+    assert ece(before, y_test) > 0.06  # the demo model is overconfident
+    assert ece(after, y_test) < ece(before, y_test) - 0.01
+    if name in LOWER_TEST_NLL:
+        assert nll(after, y_test) < nll(before, y_test)
+
+
+def _sigmoid_ovr(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+    q = 1.0 / (1.0 + np.exp(-(a * s + b)))
+    return q / q.sum(1, keepdims=True)
+
+
+def _renormalised(q: np.ndarray) -> np.ndarray:
+    return q / q.sum(1, keepdims=True)
+
+
+# Each calibrator's formula, written again from its params() alone.
+FROM_PARAMS = {
+    "temperature": lambda prm, z: _softmax(z / prm["T"]),
+    "vector": lambda prm, z: _softmax(z * np.array(prm["w"]) + np.array(prm["b"])),
+    "matrix": lambda prm, z: _softmax(z @ np.array(prm["W"]).T + np.array(prm["b"])),
+    "platt": lambda prm, z: _sigmoid_ovr(np.array(prm["a"]), np.array(prm["b"]), _naive_log_odds(z)),
+    "histogram": lambda prm, z: _renormalised(np.column_stack([
+        np.array(values)[np.clip(np.searchsorted(prm["bin_edges"], p_k, side="left") - 1, 0, len(values) - 1)]
+        for values, p_k in zip(prm["values"], _softmax(z).T)])),
+    "isotonic": lambda prm, z: _renormalised(np.column_stack([
+        np.interp(p_k, x, y) for x, y, p_k in zip(prm["thresholds"], prm["values"], _softmax(z).T)])),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_params_are_json_and_reproduce_the_predictions(name):
+    (z_val, y_val), (z_test, _) = _demo_split("val"), _demo_split("test")
+    calibrator = ALL[name]().fit(z_val, y_val)
+    params = json.loads(json.dumps(calibrator.params(), allow_nan=False))
+    if name == "none":
+        assert params == {}
+        return
+    assert name in FROM_PARAMS, f"add how {name}'s params() predict to FROM_PARAMS"
+    # The calibrators compute in float64; so must the re-derivation of the float32 logits.
+    expected = FROM_PARAMS[name](params, z_test.astype(np.float64))
+    np.testing.assert_allclose(calibrator.predict_proba(z_test), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_params_before_fit_are_refused_or_the_identity(name):
+    try:
+        params = FITTED[name]().params()
+    except RuntimeError as err:
+        assert "must be fitted" in str(err)
+    else:
+        assert params == {"T": 1.0}
+
+
+def test_calibrators_json_holds_the_fitted_parameters_and_keeps_the_others(tmp_path):
+    shutil.copytree(DEMO_LOGITS, tmp_path / "logits")
+    calibrate_and_report(tmp_path, {"temperature": TemperatureScaling()})
+    path = tmp_path / "calibrators.json"
+    saved = json.loads(path.read_text())
+    expected_t = TemperatureScaling().fit(*_demo_split("val")).temperature
+    assert list(saved) == ["none", "temperature"] and saved["none"] == {}
+    assert saved["temperature"]["T"] == pytest.approx(expected_t, rel=1e-12)
+    assert expected_t > 1.1  # an overconfident model is cooled down
+    # A refit of another calibrator adds its entry and keeps the temperature.
+    calibrate_and_report(tmp_path, {"vector": VectorScaling()})
+    saved = json.loads(path.read_text())
+    assert list(saved) == ["none", "vector", "temperature"] and saved["temperature"]["T"] == pytest.approx(expected_t)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="calibrators.json"):
+        calibrate_and_report(tmp_path, {"vector": VectorScaling()})

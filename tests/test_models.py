@@ -16,6 +16,7 @@ from torchvision.models import ResNet18_Weights
 from torchvision.models import resnet18 as tv_resnet18
 
 from calibrun.cli import config_dir
+from calibrun.config import build_component, validate
 from calibrun.models import ZeroPadShortcut, cifar_resnet, resnet18
 
 # Every model a user can pick: the YAML files of conf/model.
@@ -90,6 +91,80 @@ def test_bad_depth_names_allowed_values(depth: int) -> None:
 def test_bad_shortcut(shortcut: str) -> None:
     with pytest.raises(ValueError, match="'A', 'B'"):
         cifar_resnet(10, depth=20, shortcut=shortcut)
+
+
+def test_explicit_stages_build_the_same_network_as_depth() -> None:
+    torch.manual_seed(0)
+    by_depth = cifar_resnet(10, depth=20).eval()
+    torch.manual_seed(0)
+    by_stages = cifar_resnet(10, stage_widths=[16, 32, 64], stage_blocks=[3, 3, 3]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(by_stages(x), by_depth(x), rtol=0, atol=0)
+
+
+def test_hidden_layer_adds_a_linear_layer_with_relu() -> None:
+    base = cifar_resnet(10, depth=8)
+    hidden = cifar_resnet(10, depth=8, hidden_features=100)
+    # 64 -> 100 (weights and bias) replaces nothing; the output layer becomes 100 -> 10.
+    assert n_params(hidden) - n_params(base) == (64 * 100 + 100) + (100 * 10 - 64 * 10)
+    assert isinstance(hidden.hidden[1], nn.ReLU)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"depth": 20, "stage_widths": [32, 64], "stage_blocks": [9, 18]}, "model.depth"),
+        ({"stage_widths": [32, 64], "stage_blocks": [9]}, "model.stage_blocks"),
+        ({"stage_widths": [32, 0], "stage_blocks": [9, 18]}, "model.stage_widths"),
+        ({"stage_widths": [32, 64]}, "model.stage_blocks"),
+        ({"depth": 20, "hidden_features": 0}, "model.hidden_features"),
+    ],
+)
+def test_bad_stages_name_the_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        cifar_resnet(10, **kwargs)
+
+
+# --- The gap+cap paper's network (model=gapcap_net) -------------------------------------------
+
+# Hand count: stem 3·32·9 + BN 2·32 = 928; 9 blocks of two 32->32 3x3 convs and two BNs,
+# 9·(2·9216 + 128) = 167,040; the 32->64 block 18,432 + 36,864 + 256 = 55,552 and 17
+# blocks of 64->64, 17·(2·36,864 + 256) = 1,257,728 (option-A shortcuts have none);
+# 64->1000 fully connected 65,000; 1000->10 outputs 10,010.
+GAPCAP_PARAMS = 928 + 167_040 + 55_552 + 1_257_728 + 65_000 + 10_010
+
+
+def test_gapcap_net_matches_the_paper(compose_cfg) -> None:
+    cfg = validate(compose_cfg(["model=gapcap_net", "data=cifar10"]))
+    model = build_component(cfg.model, "model")
+    assert model.conv1.out_channels == 32 and model.conv1.kernel_size == (3, 3)
+    widths = [block.conv2.out_channels for block in model.blocks]
+    assert widths == [32] * 9 + [64] * 18
+    # The resolution halves once, entering the 64-map stage.
+    assert [block.conv1.stride[0] for block in model.blocks] == [1] * 9 + [2] + [1] * 17
+    linear, relu = model.hidden
+    assert (linear.in_features, linear.out_features) == (64, 1000) and isinstance(relu, nn.ReLU)
+    assert (model.fc.in_features, model.fc.out_features) == (1000, 10)
+    assert n_params(model) == GAPCAP_PARAMS == 1_556_258
+    assert f"{GAPCAP_PARAMS:,}" in (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("zero_init_residual", [True, False])
+def test_gapcap_net_trains_one_sgd_step(compose_cfg, zero_init_residual: bool) -> None:
+    torch.manual_seed(0)
+    cfg = compose_cfg(["model=gapcap_net", "data=cifar10", f"model.zero_init_residual={zero_init_residual}"])
+    model = instantiate(cfg.model).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    if not zero_init_residual:
+        # Every layer is wired into the output (zero-initialised BN scales block the
+        # gradient of their branch's convolutions, hence only here).
+        assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+    optimizer.step()
+    assert nn.functional.cross_entropy(model(x), y) < loss
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])

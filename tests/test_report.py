@@ -151,3 +151,17 @@ def test_lam_curves_sort_numerically_and_keep_single_seed_points():
 def test_unknown_metric_names_the_option(tmp_path, option, kwargs):
     with pytest.raises(UserError, match=f"'ecee' in {option}"):
         write_report([tmp_path], tmp_path / "out", **kwargs)
+
+
+def test_caption_is_written_under_the_title(tmp_path):
+    from calibrun.cli import report
+
+    fake_run(tmp_path / "runs" / "r0", {"seed": 0, "loss": {"lam": 10.0}}, 0.1)
+    caption = "Paper's network (gapcap_net), λ = 10: the mean-CE reading."
+    # The grid calibrator is one the fake run lacks, so no figure needs its bins.
+    common = [str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--grid-calibrator", "temperature"]
+    report([*common, "--name", "with", "--caption", caption])
+    report([*common, "--name", "without"])
+    assert (tmp_path / "out" / "with.md").read_text().splitlines()[:4] == ["# with", "", caption, ""]
+    without = (tmp_path / "out" / "without.md").read_text()
+    assert caption not in without and without.splitlines()[2].startswith("1 runs under")

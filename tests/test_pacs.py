@@ -85,12 +85,39 @@ def test_random_split_is_disjoint_and_seeded(tmp_path):
     assert any(not torch.equal(o["val"].index, splits["val"].index) for o in others)
 
 
+@pytest.mark.parametrize("target", DOMAINS)
+def test_jigen_split_holds_out_a_seeded_fraction_of_each_source_domain(tmp_path, target):
+    """JiGen's protocol: floor(0.3 · 10) = 3 of each source domain's 10 images for val."""
+    splits = make(PACS_SAMPLE, tmp_path, target=target, split="jigen", val_fraction=0.3).splits()
+    paths = all_paths(PACS_SAMPLE)
+    train, val, test = ({paths[i] for i in splits[s].index.tolist()} for s in ("train", "val", "test"))
+    sources = [d for d in DOMAINS if d != target]
+    assert sorted(p.split("/")[0] for p in val) == sorted(sources * 3)
+    assert not train & val and train | val == {p for d in sources for p in split_file(PACS_SAMPLE, d, "test")}
+    assert test == set(split_file(PACS_SAMPLE, target, "test"))
+    assert not any(p.startswith(f"{target}/") for p in train | val), "the target domain is never seen"
+    again = make(PACS_SAMPLE, tmp_path, target=target, split="jigen", val_fraction=0.3).splits()
+    assert torch.equal(again["val"].index, splits["val"].index)
+    others = [make(PACS_SAMPLE, tmp_path, target=target, split="jigen", val_fraction=0.3, split_seed=s).splits()
+              for s in (1, 2)]
+    assert any(not torch.equal(o["val"].index, splits["val"].index) for o in others)
+
+
+def test_jigen_split_needs_no_split_files_and_refuses_an_empty_domain_hold_out(mini_copy, tmp_path):
+    for f in mini_copy.glob("*.txt"):
+        f.unlink()
+    splits = make(mini_copy, tmp_path, target="sketch", split="jigen").splits()
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (27, 3, 10)
+    with pytest.raises(UserError, match=r"val_fraction=0.05 leaves no train or no val image of the 10 art_painting"):
+        make(mini_copy, tmp_path, target="sketch", split="jigen", val_fraction=0.05).splits()
+
+
 def test_random_split_needs_only_the_image_folders(mini_copy, tmp_path):
     for f in mini_copy.glob("*.txt"):
         f.unlink()
     splits = make(mini_copy, tmp_path, target="sketch", split="random").splits()
     assert len(splits["test"]) == 10 and len(splits["train"]) + len(splits["val"]) == 30
-    with pytest.raises(UserError, match=r"art_painting_train_kfold.txt is missing.*data.split=random"):
+    with pytest.raises(UserError, match=r"art_painting_train_kfold.txt is missing.*data.split=jigen or random"):
         make(mini_copy, tmp_path, target="sketch").splits()
 
 
@@ -119,7 +146,7 @@ def test_subsets_are_stratified_subsets_of_their_split(tmp_path):
 def test_unknown_domain_lists_the_valid_ones():
     with pytest.raises(UserError, match="paintings.*art_painting, cartoon, photo, sketch"):
         PACS(target="paintings")
-    with pytest.raises(UserError, match="official, random"):
+    with pytest.raises(UserError, match="official, random, jigen"):
         PACS(split="kfold")
     with pytest.raises(UserError, match="7 classes"):
         PACS(num_classes=10)

@@ -31,11 +31,12 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator 
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-# JiGen's recipe for PACS, batched: every sample draws its own crop box, flip, jitter
-# factors and grayscale coin from one generator, and the whole batch is transformed by a
-# handful of tensor ops (an affine grid, a few blends, one HSV round trip). Constants are
-# Python scalars or made on the device: a small tensor copied from pageable host memory
-# would make the host wait for the GPU on every batch.
+# JiGen's PACS augmentation (the flags of its README's ResNet-18 command), batched: every
+# sample draws its own crop box, flip, jitter factors and grayscale coin from one
+# generator, and the whole batch is transformed by a handful of tensor ops (an affine
+# grid, a few blends, one HSV round trip). Constants are Python scalars or made on the
+# device: a small tensor copied from pageable host memory would make the host wait for
+# the GPU on every batch.
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 

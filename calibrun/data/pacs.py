@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 Entry = tuple[str, int, str]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+# How the source domains are split into train and val (see PACS).
+SPLIT_MODES = ("official", "random", "jigen")
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -44,9 +46,12 @@ class PACS(ImageDataset):
     ``root/<domain>_{train,crossval,test}_kfold.txt`` (lines ``<domain>/<class>/<image>
     <label 1-7>``). ``split="official"``: train and val are the source domains' train and
     crossval files; ``split="random"``: a hold-out of ``val_fraction`` of the source
-    images drawn with ``split_seed`` (stratified by domain and class when possible). Test
-    is every image of the target domain. A domain's images are those of its test file, or
-    with ``split="random"`` and no such file, those found under ``kfold/<domain>``.
+    images drawn with ``split_seed`` (stratified by domain and class when possible);
+    ``split="jigen"``: JiGen's protocol, floor(``val_fraction`` · n_d) images drawn at
+    random (seeded by ``split_seed``, not stratified by class) from each source domain
+    d's full image list. Test is every image of the target. A domain's images are those
+    of its test file, or (``random`` and ``jigen``) without one, those found under
+    ``kfold/<domain>``.
 
     Images are decoded once, resized to ``store_size`` = round(image_size·227/222) (the
     native 227 for the default 222), into one uint8 cache of the whole dataset; indices of
@@ -61,9 +66,10 @@ class PACS(ImageDataset):
     classes = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
-    # JiGen's PACS settings (run_PACS_photo.sh): --min_scale 0.8 --max_scale 1.0
-    # --random_horiz_flip 0.5 --jitter 0.4 (hue = min(0.5, jitter)) --tile_random_grayscale
-    # 0.1. JiGen greys each jigsaw tile; without the jigsaw task the whole image is greyed.
+    # The augmentation flags of the ResNet-18 PACS command in JiGen's README:
+    # --min_scale 0.8 --max_scale 1.0 --random_horiz_flip 0.5 --jitter 0.4 (hue =
+    # min(0.5, jitter) in its data_helper.py) --tile_random_grayscale 0.1 --image_size 222.
+    # JiGen greys each jigsaw tile; without the jigsaw task the whole image is greyed.
     crop_scale = (0.8, 1.0)
     crop_ratio = (3 / 4, 4 / 3)
     flip_p = 0.5
@@ -106,8 +112,8 @@ class PACS(ImageDataset):
     ) -> None:
         if target not in self.domains:
             raise UserError(f"data.target={target!r} is not a PACS domain; allowed: {', '.join(self.domains)}.")
-        if split not in ("official", "random"):
-            raise UserError(f"data.split={split!r} is not supported; allowed: official, random.")
+        if split not in SPLIT_MODES:
+            raise UserError(f"data.split={split!r} is not supported; allowed: {', '.join(SPLIT_MODES)}.")
         if num_classes != len(self.classes):
             raise UserError(f"data.num_classes={num_classes} but PACS has {len(self.classes)} classes.")
         if not 0 < val_fraction < 1:
@@ -129,7 +135,7 @@ class PACS(ImageDataset):
         """Train and val from the source domains, test from the target (see the class docstring)."""
         self._ensure_data()
         # Each split mode builds the whole-size splits its own way; subsets and checks are shared.
-        build = self._official_splits if self.split == "official" else self._random_splits
+        build = self._official_splits if self.split == "official" else self._held_out_splits
         splits = take_subsets(build(), self.train_subset, self.test_subset, self.split_seed)
         empty = [name for name, split in splits.items() if len(split) == 0]
         if empty:
@@ -153,16 +159,18 @@ class PACS(ImageDataset):
         splits, _ = self._decode(parts)
         return splits
 
-    def _random_splits(self) -> dict[str, Split]:
-        """A seeded hold-out of the source domains' images for val, the rest for train,
-        and every image of the target for test."""
+    def _held_out_splits(self) -> dict[str, Split]:
+        """A seeded hold-out of the source domains' images for val (``random`` or
+        ``jigen``), the rest for train, and every image of the target for test."""
         parts = {
             "sources": [e for d in self.sources for e in self._domain_images(d)],
             "test": self._domain_images(self.target),
         }
         decoded, paths = self._decode(parts)
         sources = decoded["sources"]
-        rest, val = self._random_holdout(sources, paths)
+        domain = np.array([self.domains.index(paths[i].split("/")[0]) for i in sources.index.tolist()])
+        hold_out = self._jigen_holdout if self.split == "jigen" else self._random_holdout
+        rest, val = hold_out(sources.labels.numpy(), domain)
         return {"train": sources.take(rest), "val": sources.take(val), "test": decoded["test"]}
 
     def _decode(self, parts: dict[str, list[Entry]]) -> tuple[dict[str, Split], list[str]]:
@@ -184,15 +192,13 @@ class PACS(ImageDataset):
         }
         return splits, paths
 
-    def _random_holdout(self, sources: Split, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _random_holdout(self, labels: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A seeded hold-out of ``val_fraction`` of the source images, stratified by
         (domain, class) if every stratum allows it, else by class, else not at all."""
-        n = len(sources)
+        n = len(labels)
         size = round(self.val_fraction * n)
         if not 0 < size < n:
             raise UserError(f"data.val_fraction={self.val_fraction} leaves no train or no val image of {n} sources.")
-        labels = sources.labels.numpy()
-        domain = np.array([self.domains.index(paths[i].split("/")[0]) for i in sources.index.tolist()])
         for strata in (domain * len(self.classes) + labels, labels):
             try:
                 rest, val = train_test_split(np.arange(n), test_size=size, stratify=strata,
@@ -203,6 +209,28 @@ class PACS(ImageDataset):
         else:
             rest, val = train_test_split(np.arange(n), test_size=size, random_state=self.split_seed)
         return np.sort(rest), np.sort(val)
+
+    def _jigen_holdout(self, labels: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """JiGen's validation split: from each source domain's n_d images, floor(val_fraction
+        · n_d) drawn uniformly at random (JiGen's ``int(samples * percent)``; no class
+        stratification, so ``labels`` is unused), seeded by ``split_seed`` where JiGen's
+        draw was unseeded.
+
+        References: Carlucci et al. 2019, github.com/fmcarlucci/JigenDG
+        data/JigsawLoader.py ``get_random_subset``, called per source domain with
+        ``--val_size 0.1`` on the domain's full image list (data/data_helper.py).
+        """
+        rng = np.random.default_rng(self.split_seed)
+        val = []
+        for d in np.unique(domain):
+            members = np.flatnonzero(domain == d)
+            size = int(self.val_fraction * len(members))
+            if not 0 < size < len(members):
+                raise UserError(f"data.val_fraction={self.val_fraction} leaves no train or no val image of the "
+                                f"{len(members)} {self.domains[d]} images (data.split=jigen holds out per domain).")
+            val.append(rng.choice(members, size, replace=False))
+        held_out = np.sort(np.concatenate(val))
+        return np.setdiff1d(np.arange(len(domain)), held_out), held_out
 
     def _labels(self, parts: dict[str, list[Entry]]) -> dict[str, int]:
         """Each image's class index; an image listed with two labels is an error."""
@@ -222,7 +250,7 @@ class PACS(ImageDataset):
             raise UserError(
                 f"PACS split file {path.resolve()} is missing (data.split={self.split} needs it). Get it with "
                 f"data.download=true (from {self.split_urls.get(name, self.official_folder)}) or from the official "
-                f"PACS folder {self.official_folder}; or use data.split=random, which needs only {self.kfold}."
+                f"PACS folder {self.official_folder}; or use data.split=jigen or random, which need only {self.kfold}."
             )
         entries, mismatched = [], 0
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -310,7 +338,7 @@ class PACS(ImageDataset):
             f"split files ({split_files}); or download them yourself (all are in the "
             f"official PACS folder {self.official_folder}) and put them there; or point data.root (or the "
             f"CALIBRUN_DATA environment variable, read as $CALIBRUN_DATA/PACS) at a folder that already holds "
-            f"them. With the image folders alone, data.split=random needs no split files.{stale}"
+            f"them. With the image folders alone, data.split=jigen or random needs no split files.{stale}"
         )
 
     # ------------------------------------------------------------------ transforms

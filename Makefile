@@ -30,7 +30,7 @@ data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(T
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench reproduce-table1 reproduce-pacs sweep-lambda report clean
+.PHONY: help install test test-slow test-gpu demo bench reproduce-table1 reproduce-pacs reproduce-ls sweep-lambda report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -91,6 +91,19 @@ reproduce-pacs: install ## PACS: 4 targets x {ce, nts λ=0.5, nts λ=1} x SEEDS 
 	$(BIN)/calibrun-report outputs/multirun/pacs --out outputs/tables --name pacs --calibrators none \
 		--paper pacs --pivot data.target --table-metrics accuracy,ece --grid-name pacs_reliability.png \
 		--caption "$(pacs_caption)" && exit $$((ce | status))
+
+# Müller et al. 2019 Table 3's caption: the network (ARGS="model.depth=8" shrinks it) and the data actually used.
+ls_depth = $(or $(lastword $(patsubst model.depth=%,%,$(filter model.depth=%,$(ARGS)))),56)
+ls_caption = Müller et al. 2019 (When does label smoothing help?), Table 3 setting: CIFAR ResNet-$(ls_depth) \
+	(model=resnet110 model.depth=$(ls_depth)) on data=$(or $(DATA),cifar100); cross-entropy against label \
+	smoothing α = 0.05 with Müller's α/K on every class (loss.spread=all); 15 equal-width ECE bins; T fitted on \
+	the validation split; trainer=$(or $(TRAINER),default)$(if $(EPOCHS), trainer.epochs=$(EPOCHS))$(if $(ARGS),; extra overrides: $(ARGS)). The paper columns are its CIFAR-100 ResNet-56 numbers.
+reproduce-ls: install ## Müller et al. 2019 Table 3: ResNet-56 on CIFAR-100, CE (+ temperature scaling) vs label smoothing α=0.05 -> outputs/tables/ls.md
+	$(BIN)/calibrun -m experiment=ls_ce,ls_smooth seed=$(seed_list) $(data_args) \
+		$(epochs_arg) trainer.progress=false run_name=ls $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/ls --out outputs/tables --name ls --calibrators none,temperature \
+		--paper ls --table-metrics accuracy,ece,nll,temperature.T --grid-name ls_reliability.png \
+		--caption "$(ls_caption)" && exit $$status
 
 sweep-lambda: install ## gap_cap over λ in {0, 0.1, 1, 3, 10, 30} on CIFAR-10, then the report
 	$(BIN)/calibrun -m loss=gap_cap loss.lam=0,0.1,1,3,10,30 seed=$(seed_list) $(data_args) $(epochs_arg) \

@@ -95,6 +95,31 @@ def calibrate(argv: list[str] | None = None) -> None:
     log.info("Refitted %s in %s\n%s", ", ".join(["none", *refitted]), args.run_dir, table.to_string(index=False))
 
 
+def evaluate(argv: list[str] | None = None) -> None:
+    """``calibrun-evaluate RUN_DIR shift=NAME [ood=NAME] [shift.root=DIR] ...``: evaluate a
+    finished run on corrupted test sets and out-of-distribution images with the run's own
+    weights and calibrators (fitted on its validation logits, never refitted), writing
+    shift/ and ood/ tables and figures into the run folder. What is already there is
+    skipped."""
+    import argparse
+
+    from calibrun.robustness import EVALUATE_HELP, evaluate_beyond_test, evaluation_config, trained_predictor
+
+    parser = argparse.ArgumentParser(prog="calibrun-evaluate", description=evaluate.__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", help=f"Hydra overrides: {EVALUATE_HELP}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = evaluation_config(args.run_dir, args.overrides, Path(config_dir()))
+        evaluate_beyond_test(args.run_dir, cfg, trained_predictor(args.run_dir, cfg))
+    except (UserError, HydraException, OmegaConfBaseException) as err:
+        log.error("%s", "; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
+        sys.exit(1)
+    written = [p for p in (args.run_dir / "shift" / "metrics.csv", args.run_dir / "ood" / "metrics.csv") if p.is_file()]
+    log.info("Results: %s", ", ".join(map(str, written)))
+
+
 def report(argv: list[str] | None = None) -> None:
     """``calibrun-report DIR... [--out DIR] [--metric ece]``: one table (mean ± std over
     seeds, grouped by the config keys that differ between runs) and plots from many run
@@ -111,10 +136,11 @@ def report(argv: list[str] | None = None) -> None:
                         help="the metric plotted against λ")
     parser.add_argument("--name", default="report", help="base name of the .csv/.md files")
     parser.add_argument("--calibrators", help="comma-separated calibrators to keep (default: all)")
-    parser.add_argument("--paper", help="published numbers to show beside ours: table1, pacs, or a CSV path")
+    parser.add_argument("--paper", help="published numbers to show beside ours: table1, pacs, ls, or a CSV path")
     parser.add_argument("--grid-calibrator", default="none", help="calibrator drawn in the reliability grid")
     parser.add_argument("--grid-name", default="reliability_grid.png")
-    parser.add_argument("--table-metrics", default="accuracy,ece,mce,nll,brier")
+    parser.add_argument("--table-metrics", default="accuracy,ece,mce,nll,brier",
+                        help="comma-separated metrics and scalar fitted parameters (e.g. temperature.T) to show")
     parser.add_argument("--pivot", help="config key spread across the columns, e.g. data.target")
     parser.add_argument("--caption", help="text written under the table's title, e.g. the setting it was run in")
     args = parser.parse_args(argv)

@@ -28,12 +28,22 @@ from calibrun import UserError
 # Config keys that never make two runs different experiments: changing one neither
 # refuses a resume, nor names a new sweep folder, nor splits a report group. The
 # override_dirname exclude list in conf/config.yaml must hold these (a test checks it).
+# A key here also covers every key below it (``shift`` covers ``shift.root``).
 NON_EXPERIMENT_KEYS = (
     "run_name", "data.root", "data.cache_dir", "data.download",
     "trainer.device", "trainer.progress", "trainer.checkpoint_every",
+    # What a finished model is evaluated on besides its own test split (calibrun-evaluate).
+    "shift", "shift.root", "ood", "ood.root",
 )
 # Component nodes built with hydra.utils.instantiate, each checked against its _target_.
 COMPONENTS = ("data", "model", "loss", "optimizer", "scheduler")
+# Components a run may leave out (their config group defaults to null).
+OPTIONAL_COMPONENTS = ("shift", "ood")
+
+
+def is_non_experiment_key(key: str) -> bool:
+    """Whether config ``key`` is, or lies below, one of ``NON_EXPERIMENT_KEYS``."""
+    return any(key == k or key.startswith(f"{k}.") for k in NON_EXPERIMENT_KEYS)
 
 
 class Schedule(str, enum.Enum):
@@ -152,6 +162,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             ("run_name", str, dataclasses.field(default=MISSING)),
             ("metrics", MetricsConfig, dataclasses.field(default_factory=MetricsConfig)),
             *(_schema_field(key, raw.get(key), key) for key in COMPONENTS),
+            *(_schema_field(key, raw[key], key) if raw.get(key) is not None else (key, Any, dataclasses.field(default=None))
+              for key in OPTIONAL_COMPONENTS),
             ("calibrator", calibrator_schema, dataclasses.field(default_factory=calibrator_schema)),
             ("trainer", TrainerConfig, dataclasses.field(default_factory=TrainerConfig)),
         ],

@@ -156,7 +156,7 @@ def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
-    run_cfg = _load_run_config(run_dir / "config.yaml")
+    run_cfg = load_run_config(run_dir / "config.yaml")
     metrics = _read_run_table(run_dir / "metrics.csv")
     in_table = [] if metrics is None else [c for c in metrics["calibrator"].unique() if c != "none"]
     cfg = refit_config(run_cfg, overrides, in_table, conf_dir)
@@ -165,7 +165,7 @@ def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd
     return table, list(cfg.calibrator)
 
 
-def _load_run_config(path: Path) -> DictConfig:
+def load_run_config(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:

@@ -145,21 +145,27 @@ class EntropyRegularized(PenalizedLoss):
 
 
 class LabelSmoothing(Loss):
-    """Cross-entropy against a target with 1−α on y and α/(K−1) on every other class.
+    """Cross-entropy against a smoothed target; ``spread`` says where α goes.
 
-    This differs from ``torch.nn.CrossEntropyLoss(label_smoothing=α)``, which puts α/K
-    on every class including y (so y gets 1−α+α/K): here α is exactly the mass moved
-    off the true class, as in docs/design.md §4.
+    ``spread="others"`` (the default): 1−α on y and α/(K−1) on every other class, so α
+    is exactly the mass moved off the true class (docs/design.md §4).
+    ``spread="all"``: Müller et al.'s y_LS = (1−α)·y + α/K on every class, y included
+    (y gets 1−α+α/K); this equals ``F.cross_entropy(..., label_smoothing=α)``.
 
     References: Szegedy et al. 2016, "Rethinking the Inception Architecture for
-    Computer Vision", §7; Müller et al. 2019, "When Does Label Smoothing Help?".
+    Computer Vision", §7; Müller et al. 2019, "When Does Label Smoothing Help?"
+    (NeurIPS), §2, y_k^LS = y_k(1 − α) + α/K (``spread="all"``).
     """
 
-    def __init__(self, alpha: float = 0.05) -> None:
+    SPREADS = ("others", "all")
+
+    def __init__(self, alpha: float = 0.05, spread: str = "others") -> None:
         super().__init__()
         if not 0 <= alpha < 1:
             raise ValueError(f"loss.alpha must be in [0, 1), got {alpha}")
-        self.alpha = float(alpha)
+        if spread not in self.SPREADS:
+            raise ValueError(f"loss.spread={spread!r} is not supported; allowed: {', '.join(self.SPREADS)}.")
+        self.alpha, self.spread = float(alpha), spread
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
@@ -167,6 +173,9 @@ class LabelSmoothing(Loss):
         target_term = log_p.gather(1, targets[:, None]).squeeze(1)
         if self.alpha == 0:
             return -target_term.mean()
+        if self.spread == "all":
+            # (1−α)·(−log p_y) + (α/K)·Σ_k (−log p_k)
+            return -((1 - self.alpha) * target_term + self.alpha / k * log_p.sum(dim=1)).mean()
         other_term = log_p.sum(dim=1) - target_term
         return -((1 - self.alpha) * target_term + self.alpha / (k - 1) * other_term).mean()
 

@@ -172,3 +172,84 @@ def curves_against(panels: dict[str, list[Curve]], path: Path | str, x_name: str
     the axis label. ``symlog`` keeps x = 0 on a log-like axis (a λ sweep from 0 to 30).
     """
     _save(_curves_figure(panels, x_name, xlabel, xscale), path)
+
+
+def reliability_with_histogram(bins: pd.DataFrame, path: Path | str, title: str = "", ece: float | None = None,
+                               mce: float | None = None) -> None:
+    """A reliability diagram above the fraction of samples in each of its bins, so that a
+    tall gap over a nearly empty bin reads as what it is.
+
+    References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
+    """
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 6.2), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.1]})
+    reliability_diagram(bins, None, title, ece, mce, ax=top)
+    top.set_xlabel("")
+    total = max(int(bins["count"].sum()), 1)
+    lo = bins["lo"].to_numpy(dtype=float)
+    bottom.bar(lo, bins["count"].to_numpy(dtype=float) / total, width=bins["hi"].to_numpy(dtype=float) - lo,
+               align="edge", color="grey", edgecolor="black", linewidth=0.5, zorder=2)
+    bottom.set(xlim=(0, 1), xlabel="Confidence", ylabel="Fraction of samples")
+    bottom.grid(alpha=0.3)
+    bottom.text(0.02, 0.92, f"n = {total:,}", transform=bottom.transAxes, ha="left", va="top", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def severity_boxes(table: pd.DataFrame, path: Path | str, metrics: Sequence[str] = ("ece", "accuracy"),
+                   clean: pd.DataFrame | None = None) -> None:
+    """One panel per metric: at each severity, one box per calibrator over the corruptions
+    (columns ``severity``, ``calibrator`` and the metrics); ``clean`` (``calibrator`` and
+    the metrics) adds the uncorrupted test set at the left as severity 0.
+
+    References: Ovadia et al. 2019, "Can You Trust Your Model's Uncertainty?", Figure 2.
+    """
+    calibrators = list(dict.fromkeys(table["calibrator"]))
+    severities = sorted(table["severity"].unique())
+    width = 0.8 / len(calibrators)
+    colours = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for i, name in enumerate(calibrators):
+            offset = (i - (len(calibrators) - 1) / 2) * width
+            rows = table[table["calibrator"] == name]
+            data = [rows.loc[rows["severity"] == s, metric].to_numpy() for s in severities]
+            ax.boxplot(data, positions=np.array(severities, dtype=float) + offset, widths=width * 0.9,
+                       patch_artist=True, boxprops={"facecolor": colours[i % 10], "alpha": 0.6},
+                       medianprops={"color": "black"}, flierprops={"markersize": 3}, manage_ticks=False)
+            if clean is not None and (clean["calibrator"] == name).any():
+                value = clean.loc[clean["calibrator"] == name, metric].iloc[0]
+                ax.plot([offset], [value], marker="D", color=colours[i % 10], markeredgecolor="black")
+            ax.plot([], [], color=colours[i % 10], linewidth=8, alpha=0.6, label=name)
+        ticks = ([0] if clean is not None else []) + list(severities)
+        ax.set_xticks(ticks, [("clean" if t == 0 else str(t)) for t in ticks])
+        ax.set(xlabel="Corruption severity (clean: the test set)", ylabel=metric,
+               title=f"{metric}: one box per calibrator over the corruptions")
+        ax.grid(alpha=0.3, axis="y")
+    # Below the panels: inside, the legend would cover boxes.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, title="calibrator",
+               title_fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    _save(fig, path)
+
+
+def in_out_histogram(conf_in: np.ndarray, conf_out: np.ndarray, path: Path | str, in_label: str, out_label: str,
+                     title: str = "", n_bins: int = 20) -> None:
+    """Top-label confidence of in- and out-of-distribution inputs, each histogram
+    normalised to its own count, overlaid: the less they overlap, the better the
+    confidence flags the out-of-distribution inputs.
+
+    References: Hendrycks & Gimpel 2017, "A Baseline for Detecting Misclassified and
+    Out-of-Distribution Examples in Neural Networks".
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    edges = np.linspace(0, 1, n_bins + 1)
+    for values, label, colour in ((conf_in, in_label, ACC_COLOUR), (conf_out, out_label, GAP_COLOUR)):
+        values = np.asarray(values, dtype=float)
+        ax.hist(values, bins=edges, weights=np.full(values.size, 1 / max(values.size, 1)), alpha=0.5,
+                color=colour, edgecolor="black", linewidth=0.4, label=f"{label} (n = {values.size:,})", zorder=2)
+    ax.set(xlim=(0, 1), xlabel="Confidence (max probability)", ylabel="Fraction of inputs", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

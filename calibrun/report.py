@@ -4,7 +4,9 @@ Finds the run folders below the given paths, groups the finished ones by the con
 that differ between them (leaving out ``calibrun.config.NON_EXPERIMENT_KEYS``, the seed
 and the calibrator settings) and the calibrator, and writes mean ± std over seeds. The
 per-run tables it reads are written by ``calibrun.evaluate``; the figures are drawn by
-``calibrun.plots`` from the numbers computed here.
+``calibrun.plots`` from the numbers computed here. Scalar fitted parameters of the
+calibrators (``calibrators.json``: temperature scaling's T, say) are reported beside the
+metrics as ``<calibrator>.<name>`` columns, filled on that calibrator's rows only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import pandas as pd
 
 from calibrun import UserError
 from calibrun._io import atomic_write_text
-from calibrun.config import NON_EXPERIMENT_KEYS
+from calibrun.config import is_non_experiment_key
+from calibrun.detection import DETECTION_METRICS
+from calibrun.evaluate import CALIBRATOR_PARAMS
 from calibrun.metrics import METRIC_NAMES
 from calibrun.plots import Curve, curves_against, reliability_grid
 
@@ -30,7 +34,7 @@ def splits_groups(key: str) -> bool:
     Beyond the keys that never make two runs different experiments, the seed is what the
     groups aggregate over, and calibrator settings are reported per calibrator row.
     """
-    return key not in NON_EXPERIMENT_KEYS and key != "seed" and not key.startswith("calibrator.")
+    return not is_non_experiment_key(key) and key != "seed" and not key.startswith("calibrator.")
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -67,6 +71,43 @@ def describe_run(run_dir: Path) -> dict[str, object]:
     return info
 
 
+def calibrator_params(run_dir: Path) -> dict[str, dict[str, float]]:
+    """The scalar fitted parameters in the run's ``calibrators.json``: calibrator name ->
+    {``<calibrator>.<parameter>``: value}. Every real number becomes an entry; lists (a
+    vector scaling's weights, bin edges) do not. A run without the file has none."""
+    path = run_dir / CALIBRATOR_PARAMS
+    if not path.is_file():
+        return {}
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"Cannot read {path} of a finished run: {err}") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} does not hold a JSON object.")
+    return {name: {f"{name}.{key}": float(value) for key, value in fitted.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for name, fitted in params.items() if isinstance(fitted, dict)}
+
+
+def _with_params(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """``rows`` (one run's metric rows) plus a column per scalar fitted parameter, filled on
+    the rows of the calibrator it belongs to and NaN elsewhere."""
+    rows = rows.copy()
+    for name, values in calibrator_params(run_dir).items():
+        for column, value in values.items():
+            rows[column] = rows["calibrator"].eq(name).map({True: value, False: float("nan")}).astype(float)
+    return rows
+
+
+def param_columns(metrics: pd.DataFrame) -> list[str]:
+    """The fitted-parameter columns of ``metrics``: ``<calibrator>.<name>`` for a calibrator
+    among its rows (config keys such as ``loss.lam`` start with a config group instead)."""
+    if "calibrator" not in metrics:
+        return []
+    names = set(metrics["calibrator"].dropna())
+    return sorted(c for c in metrics.columns if "." in c and c.split(".", 1)[0] in names)
+
+
 def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(metric rows of finished runs, one row per run, the config keys that differ)."""
     runs = [describe_run(r) for r in find_runs(paths)]
@@ -82,32 +123,41 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
         metrics_file = Path(str(run["run"])) / "metrics.csv"
         if run["state"] == "done" and metrics_file.is_file():
             metrics = pd.read_csv(metrics_file)
-            rows.append(metrics[metrics["split"] == split].assign(**{k: run.get(k) for k in ["run", "seed", *varying]}))
+            chosen = metrics[metrics["split"] == split].assign(**{k: run.get(k) for k in ["run", "seed", *varying]})
+            rows.append(_with_params(chosen, Path(str(run["run"]))))
     metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *METRIC_NAMES])
     return metrics, table, varying
 
 
 def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean, standard deviation (over seeds) and n per group and calibrator."""
+    """Mean, standard deviation (over seeds) and n per group and calibrator, for every
+    metric and fitted parameter."""
     groups = [*keys, "calibrator"]
     grouped = metrics.groupby(groups, dropna=False, sort=False)
-    out = grouped[list(METRIC_NAMES)].agg(["mean", "std"])
+    out = grouped[[*METRIC_NAMES, *param_columns(metrics)]].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out.insert(0, "n", grouped.size())
     return out.reset_index()
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
+    """A table cell; empty where the value does not apply (T on a row that is not temperature's)."""
+    if pd.isna(mean):
+        return ""
     return f"{mean:.4f}" if n < 2 or pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
 
 
 def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: pd.DataFrame | None) -> str:
-    shown = summary[[*keys, "calibrator", "n"]].copy()
+    """Mean ± std of each metric per row, the paper's value beside it; "–" for a key a group
+    lacks (λ of ce), an empty cell for a value that does not apply. Cells are printed as
+    written (no number parsing), so every value keeps its four decimals."""
+    shown = summary[[*keys, "calibrator", "n"]].astype(object)
+    shown[keys] = shown[keys].where(shown[keys].notna(), "–")
     for metric in metrics:
         shown[metric] = [_mean_std(m, s, n) for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
         if paper is not None and f"paper_{metric}" in summary:
             shown[f"paper {metric}"] = summary[f"paper_{metric}"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
-    return shown.to_markdown(index=False)
+    return shown.to_markdown(index=False, disable_numparse=True)
 
 
 def load_paper(name_or_path: str) -> pd.DataFrame:
@@ -147,17 +197,23 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
     # Keys a loss does not have (λ for ce) are NaN; pivoting would drop those rows.
     cells[rows] = cells[rows].astype(object).where(cells[rows].notna(), "–")
     table = cells.pivot_table(index=rows, columns=pivot, values="cell", aggfunc="first")
-    table["avg"] = cells.pivot_table(index=rows, columns=pivot, values=f"{metric}_mean").mean(axis=1).map("{:.4f}".format)
+    # Runs behind each cell (seeds); a row's cells can differ where a run is missing.
+    counts = cells.pivot_table(index=rows, values="n", aggfunc=["min", "max"])
+    table.insert(0, "n", [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in counts.to_numpy()])
+    table["avg"] = cells.pivot_table(index=rows, columns=pivot, values=f"{metric}_mean").mean(axis=1).map(
+        lambda v: "" if pd.isna(v) else f"{v:.4f}")
     table.index = [", ".join(map(str, i if isinstance(i, tuple) else (i,))) for i in table.index]
     if paper is not None and metric in paper and pivot in paper:
         by = [k for k in rows if k in paper.columns]
         published = paper.pivot_table(index=by, columns=pivot, values=metric)
         published["avg"] = published.mean(axis=1)
         published = published.map("{:.4f}".format)
+        published.insert(0, "n", "")
         published.index = [f"paper: {', '.join(map(str, i if isinstance(i, tuple) else (i,)))}" for i in published.index]
         table = pd.concat([table, published])
     table.index.name = ", ".join(rows)
-    return f"### {metric}\n\n" + table.reset_index().to_markdown(index=False)
+    # disable_numparse: keep every cell as formatted (0.1650, not 0.165).
+    return f"### {metric}\n\n" + table.reset_index().to_markdown(index=False, disable_numparse=True)
 
 
 def _read_bins(path: Path) -> pd.DataFrame:
@@ -207,11 +263,14 @@ def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Pat
     curves_against(panels, path, x_name="λ", xlabel=f"λ ({lam})")
 
 
-def _check_metrics(names: list[str], option: str) -> None:
-    unknown = [name for name in names if name not in METRIC_NAMES]
+def _check_metrics(names: list[str], option: str, params: list[str] | None = None) -> None:
+    """Refuse names that are neither a metric nor one of ``params`` (fitted-parameter
+    columns). With ``params=None`` (runs not read yet) dotted names pass for now."""
+    choices = [*METRIC_NAMES, *(params or [])]
+    unknown = [name for name in names if name not in choices and (params is not None or "." not in name)]
     if unknown:
         raise UserError(f"Unknown metric {', '.join(map(repr, unknown))} in {option}; "
-                        f"choose from {', '.join(METRIC_NAMES)}.")
+                        f"choose from {', '.join(choices)}.")
 
 
 def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = "report",
@@ -228,6 +287,8 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     metrics, runs, keys = collect(paths)
     if calibrators:
         metrics = metrics[metrics["calibrator"].isin(calibrators)]
+    if len(metrics):  # with no finished run there is no table: list the failed runs instead
+        _check_metrics(shown, "--table-metrics", param_columns(metrics))
     summary = aggregate(metrics, keys) if len(metrics) else pd.DataFrame()
     reference = load_paper(paper) if paper else None
     if reference is not None and len(summary):
@@ -236,7 +297,9 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     if caption:
         lines += [caption, ""]
     lines += [f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
-    constant = {k: runs[k].iloc[0] for k in ("data", "model", "loss") if k in runs and k not in keys}
+    # model.depth too: model=resnet110 with model.depth=56 is a ResNet-56.
+    constant = {k: runs[k].iloc[0] for k in ("data", "model", "model.depth", "loss")
+                if k in runs and k not in keys and pd.notna(runs[k].iloc[0])}
     if constant:
         lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]
     if len(summary) and pivot in keys:
@@ -258,4 +321,90 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     if len(metrics) and grid_calibrator in set(metrics["calibrator"]):
         panels = reliability_panels(metrics, keys, grid_calibrator)
         reliability_grid(panels, out / grid_name, ncols=min(len(panels), 4))
+    write_shift_report(runs, keys, out, name, calibrators)
+    write_ood_report(runs, keys, out, name, calibrators)
     return summary
+
+
+# --------------------------------------------------------------------------- shift and OOD
+
+
+def collect_part(runs: pd.DataFrame, keys: list[str], part: str, calibrators: list[str] | None) -> pd.DataFrame:
+    """The rows of every finished run's ``<part>/metrics.csv`` (``shift`` or ``ood``,
+    written by ``calibrun.robustness``), with the run, its seed and its group keys."""
+    frames = []
+    for _, run in runs[runs["state"] == "done"].iterrows():
+        path = Path(str(run["run"])) / part / "metrics.csv"
+        if path.is_file():
+            try:
+                rows = pd.read_csv(path)
+            except (OSError, ValueError, pd.errors.ParserError) as err:
+                raise UserError(f"Cannot read {path}: {err}") from None
+            frames.append(rows.assign(run=run["run"], seed=run["seed"], **{k: run.get(k) for k in keys}))
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return rows[rows["calibrator"].isin(calibrators)] if calibrators and len(rows) else rows
+
+
+def shift_summary(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per group, calibrator and severity: each run's mean over its corruptions, then
+    mean ± std over the runs (seeds); ``n`` counts runs."""
+    per_run = rows.groupby(["run", *keys, "calibrator", "severity"], dropna=False, sort=False)[list(METRIC_NAMES)]
+    return aggregate(per_run.mean().reset_index(), [*keys, "severity"])
+
+
+def severity_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curve]:
+    """``metric`` (mean ± std over seeds) against severity, one curve per group and calibrator."""
+    curves = []
+    for label, rows in summary.groupby([*keys, "calibrator"], dropna=False, sort=False):
+        rows = rows.sort_values("severity")
+        curves.append(Curve(label=", ".join(map(str, label if isinstance(label, tuple) else (label,))),
+                            x=rows["severity"].astype(float).to_numpy(), y=rows[f"{metric}_mean"].to_numpy(),
+                            yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
+    return curves
+
+
+def write_shift_report(runs: pd.DataFrame, keys: list[str], out: Path, name: str,
+                       calibrators: list[str] | None) -> None:
+    """``<name>_shift.md``/``.csv`` (ECE and accuracy per severity, mean over the
+    corruptions, mean ± std over seeds) and ``<name>_shift_ece.png``, if any run has them."""
+    rows = collect_part(runs, keys, "shift", calibrators)
+    if not len(rows):
+        return
+    summary = shift_summary(rows, keys)
+    corruptions = ", ".join(sorted(rows["corruption"].unique()))
+    lines = [f"# {name}: corrupted test sets", "",
+             f"{rows['run'].nunique()} runs; each cell is the mean over the corruptions ({corruptions}) of each run, "
+             "then mean ± std over seeds (n runs). Calibrators were fitted on each run's clean validation split.", ""]
+    columns = summary.assign(severity=[f"severity {int(s)}" for s in summary["severity"]])
+    lines += [block for metric in ("ece", "accuracy") for block in
+              (pivot_markdown(columns, [*keys, "severity"], "severity", metric, None), "")]
+    atomic_write_text(out / f"{name}_shift.md", "\n".join(lines))
+    atomic_write_text(out / f"{name}_shift.csv", summary.to_csv(index=False))
+    panels = {metric: severity_curves(summary, keys, metric) for metric in ("ece", "accuracy")}
+    curves_against(panels, out / f"{name}_shift_ece.png", x_name="severity", xlabel="corruption severity",
+                   xscale="linear")
+
+
+def write_ood_report(runs: pd.DataFrame, keys: list[str], out: Path, name: str,
+                     calibrators: list[str] | None) -> None:
+    """``<name>_ood.md``/``.csv``: detection metrics per group, OOD set, score and
+    calibrator, mean ± std over seeds, if any run has them."""
+    rows = collect_part(runs, keys, "ood", calibrators)
+    if not len(rows):
+        return
+    groups = [*keys, "dataset", "score", "calibrator"]
+    grouped = rows.groupby(groups, dropna=False, sort=False)
+    summary = grouped[list(DETECTION_METRICS)].agg(["mean", "std"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary.insert(0, "n", grouped.size())
+    summary = summary.reset_index()
+    shown = summary[groups + ["n"]].astype(object).where(summary[groups + ["n"]].notna(), "–")
+    for metric in DETECTION_METRICS:
+        shown[metric] = [_mean_std(m, s, n) for m, s, n in
+                         zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
+    lines = [f"# {name}: out-of-distribution detection", "",
+             "In-distribution: each run's test split (the positive class); scores: msp = max probability, "
+             "entropy = negative predictive entropy; fpr95 = FPR at 95% TPR. Mean ± std over seeds (n runs).", "",
+             shown.to_markdown(index=False), ""]
+    atomic_write_text(out / f"{name}_ood.md", "\n".join(lines))
+    atomic_write_text(out / f"{name}_ood.csv", summary.to_csv(index=False))

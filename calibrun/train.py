@@ -40,6 +40,8 @@ from calibrun.data import DeviceLoader, Split
 from calibrun.evaluate import build_calibrators, calibrate_and_report
 from calibrun.losses import Loss
 from calibrun.metrics import accuracy, ece
+from calibrun.predict import predict
+from calibrun.robustness import Predictor, evaluate_beyond_test
 
 log = logging.getLogger(__name__)
 
@@ -275,23 +277,6 @@ class SignalFlag:
         raise Interrupted(f"Interrupted by {name}; a checkpoint was saved. Run the same command again to resume.")
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader: DeviceLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split, in split order, computed in float32 on the device.
-
-    Autocast is switched off even if a caller left it on: the saved logits are what the
-    calibrators and metrics read, and bf16 logits (8 bits of mantissa) would quantise the
-    confidences being calibrated. The weights are float32, so this costs only speed.
-    """
-    model.eval()
-    outs, labels = [], []
-    with torch.autocast(loader.device.type, enabled=False):
-        for x, y in loader:
-            outs.append(model(x).float())
-            labels.append(y)
-    return torch.cat(outs), torch.cat(labels)
-
-
 @dataclasses.dataclass
 class Training:
     """The built parts the loop works with."""
@@ -442,6 +427,9 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
         logits, labels = predict(tr.forward, loader)
         save_logits(run_dir / "logits" / f"{split}.npz", logits, labels, splits[split].index)
     table = calibrate_and_report(run_dir, calibrators, cfg.metrics.n_bins)
+    test_loader = tr.eval_loaders["test"]
+    evaluate_beyond_test(run_dir, cfg, Predictor(tr.forward, test_loader.transform, test_loader.device,
+                                                 cfg.trainer.eval_batch_size, test_loader.channels_last))
     write_status(run_dir, "done", epoch=cfg.trainer.epochs)
     log.info("Results in %s\n%s", run_dir.resolve(), table.to_string(index=False))
     return table.to_dict("records")

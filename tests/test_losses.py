@@ -175,6 +175,49 @@ def test_torch_label_smoothing_differs_as_documented():
     assert torch_value != pytest.approx(value(LabelSmoothing(alpha)), abs=1e-6)
 
 
+# K = 3, logits (ln 2, 0, 0): softmax = (2, 1, 1)/4 = (1/2, 1/4, 1/4), so
+# −log p = (ln 2, 2 ln 2, 2 ln 2). Two samples: y = 0 and y = 1; α = 0.3.
+HAND_LOGITS = np.array([[math.log(2), 0.0, 0.0], [math.log(2), 0.0, 0.0]])
+HAND_LABELS = np.array([0, 1])
+LN2 = math.log(2)
+
+
+def test_label_smoothing_spread_others_by_hand():
+    # Target 1−α = 0.7 on y, α/(K−1) = 0.15 on each other class.
+    # y = 0: 0.7·ln2 + 0.15·(2ln2 + 2ln2) = 0.7 ln2 + 0.6 ln2 = 1.3 ln2
+    # y = 1: 0.7·2ln2 + 0.15·(ln2 + 2ln2) = 1.4 ln2 + 0.45 ln2 = 1.85 ln2
+    # mean: (1.3 + 1.85)/2 · ln2 = 1.575 ln2
+    loss = LabelSmoothing(alpha=0.3, spread="others")
+    assert value(loss, HAND_LOGITS, HAND_LABELS) == pytest.approx(1.575 * LN2, abs=1e-12, rel=0)
+
+
+def test_label_smoothing_spread_all_by_hand():
+    # Müller et al.: (1−α)·y + α/K: 0.7 + 0.1 = 0.8 on y, α/K = 0.1 on each other class.
+    # y = 0: 0.8·ln2 + 0.1·(2ln2 + 2ln2) = 0.8 ln2 + 0.4 ln2 = 1.2 ln2
+    # y = 1: 0.8·2ln2 + 0.1·(ln2 + 2ln2) = 1.6 ln2 + 0.3 ln2 = 1.9 ln2
+    # mean: (1.2 + 1.9)/2 · ln2 = 1.55 ln2
+    loss = LabelSmoothing(alpha=0.3, spread="all")
+    assert value(loss, HAND_LOGITS, HAND_LABELS) == pytest.approx(1.55 * LN2, abs=1e-12, rel=0)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3])
+def test_label_smoothing_spread_all_is_torch_label_smoothing(alpha):
+    z, y = torch.tensor(LOGITS), torch.tensor(LABELS)
+    expected = float(F.cross_entropy(z, y, label_smoothing=alpha))
+    assert value(LabelSmoothing(alpha, spread="all")) == pytest.approx(expected, abs=1e-12, rel=0)
+
+
+def test_label_smoothing_bad_spread_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"loss\.spread='everywhere'.*allowed: others, all"):
+        LabelSmoothing(spread="everywhere")
+
+
+def test_label_smoothing_spread_is_a_config_value(compose_cfg):
+    cfg = compose_cfg(["loss=label_smoothing", "loss.spread=all", "loss.alpha=0.3"])
+    assert instantiate(cfg.loss).spread == "all"
+    assert value(instantiate(cfg.loss), HAND_LOGITS, HAND_LABELS) == pytest.approx(1.55 * LN2, abs=1e-12)
+
+
 def test_capped_term_has_no_gradient_for_samples_above_the_cap():
     z = torch.tensor(LOGITS, requires_grad=True)
     GapLoss(lam=0, cap=0.5)(z, torch.tensor(LABELS)).backward()

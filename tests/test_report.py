@@ -1,5 +1,6 @@
 """calibrun-report over a λ × seed sweep, repeated sweeps, and failed jobs."""
 
+import json
 import subprocess
 import sys
 
@@ -101,22 +102,29 @@ def _set(config: dict, dotted: str, value: object) -> None:
     config[leaf] = value
 
 
-def fake_run(folder, config: dict, ece: float) -> None:
-    """A finished run folder as calibrun-report reads it: .hydra/, config.yaml, DONE, metrics.csv."""
+def fake_run(folder, config: dict, ece: float, params: dict | None = None) -> None:
+    """A finished run folder as calibrun-report reads it: .hydra/, config.yaml, DONE, metrics.csv;
+    with ``params`` (calibrator -> fitted parameters) also calibrators.json and a test row per
+    calibrator there, whose ECE is ``ece`` plus 0.01 per position."""
     (folder / ".hydra").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / "DONE").write_text("")
-    rows = [{"split": split, "calibrator": "none", **dict.fromkeys(METRIC_NAMES, 0.5), "ece": ece, "n": 10}
-            for split in ("val", "test")]
+    names = ["none", *(params or {})]
+    rows = [{"split": split, "calibrator": name, **dict.fromkeys(METRIC_NAMES, 0.5), "ece": ece + 0.01 * i, "n": 10}
+            for split in ("val", "test") for i, name in enumerate(names)]
     pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    if params is not None:
+        (folder / "calibrators.json").write_text(json.dumps({"none": {}, **params}))
 
 
 def test_runs_differing_only_in_non_experiment_keys_seed_and_calibrators_form_one_group(tmp_path):
     for i, ece in enumerate((0.1, 0.2, 0.3)):
         config = {"seed": i, "loss": {"_target_": "calibrun.losses.GapCap", "lam": 1.0}, "trainer": {"epochs": 2},
                   "calibrator": {"histogram": {"_target_": "calibrun.calibrators.HistogramBinning", "n_bins": 5 + i}}}
-        for key in NON_EXPERIMENT_KEYS:
+        # A key below another one (shift.root below shift) is covered by its parent.
+        for key in (k for k in NON_EXPERIMENT_KEYS if not any(k.startswith(f"{p}.") for p in NON_EXPERIMENT_KEYS)):
             _set(config, key, f"value-{i}")
+        config["shift"] = {"root": f"/data-{i}", "severities": [1, 2, 3][: i + 1]}
         fake_run(tmp_path / f"lam1_seed{i}", config, ece)
     config["loss"]["lam"] = 10.0
     fake_run(tmp_path / "lam10", config, 0.5)
@@ -165,3 +173,93 @@ def test_caption_is_written_under_the_title(tmp_path):
     assert (tmp_path / "out" / "with.md").read_text().splitlines()[:4] == ["# with", "", caption, ""]
     without = (tmp_path / "out" / "without.md").read_text()
     assert caption not in without and without.splitlines()[2].startswith("1 runs under")
+
+
+def _params_runs(root):
+    """Two seeds of alpha=0 (T = 1.5 and 2.5) and one of alpha=0.05 (T = 1.0); vector scaling's
+    parameters are lists and must not become columns."""
+    vector = {"w": [1.0, 2.0], "b": [0.0, 0.1]}
+    for seed, T in ((0, 1.5), (1, 2.5)):
+        fake_run(root / f"ce{seed}", {"seed": seed, "loss": {"alpha": 0.0}}, 0.10 + 0.02 * seed,
+                 {"temperature": {"T": T}, "vector": vector})
+    fake_run(root / "ls0", {"seed": 0, "loss": {"alpha": 0.05}}, 0.30, {"temperature": {"T": 1.0}, "vector": vector})
+
+
+def test_scalar_fitted_parameters_become_columns_aggregated_over_seeds(tmp_path):
+    _params_runs(tmp_path / "runs")
+    metrics, _, keys = collect([tmp_path / "runs"])
+    assert keys == ["loss.alpha"] and "temperature.T" in metrics and not any(c.startswith("vector.") for c in metrics)
+    summary = aggregate(metrics, keys).set_index(["loss.alpha", "calibrator"])
+    # T over the two alpha=0 seeds: mean (1.5 + 2.5)/2 = 2.0; sample std sqrt(((-.5)² + .5²)/1) = sqrt(.5).
+    assert summary.loc[(0.0, "temperature"), "temperature.T_mean"] == pytest.approx(2.0, abs=1e-12)
+    assert summary.loc[(0.0, "temperature"), "temperature.T_std"] == pytest.approx(0.5 ** 0.5, abs=1e-12)
+    assert summary.loc[(0.05, "temperature"), "temperature.T_mean"] == pytest.approx(1.0, abs=1e-12)
+    # ECE of temperature's rows: 0.11 and 0.13 -> 0.12.
+    assert summary.loc[(0.0, "temperature"), "ece_mean"] == pytest.approx(0.12, abs=1e-12)
+    assert summary.loc[[(0.0, "none"), (0.0, "vector")], "temperature.T_mean"].isna().all()
+
+
+def test_fitted_parameters_in_the_table_with_the_papers_and_empty_cells_elsewhere(tmp_path):
+    _params_runs(tmp_path / "runs")
+    paper = tmp_path / "paper.csv"
+    paper.write_text("loss.alpha,calibrator,ece,temperature.T\n0.0,none,0.150,\n0.0,temperature,0.021,1.9\n")
+    write_report([tmp_path / "runs"], tmp_path / "out", name="t", calibrators=["none", "temperature"],
+                 paper=str(paper), grid_calibrator="absent", table_metrics=["ece", "temperature.T"])
+    text = (tmp_path / "out" / "t.md").read_text()
+    assert "nan" not in text.lower()
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    header, rows = table[0], {(r[0], r[1]): dict(zip(table[0], r)) for r in table[2:]}
+    assert header == ["loss.alpha", "calibrator", "n", "ece", "paper ece", "temperature.T", "paper temperature.T"]
+    assert rows[("0.0", "temperature")]["temperature.T"] == "2.0000 ± 0.7071"
+    assert rows[("0.0", "temperature")]["paper temperature.T"] == "1.9000"
+    assert rows[("0.0", "none")]["temperature.T"] == "" and rows[("0.0", "none")]["paper temperature.T"] == ""
+    assert rows[("0.05", "temperature")]["temperature.T"] == "1.0000"
+    assert rows[("0.05", "none")]["paper ece"] == ""
+    csv = pd.read_csv(tmp_path / "out" / "t.csv")
+    assert {"temperature.T_mean", "temperature.T_std", "paper_temperature.T"} <= set(csv.columns)
+
+
+@pytest.mark.parametrize(("calibrators", "name"), [(None, "temperature.X"), (["none"], "temperature.T")])
+def test_unknown_fitted_parameter_lists_the_choices(tmp_path, calibrators, name):
+    _params_runs(tmp_path / "runs")
+    choices = "temperature.T" if calibrators is None else "brier"
+    with pytest.raises(UserError, match=rf"'{name}' in --table-metrics; choose from accuracy, .*{choices}"):
+        write_report([tmp_path / "runs"], tmp_path / "out", calibrators=calibrators, table_metrics=["ece", name])
+
+
+def _shift_rows(base: float, seed: int) -> pd.DataFrame:
+    """ECE = base + 0.1·severity + 0.02 on corruption b + 0.01·seed; accuracy 0.9 − 0.1·severity."""
+    return pd.DataFrame([
+        {"corruption": c, "severity": s, "calibrator": cal, **dict.fromkeys(METRIC_NAMES, 0.5),
+         "ece": base + 0.1 * s + (0.02 if c == "b" else 0) + 0.01 * seed, "accuracy": 0.9 - 0.1 * s, "n": 100}
+        for c in ("a", "b") for s in (1, 2) for cal in ("none", "temperature")])
+
+
+def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
+    for gamma, base in ((1.0, 0.0), (3.0, 0.3)):
+        for seed in (0, 1):
+            folder = tmp_path / "runs" / f"g{gamma}_s{seed}"
+            fake_run(folder, {"seed": seed, "loss": {"gamma": gamma}}, 0.1)
+            (folder / "shift").mkdir()
+            _shift_rows(base, seed).to_csv(folder / "shift" / "metrics.csv", index=False)
+            (folder / "ood").mkdir()
+            pd.DataFrame([{"dataset": "svhn", "score": "msp", "calibrator": "none", "auroc": 0.8 + 0.1 * seed,
+                           "aupr_in": 0.7, "aupr_out": 0.6, "fpr95": 0.5, "n": 50}]).to_csv(
+                folder / "ood" / "metrics.csv", index=False)
+    write_report([tmp_path / "runs"], tmp_path / "out", grid_calibrator="temperature")
+    summary = pd.read_csv(tmp_path / "out" / "report_shift.csv").set_index(["loss.gamma", "calibrator", "severity"])
+    # Mean over corruptions a, b: base + 0.1·s + 0.01 + 0.01·seed; over seeds 0 and 1: ± sample std 0.00707.
+    row = summary.loc[(3.0, "temperature", 2)]
+    assert row["n"] == 2
+    assert row["ece_mean"] == pytest.approx(0.3 + 0.2 + 0.01 + 0.005)
+    assert row["ece_std"] == pytest.approx(np.std([0.0, 0.01], ddof=1))
+    text = (tmp_path / "out" / "report_shift.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| loss.gamma"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["loss.gamma, calibrator", "n", "severity 1",
+                                                                  "severity 2", "avg"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 1.0, none")]
+    assert cells[0] == ["1.0, none", "2", "0.1150 ± 0.0071", "0.2150 ± 0.0071", "0.1650"]  # the ece table
+    assert (tmp_path / "out" / "report_shift_ece.png").is_file()
+    ood = pd.read_csv(tmp_path / "out" / "report_ood.csv")
+    assert ood["n"].tolist() == [2, 2] and ood["auroc_mean"].tolist() == pytest.approx([0.85, 0.85])
+    assert "0.8500 ± 0.0707" in (tmp_path / "out" / "report_ood.md").read_text()

@@ -1,0 +1,286 @@
+"""Calibration beyond the clean test split: corrupted test sets (``shift``) and
+out-of-distribution detection (``ood``), for a trained run (docs/design.md §7.3).
+
+The calibrators are those of the run, fitted on its own validation logits; nothing is
+ever refitted on shifted or out-of-distribution data. Results go under the run folder:
+
+- ``shift/metrics.csv`` (``corruption, severity, calibrator`` and every metric column of
+  ``metrics.csv``), ``shift/bins.csv`` and ``shift/figures/``;
+- ``ood/metrics.csv`` (``dataset, score, calibrator, auroc, aupr_in, aupr_out, fpr95,
+  n``) and ``ood/figures/``.
+
+Both tables are rewritten after every corruption block or OOD set, so an interrupted
+evaluation keeps what it finished, and a repeated one skips it. ``shift/state.json``
+records the fitted calibrators and bins the rows were made with; when they change, the
+rows are computed again.
+
+References: Ovadia et al. 2019, "Can You Trust Your Model's Uncertainty? Evaluating
+Predictive Uncertainty Under Dataset Shift"; Hendrycks & Dietterich 2019 (CIFAR-10-C).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from calibrun import UserError
+from calibrun._io import atomic_write_text
+from calibrun.calibrators import Calibrator, Uncalibrated
+from calibrun.config import Select, build_component, first_line, validate
+from calibrun.data import DeviceLoader, Split, Transform
+from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
+from calibrun.evaluate import build_calibrators, load_logits, load_run_config
+from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate
+from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
+from calibrun.predict import predict
+
+log = logging.getLogger(__name__)
+
+SHIFT_COLUMNS = ["corruption", "severity", "calibrator", *METRIC_NAMES, "n"]
+SHIFT_BIN_COLUMNS = ["corruption", "severity", "calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
+OOD_COLUMNS = ["dataset", "score", "calibrator", *DETECTION_METRICS, "n"]
+
+
+@dataclass
+class Predictor:
+    """The trained model with the evaluation transform of its data, on its device."""
+
+    model: Callable[[torch.Tensor], torch.Tensor]
+    transform: Transform
+    device: torch.device
+    batch_size: int
+    channels_last: bool = False
+
+    def logits(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        """float32 logits and labels of ``split``, batches cut on the device."""
+        loader = DeviceLoader(split, self.batch_size, self.device, self.transform, channels_last=self.channels_last)
+        logits, labels = predict(self.model, loader)
+        return logits.cpu().numpy(), labels.cpu().numpy()
+
+
+def fitted_calibrators(run_dir: Path, section: DictConfig) -> dict[str, Calibrator]:
+    """``none`` and the run's calibrators, fitted on the run's ``logits/val.npz``."""
+    z, y = load_logits(run_dir / "logits" / "val.npz")
+    return {name: c.fit(z, y) for name, c in {"none": Uncalibrated(), **build_calibrators(section)}.items()}
+
+
+def evaluate_beyond_test(run_dir: Path, cfg: DictConfig, predictor: Predictor) -> None:
+    """The shift and OOD evaluations the config names (``shift``, ``ood``), if any."""
+    if not (cfg.get("shift") or cfg.get("ood")):
+        return
+    calibrators = fitted_calibrators(run_dir, cfg.calibrator)
+    if cfg.get("shift"):
+        shift = build_component(cfg.shift, "shift")
+        if shift.num_classes != cfg.data.num_classes:
+            raise UserError(f"shift={shift.name} has {shift.num_classes} classes but the model was trained on "
+                            f"{cfg.data.num_classes}; pick the corrupted release of the training data.")
+        evaluate_shift(run_dir, shift, predictor, calibrators, cfg.metrics.n_bins)
+    if cfg.get("ood"):
+        evaluate_ood(run_dir, build_component(cfg.ood, "ood"), predictor, calibrators, cfg.metrics.n_bins)
+
+
+# --------------------------------------------------------------------------- shift
+
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A results table written earlier, or an empty one; unreadable means start again."""
+    if path.is_file():
+        try:
+            table = pd.read_csv(path)
+            if list(table.columns) == columns:
+                return table
+        except (OSError, ValueError, pd.errors.ParserError):
+            pass
+        log.warning("%s is unreadable or has other columns; computing it again.", path)
+    return pd.DataFrame(columns=columns)
+
+
+def _state(calibrators: dict[str, Calibrator], n_bins: int) -> str:
+    """A fingerprint of what the rows depend on besides the images: the fitted calibrators."""
+    params = {name: c.params() for name, c in calibrators.items()}
+    return hashlib.sha256(json.dumps({"n_bins": n_bins, "params": params}, sort_keys=True).encode()).hexdigest()
+
+
+def _previous(out: Path, state: str, tables: dict[str, list[str]]) -> list[pd.DataFrame]:
+    """The tables in ``out`` if they were made with ``state``, else empty ones."""
+    state_file = out / "state.json"
+    same = state_file.is_file() and json.loads(state_file.read_text() or "{}").get("state") == state
+    if not same and any((out / name).exists() for name in tables):
+        log.info("%s was made with other calibrators or bins; computing it again.", out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state_file, json.dumps({"state": state}) + "\n")
+    return [_read_table(out / name, columns) if same else pd.DataFrame(columns=columns)
+            for name, columns in tables.items()]
+
+
+def _score_block(z: np.ndarray, y: np.ndarray, calibrators: dict[str, Calibrator], n_bins: int,
+                 key: dict[str, object]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metric rows and reliability bins of every calibrator on one block of logits."""
+    rows, bins = [], []
+    for name, calibrator in calibrators.items():
+        probs = calibrator.predict_proba(z)
+        rows.append({**key, "calibrator": name, **evaluate(probs, y, n_bins)})
+        bins.append(bin_stats(probs, y, n_bins).assign(**key, calibrator=name))
+    return pd.DataFrame(rows), pd.concat(bins, ignore_index=True)
+
+
+def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrators: dict[str, Calibrator],
+                   n_bins: int) -> pd.DataFrame:
+    """Every (corruption, severity) block of ``shift.sets()`` not yet in ``shift/metrics.csv``."""
+    out = run_dir / "shift"
+    table, bins = _previous(out, _state(calibrators, n_bins),
+                            {"metrics.csv": SHIFT_COLUMNS, "bins.csv": SHIFT_BIN_COLUMNS})
+    done = set(zip(table["corruption"], table["severity"].astype(int)))
+    images, seconds = 0, 0.0
+    for corruption, severity, split in shift.sets():
+        if (corruption, severity) in done:
+            continue
+        start = time.perf_counter()
+        z, y = predictor.logits(split)
+        seconds, images = seconds + time.perf_counter() - start, images + len(y)
+        new_rows, new_bins = _score_block(z, y, calibrators, n_bins, {"corruption": corruption, "severity": severity})
+        table = pd.concat([table, new_rows[SHIFT_COLUMNS]], ignore_index=True)
+        bins = pd.concat([bins, new_bins[SHIFT_BIN_COLUMNS]], ignore_index=True)
+        atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+        atomic_write_text(out / "bins.csv", bins.to_csv(index=False))
+        ece = new_rows.set_index("calibrator")["ece"]
+        log.info("shift %s severity %d: accuracy %.4f, ECE %s", corruption, severity, new_rows["accuracy"].iloc[0],
+                 ", ".join(f"{name} {value:.4f}" for name, value in ece.items()))
+    if images:
+        log.info("shift: %d images in %.1f s (%.0f images/s)", images, seconds, images / max(seconds, 1e-9))
+    if len(table):
+        shift_figures(out / "figures", table, bins, _clean_rows(run_dir))
+    return table
+
+
+def _clean_rows(run_dir: Path) -> pd.DataFrame | None:
+    """The run's own test rows (the uncorrupted reference), if its table is readable."""
+    try:
+        metrics = pd.read_csv(run_dir / "metrics.csv")
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    return metrics[metrics["split"] == "test"]
+
+
+def pooled_bins(bins: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
+    """Bins of several blocks added up (counts add, means weight by count), with the ECE
+    and MCE of the pooled images."""
+    weighted = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"], acc_sum=bins["acc"].fillna(0) * bins["count"])
+    pooled = weighted.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
+    count = pooled["count"].where(pooled["count"] > 0)
+    pooled = pooled.assign(conf=pooled["conf_sum"] / count, acc=pooled["acc_sum"] / count)
+    gaps = (pooled["acc"] - pooled["conf"]).abs()
+    ece = float((gaps.fillna(0) * pooled["count"]).sum() / max(pooled["count"].sum(), 1))
+    return pooled[["bin", "lo", "hi", "count", "conf", "acc"]], ece, float(gaps.max(skipna=True))
+
+
+def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: pd.DataFrame | None) -> None:
+    """ECE and accuracy against severity (boxes over the corruptions), and per severity
+    and calibrator a reliability diagram over the pooled corruptions with its histogram."""
+    severity_boxes(table.astype({"severity": int}), folder / "severity_boxes.png", clean=clean)
+    for (severity, name), rows in bins.groupby(["severity", "calibrator"], sort=False):
+        pooled, ece, mce = pooled_bins(rows)
+        n_corruptions = rows["corruption"].nunique()
+        title = f"{name}, severity {int(severity)} ({n_corruptions} corruptions pooled)"
+        reliability_with_histogram(pooled, folder / f"reliability_severity{int(severity)}_{name}.png", title, ece, mce)
+
+
+# --------------------------------------------------------------------------- out of distribution
+
+
+def evaluate_ood(run_dir: Path, ood: object, predictor: Predictor, calibrators: dict[str, Calibrator],
+                 n_bins: int) -> pd.DataFrame:
+    """Detection metrics of every score after every calibrator, the run's test split as
+    in-distribution and ``ood.split()`` as out-of-distribution; skipped if ``ood/metrics.csv``
+    already holds the set."""
+    out = run_dir / "ood"
+    (table,) = _previous(out, _state(calibrators, n_bins), {"metrics.csv": OOD_COLUMNS})
+    if ood.name in set(table["dataset"]):
+        log.info("ood %s: already in %s", ood.name, out / "metrics.csv")
+        return table
+    z_in, _ = load_logits(run_dir / "logits" / "test.npz")
+    z_out, _ = predictor.logits(ood.split())
+    rows = []
+    for name, calibrator in calibrators.items():
+        p_in, p_out = calibrator.predict_proba(z_in), calibrator.predict_proba(z_out)
+        for score_name, score in SCORES.items():
+            rows.append({"dataset": ood.name, "score": score_name, "calibrator": name,
+                         **detection_metrics(score(p_in), score(p_out)), "n": len(z_out)})
+        in_out_histogram(p_in.max(axis=1), p_out.max(axis=1), out / "figures" / f"confidence_{ood.name}_{name}.png",
+                         "test (in-distribution)", f"{ood.name} (out-of-distribution)", title=f"{name}")
+    new = pd.DataFrame(rows)[OOD_COLUMNS]
+    table = pd.concat([table, new], ignore_index=True) if len(table) else new
+    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+    best = new[new["score"] == "msp"].set_index("calibrator")["auroc"]
+    log.info("ood %s (%d images): AUROC of the max probability %s", ood.name, len(z_out),
+             ", ".join(f"{name} {value:.4f}" for name, value in best.items()))
+    return table
+
+
+# --------------------------------------------------------------------------- calibrun-evaluate
+
+EVALUATE_HELP = "shift=NAME, ood=NAME, shift.<key>=value, ood.<key>=value, trainer.device and trainer.eval_batch_size"
+
+
+def evaluation_config(run_dir: Path, overrides: list[str], conf_dir: Path) -> DictConfig:
+    """The run's own config with the ``shift``/``ood`` the overrides compose (from
+    ``conf/shift``, ``conf/ood``) and the device settings they give, validated."""
+    needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz", run_dir / "logits" / "test.npz"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
+    allowed = ("shift", "ood", "trainer.device", "trainer.eval_batch_size")
+    for text in overrides:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if "=" not in text or not any(key == a or key.startswith(f"{a}.") for a in allowed):
+            raise UserError(f"calibrun-evaluate cannot apply {text!r}: it takes {EVALUATE_HELP}.")
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        if key in ("shift", "ood") and text.split("=", 1)[1] not in options:
+            raise UserError(f"{text}: no such option; {key} can be {', '.join(options) or '(none installed)'}.")
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+            composed = compose(config_name="config", overrides=overrides)
+    except HydraException as err:
+        raise UserError(f"calibrun-evaluate: {first_line(err)}") from None
+    cfg = load_run_config(run_dir / "config.yaml")
+    with open_dict(cfg):
+        for key in ("shift", "ood"):
+            cfg[key] = composed.get(key) or cfg.get(key)
+        for key in ("device", "eval_batch_size"):
+            if any(o.startswith(f"trainer.{key}=") for o in overrides):
+                cfg.trainer[key] = composed.trainer[key]
+    if not (cfg.get("shift") or cfg.get("ood")):
+        raise UserError("calibrun-evaluate needs shift=NAME and/or ood=NAME (see conf/shift and conf/ood).")
+    return validate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+
+
+def trained_predictor(run_dir: Path, cfg: DictConfig) -> Predictor:
+    """The run's model with the weights it was evaluated with (``best.pt`` under
+    ``trainer.select=best_val``, else ``last.pt``), on ``trainer.device``."""
+    # Imported here: calibrun.train imports this module for its end-of-run evaluation.
+    from calibrun.train import load_checkpoint, resolve_device
+
+    device = resolve_device(cfg.trainer.device)
+    name = "best.pt" if cfg.trainer.select == Select.best_val else "last.pt"
+    path = run_dir / "checkpoints" / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the weights of {run_dir} are needed to evaluate it on new images.")
+    model = build_component(cfg.model, "model")
+    try:
+        model.load_state_dict(load_checkpoint(path, device)["model"])
+    except (KeyError, RuntimeError) as err:
+        raise UserError(f"{path} does not hold weights of the run's model ({str(err).splitlines()[0]}).") from None
+    data = build_component(cfg.data, "data")
+    return Predictor(model.to(device).eval(), data.eval_transform, device, cfg.trainer.eval_batch_size)

@@ -1,0 +1,182 @@
+"""Evaluation on shifted and out-of-distribution images (calibrun.robustness): the rows
+agree with the model run directly, nothing is refitted, and finished work is skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import FAST
+
+from calibrun import UserError
+from calibrun.cli import config_dir, evaluate
+from calibrun.config import build_component, validate
+from calibrun.data import Split
+from calibrun.detection import SCORES, detection_metrics
+from calibrun.evaluate import load_logits
+from calibrun.metrics import METRIC_NAMES
+from calibrun.metrics import evaluate as metrics_evaluate
+from calibrun.robustness import (
+    evaluate_ood,
+    evaluate_shift,
+    evaluation_config,
+    fitted_calibrators,
+    pooled_bins,
+    trained_predictor,
+)
+from calibrun.train import run
+
+CALIBRATORS = "calibrator=[temperature,isotonic]"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, compose_cfg_module):
+    """A finished FAST run on the synthetic data: (run folder, its validated config)."""
+    run_dir = tmp_path_factory.mktemp("robustness") / "run"
+    cfg = validate(compose_cfg_module([*FAST, CALIBRATORS, "run_name=r"]))
+    run(cfg, run_dir)
+    return run_dir, cfg
+
+
+@pytest.fixture(scope="module")
+def compose_cfg_module():
+    from hydra import compose, initialize_config_dir
+
+    def _compose(overrides):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+
+    return _compose
+
+
+class FakeCorruptions:
+    """The synthetic test images under growing noise: 2 corruptions x 2 severities."""
+
+    name, num_classes = "fake_c", 4
+
+    def __init__(self, test: Split) -> None:
+        self.test, self.calls = test, 0
+
+    def block(self, corruption: str, severity: int) -> Split:
+        g = torch.Generator().manual_seed(severity * 10 + len(corruption))
+        noise = torch.randn(self.test.images.shape, generator=g) * 30 * severity
+        images = (self.test.images.float() + noise).clamp(0, 255).to(torch.uint8)
+        return Split(images, self.test.labels, self.test.index)
+
+    def sets(self):
+        for corruption in ("noise", "more_noise"):
+            for severity in (1, 2):
+                self.calls += 1
+                yield corruption, severity, self.block(corruption, severity)
+
+
+class FakeOOD:
+    name = "uniform_noise"
+
+    def split(self) -> Split:
+        g = torch.Generator().manual_seed(0)
+        return Split(torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8, generator=g),
+                     torch.zeros(200, dtype=torch.long), torch.arange(200))
+
+
+def _direct_probs(run_dir, cfg, images: torch.Tensor, calibrator: str) -> np.ndarray:
+    """The model run on ``images`` in one batch, then the calibrator fitted on val."""
+    data = build_component(cfg.data, "data")
+    model = build_component(cfg.model, "model")
+    model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
+    with torch.no_grad():
+        logits = model.eval()(data.eval_transform(images)).numpy()
+    return fitted_calibrators(run_dir, cfg.calibrator)[calibrator].predict_proba(logits)
+
+
+def test_a_shift_row_equals_the_metrics_of_the_model_run_directly(trained):
+    run_dir, cfg = trained
+    shift = FakeCorruptions(build_component(cfg.data, "data").splits()["test"])
+    table = evaluate_shift(run_dir, shift, trained_predictor(run_dir, cfg),
+                           fitted_calibrators(run_dir, cfg.calibrator), cfg.metrics.n_bins)
+    assert list(table.columns) == ["corruption", "severity", "calibrator", *METRIC_NAMES, "n"]
+    assert len(table) == 2 * 2 * 3  # corruptions x severities x {none, temperature, isotonic}
+    on_disk = pd.read_csv(run_dir / "shift" / "metrics.csv")
+    for calibrator in ("none", "temperature"):
+        row = on_disk[(on_disk.corruption == "more_noise") & (on_disk.severity == 2) & (on_disk.calibrator == calibrator)]
+        block = shift.block("more_noise", 2)
+        expected = metrics_evaluate(_direct_probs(run_dir, cfg, block.images, calibrator), block.labels.numpy())
+        for metric, value in expected.items():
+            assert row[metric].iloc[0] == pytest.approx(value, abs=1e-6), metric
+    figures = run_dir / "shift" / "figures"
+    assert (figures / "severity_boxes.png").is_file()
+    assert {p.name for p in figures.glob("reliability_*.png")} == {
+        f"reliability_severity{s}_{c}.png" for s in (1, 2) for c in ("none", "temperature", "isotonic")}
+
+
+def test_shift_never_refits_and_skips_what_is_written(trained):
+    run_dir, cfg = trained
+    test = build_component(cfg.data, "data").splits()["test"]
+    calibrators = fitted_calibrators(run_dir, cfg.calibrator)
+    temperature = calibrators["temperature"].temperature
+    predictor = trained_predictor(run_dir, cfg)
+    first = evaluate_shift(run_dir, FakeCorruptions(test), predictor, calibrators, cfg.metrics.n_bins)
+    assert calibrators["temperature"].temperature == temperature, "the calibrators are never refitted"
+    calls = []
+    predictor.logits = lambda split: calls.append(split) or (_ for _ in ()).throw(AssertionError("recomputed"))
+    again = evaluate_shift(run_dir, FakeCorruptions(test), predictor, calibrators, cfg.metrics.n_bins)
+    assert not calls
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), first.reset_index(drop=True), check_dtype=False)
+    # Other bins: every row is computed again, with the new bins.
+    predictor = trained_predictor(run_dir, cfg)
+    redone = evaluate_shift(run_dir, FakeCorruptions(test), predictor, calibrators, 5)
+    bins = pd.read_csv(run_dir / "shift" / "bins.csv")
+    assert len(redone) == len(first) and set(bins["bin"]) == set(range(1, 6))
+
+
+def test_pooled_bins_give_the_ece_of_the_pooled_images():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3) * 0.5, size=400)
+    labels = rng.integers(0, 3, 400)
+    from calibrun.metrics import bin_stats, ece, mce
+
+    halves = pd.concat([bin_stats(probs[:150], labels[:150], 10), bin_stats(probs[150:], labels[150:], 10)])
+    pooled, pooled_ece, pooled_mce = pooled_bins(halves)
+    assert pooled_ece == pytest.approx(ece(probs, labels, 10), abs=1e-12)
+    assert pooled_mce == pytest.approx(mce(probs, labels, 10), abs=1e-12)
+    assert pooled["count"].sum() == 400
+
+
+def test_ood_rows_equal_the_detection_metrics_of_the_calibrated_scores(trained):
+    run_dir, cfg = trained
+    calibrators = fitted_calibrators(run_dir, cfg.calibrator)
+    table = evaluate_ood(run_dir, FakeOOD(), trained_predictor(run_dir, cfg), calibrators, cfg.metrics.n_bins)
+    assert list(table.columns) == ["dataset", "score", "calibrator", "auroc", "aupr_in", "aupr_out", "fpr95", "n"]
+    assert set(table["score"]) == set(SCORES) and set(table["calibrator"]) == {"none", "temperature", "isotonic"}
+    z_in, _ = load_logits(run_dir / "logits" / "test.npz")
+    p_out = _direct_probs(run_dir, cfg, FakeOOD().split().images, "temperature")
+    p_in = calibrators["temperature"].predict_proba(z_in)
+    row = table[(table.score == "entropy") & (table.calibrator == "temperature")].iloc[0]
+    expected = detection_metrics(SCORES["entropy"](p_in), SCORES["entropy"](p_out))
+    for metric, value in expected.items():
+        assert row[metric] == pytest.approx(value, abs=1e-6)
+    assert row["n"] == 200
+    assert (run_dir / "ood" / "figures" / "confidence_uniform_noise_none.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["data.root=/x"], "cannot apply 'data.root=/x'"),
+        ([], "needs shift=NAME and/or ood=NAME"),
+        (["shift=nope"], "shift"),
+    ],
+)
+def test_evaluate_cli_errors_are_one_line(trained, caplog, args, message):
+    run_dir, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate([str(run_dir), *args])
+    assert exit_info.value.code == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message in error and "\n" not in error
+
+
+def test_evaluate_refuses_an_unfinished_folder(tmp_path):
+    with pytest.raises(UserError, match="not a finished calibrun run"):
+        evaluation_config(tmp_path, ["ood=svhn"], __import__("pathlib").Path(config_dir()))

@@ -180,3 +180,42 @@ def test_evaluate_cli_errors_are_one_line(trained, caplog, args, message):
 def test_evaluate_refuses_an_unfinished_folder(tmp_path):
     with pytest.raises(UserError, match="not a finished calibrun run"):
         evaluation_config(tmp_path, ["ood=svhn"], __import__("pathlib").Path(config_dir()))
+
+
+def test_shift_and_ood_at_the_end_of_training_then_calibrun_evaluate_adds_more(run_cli, tmp_path, monkeypatch):
+    """On the bundled CIFAR-10 sample with test-made CIFAR-10-C and SVHN files."""
+    from shift_files import write_cifar_c, write_svhn_mat
+
+    from calibrun.robustness import Predictor
+
+    release = write_cifar_c(tmp_path / "CIFAR-10-C", n=30)
+    write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", n=60)
+    args = ["data=cifar10_sample", "model.depth=8", "trainer=quick", "trainer.epochs=1", "trainer.progress=false",
+            "data.train_subset=300", "data.test_subset=100", CALIBRATORS, "run_name=shifted",
+            "shift=cifar10c", f"shift.root={release}", "shift.corruptions=[fog]", "shift.severities=[1,5]",
+            "ood=svhn", f"ood.root={tmp_path / 'svhn'}"]
+    assert run_cli(args).returncode == 0
+    run_dir = next((tmp_path / "outputs" / "runs").rglob("DONE")).parent
+    first = pd.read_csv(run_dir / "shift" / "metrics.csv")
+    assert set(zip(first.corruption, first.severity)) == {("fog", 1), ("fog", 5)} and set(first.n) == {30}
+    assert set(pd.read_csv(run_dir / "ood" / "metrics.csv")["dataset"]) == {"svhn"}
+    # More corruptions later, from the finished run: only the new blocks are predicted.
+    predicted = []
+    logits = Predictor.logits
+    monkeypatch.setattr(Predictor, "logits", lambda self, split: predicted.append(len(split)) or logits(self, split))
+    evaluate([str(run_dir), "shift=cifar10c", f"shift.root={release}", "shift.corruptions=[fog,contrast]",
+              "shift.severities=[1,5]"])
+    assert predicted == [30, 30]  # contrast at severities 1 and 5; fog and the run's ood=svhn are skipped
+    shift = pd.read_csv(run_dir / "shift" / "metrics.csv")
+    assert len(shift) == 2 * 2 * 3
+    pd.testing.assert_frame_equal(shift.iloc[: len(first)], first)
+
+
+def test_a_shift_of_other_classes_is_refused(trained, tmp_path, caplog):
+    from shift_files import write_cifar_c
+
+    run_dir, _ = trained  # 4 synthetic classes
+    release = write_cifar_c(tmp_path / "c", corruptions=("fog",), n=20)
+    with pytest.raises(SystemExit):
+        evaluate([str(run_dir), "shift=cifar10c", f"shift.root={release}", "shift.corruptions=[fog]"])
+    assert "shift=cifar10c has 10 classes but the model was trained on 4" in caplog.text

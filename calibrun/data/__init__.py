@@ -6,7 +6,7 @@ a split to the training device once and cuts, shuffles and augments batches ther
 batched tensor ops (no DataLoader workers, no per-image Python), in the spirit of airbench.
 
 Modules depend one way: ``splits``, ``augment`` and ``decode`` know no dataset; ``base``
-builds on the first two; ``cifar``, ``pacs`` and ``synthetic`` on ``base``; ``loader``
+builds on the first two; ``cifar``, ``pacs`` and ``synthetic`` on ``base``; ``shift`` (corrupted test sets) and ``ood`` (out-of-distribution sets) on ``splits``; ``loader``
 needs only ``splits``. The configs name the datasets here, e.g. ``calibrun.data.CIFAR``.
 """
 
@@ -23,12 +23,17 @@ from calibrun.data.base import CropFlipDataset, ImageDataset
 from calibrun.data.cifar import CIFAR
 from calibrun.data.decode import IMAGE_SUFFIXES, cached_decode, decode_image, list_images
 from calibrun.data.loader import DeviceLoader, Transform
+from calibrun.data.ood import SVHN, OtherTestSet
 from calibrun.data.pacs import PACS
+from calibrun.data.shift import CorruptedCIFAR
 from calibrun.data.splits import Split, make_splits, resolve_val_size, stratified_indices, subset, take_subsets
 from calibrun.data.synthetic import Synthetic
 
 __all__ = [
     "CIFAR",
+    "SVHN",
+    "CorruptedCIFAR",
+    "OtherTestSet",
     "IMAGE_SUFFIXES",
     "PACS",
     "CropFlipDataset",

@@ -160,6 +160,8 @@ def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrato
                  ", ".join(f"{name} {value:.4f}" for name, value in ece.items()))
     if images:
         log.info("shift: %d images in %.1f s (%.0f images/s)", images, seconds, images / max(seconds, 1e-9))
+    else:
+        log.info("shift: every block asked for is already in %s", out / "metrics.csv")
     if len(table):
         shift_figures(out / "figures", table, bins, _clean_rows(run_dir))
     return table
@@ -218,8 +220,10 @@ def evaluate_ood(run_dir: Path, ood: object, predictor: Predictor, calibrators: 
         for score_name, score in SCORES.items():
             rows.append({"dataset": ood.name, "score": score_name, "calibrator": name,
                          **detection_metrics(score(p_in), score(p_out)), "n": len(z_out)})
+        auroc = next(r["auroc"] for r in rows[-len(SCORES):] if r["score"] == "msp")
         in_out_histogram(p_in.max(axis=1), p_out.max(axis=1), out / "figures" / f"confidence_{ood.name}_{name}.png",
-                         "test (in-distribution)", f"{ood.name} (out-of-distribution)", title=f"{name}")
+                         "test (in-distribution)", f"{ood.name} (out-of-distribution)",
+                         title=f"calibrator {name}: AUROC of the max probability {auroc:.3f}")
     new = pd.DataFrame(rows)[OOD_COLUMNS]
     table = pd.concat([table, new], ignore_index=True) if len(table) else new
     atomic_write_text(out / "metrics.csv", table.to_csv(index=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import IO
 
 import torch
+
+# The name atomic_open gives its temporary file: .<name>.<pid>.<8 hex>.tmp
+_TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 @contextmanager
@@ -42,3 +46,12 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 def atomic_torch_save(obj: object, path: Path | str) -> None:
     with atomic_open(path) as fh:
         torch.save(obj, fh)
+
+
+def remove_stale_temp_files(folder: Path | str) -> int:
+    """Delete the temporary files of atomic writes that a killed process left below
+    ``folder`` (``.<name>.<pid>.<8 hex>.tmp``); returns how many there were."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if _TEMP_NAME.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)

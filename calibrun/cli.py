@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from calibrun import UserError, samples
+from calibrun import UserError, samples, sweep
+from calibrun._io import atomic_write_text
 from calibrun.config import first_line
+from calibrun.runfolder import FolderRefused
 
 # ${calibrun.sample:cifar10} and ${calibrun.cache:cifar10} locate the image sets bundled
 # with the package and their decode cache (conf/data/*_sample.yaml).
@@ -34,6 +37,27 @@ def config_dir() -> str:
 
 
 log = logging.getLogger("calibrun")
+# Errors of a folder calibrun cannot write to: permission denied, read-only file system, disk full.
+WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+class BelowError(logging.Filter):
+    """Lets through records below ERROR: the console shows progress on stdout and errors
+    on stderr only (conf/config.yaml, hydra.job_logging)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def save_hydra_snapshot(run_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them,
+    but only once calibrun has accepted the run (hydra.output_subdir is null): a refused
+    command must not rewrite the record of the run already in the folder."""
+    hydra_cfg = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -42,14 +66,48 @@ def _calibrun(cfg: DictConfig) -> dict | None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         _absolute_data_root(cfg)
-        return train.run(cfg, run_dir)
-    except UserError as err:
+        return train.run(cfg, run_dir, snapshot=lambda: save_hydra_snapshot(run_dir, cfg))
+    except train.Interrupted as err:
         log.error("%s", err)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        sys.exit(128 + err.signum)  # the shell's code for "killed by this signal"; also ends a sweep
+    except KeyboardInterrupt:
+        log.error("Interrupted by SIGINT. Run the same command again to resume.")
+        sys.exit(130)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
             raise
+        # A read-only or full output folder is the user's to fix, not a crash.
+        log.error("Cannot write %s: %s. Choose a writable folder (hydra.run.dir, hydra.sweep.dir or run_name).",
+                  err.filename or run_dir, err.strerror)
         sys.exit(1)
+    except UserError as err:
+        if isinstance(err, FolderRefused):
+            _stop_logging_into(run_dir)
+        log.error("%s", err)
+        if not multirun:
+            sys.exit(1)
+        sweep.REFUSED.append((run_dir, str(err)))
+    except Exception as err:
+        if not multirun:
+            raise
+        log.exception("The job failed:")
+        sweep.REFUSED.append((run_dir, f"{type(err).__name__}: {err}"))
+    # A failed job of a sweep: the sweep goes on, and calibrun.sweep.SweepSummary lists it
+    # at the end (its status.json says why) and sets the exit status.
+    return None
+
+
+def _stop_logging_into(run_dir: Path) -> None:
+    """Detach the log files inside ``run_dir`` (Hydra's calibrun.log): a refused command
+    must leave a folder that holds another run exactly as it was."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(run_dir.resolve()):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _absolute_data_root(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 import calibrun
 from calibrun import UserError
-from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text
+from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
 from calibrun.config import Select, build_component, config_fingerprint, validate
 from calibrun.data import DeviceLoader, Split
 from calibrun.evaluate import build_calibrators, calibrate_and_report
@@ -42,6 +43,7 @@ from calibrun.losses import Loss
 from calibrun.metrics import accuracy, ece
 from calibrun.predict import predict
 from calibrun.robustness import Predictor, evaluate_beyond_test
+from calibrun.runfolder import RunLock, check_same_experiment
 
 log = logging.getLogger(__name__)
 
@@ -238,20 +240,27 @@ class BestWeights:
 
 
 class Interrupted(UserError):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved and the run can be resumed."""
+    """SIGTERM/SIGUSR1 arrived; what there was to keep was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class SignalFlag:
-    """Records SIGTERM/SIGUSR1 instead of dying, so the loop can checkpoint first.
+    """Turns SIGTERM/SIGUSR1 into :class:`Interrupted`, after the previous handler (submitit's
+    requeue, say) has run. SLURM sends one of them before killing a job (``--signal``,
+    submitit's ``signal_delay_s``).
 
-    SLURM sends one of them before killing a job (``--signal``, submitit's
-    ``signal_delay_s``). After the checkpoint, the previous handler (submitit's requeue,
-    say) still runs.
+    With ``defer=True`` (the training loop) the signal is only recorded, so the loop can
+    checkpoint at the next batch and then call :meth:`hand_over`; without it (data loading,
+    prediction, calibration, writing) the run stops at once, as nothing needs saving there.
     """
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
-    def __init__(self) -> None:
+    def __init__(self, defer: bool = False) -> None:
+        self.defer = defer
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
 
@@ -263,18 +272,31 @@ class SignalFlag:
 
     def _record(self, signum: int, frame: Any) -> None:
         self.received = signum
+        if not self.defer:
+            self.hand_over()
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def _previous_handler(self) -> Any:
+        """The handler before ours, looking through enclosing SignalFlags (which learn of
+        the signal on the way, so that their run records it)."""
+        handler = self.previous.get(self.received)
+        outer = getattr(handler, "__self__", None)
+        if isinstance(outer, SignalFlag):
+            outer.received = self.received
+            return outer._previous_handler()
+        return handler
+
     def hand_over(self) -> None:
         """Run the handler that was there before ours, then stop the run."""
-        handler = self.previous.get(self.received)
+        handler = self._previous_handler()
         name = signal.Signals(self.received).name
         if callable(handler):
             handler(self.received, None)
-        raise Interrupted(f"Interrupted by {name}; a checkpoint was saved. Run the same command again to resume.")
+        saved = "a checkpoint was saved" if self.defer else "nothing needed saving at this point"
+        raise Interrupted(f"Interrupted by {name}; {saved}. Run the same command again to resume.", self.received)
 
 
 @dataclasses.dataclass
@@ -350,7 +372,7 @@ def validation_scores(tr: Training, n_bins: int) -> dict:
 def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> None:
     """Train from ``progress`` to the last epoch: validate, record and checkpoint each."""
     t = cfg.trainer
-    with SignalFlag() as interrupt:
+    with SignalFlag(defer=True) as interrupt:
         for epoch in range(progress.epoch, t.epochs):
             bar_desc = f"epoch {epoch + 1}/{t.epochs}" if t.progress else None
             result = train_epoch(tr, epoch, progress, interrupt, bar_desc)
@@ -372,21 +394,47 @@ def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> Non
                 interrupt.hand_over()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """Validate, then train and evaluate into ``run_dir``; skip a run that is DONE."""
+def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = None) -> dict | None:
+    """Validate, then train and evaluate into ``run_dir``, which this process locks.
+
+    A folder whose run had another config is refused before anything is written there; a
+    finished one with the same config is skipped. ``snapshot`` (the command line's record
+    of the config, ``.hydra/``) is called once the run is accepted. The run ends ``done``,
+    ``failed`` or ``interrupted`` (a signal) in ``status.json``.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "DONE").exists():
-        log.info("%s holds DONE: nothing to do.", run_dir)
-        return None
-    try:
-        cfg = validate(cfg)
-        write_status(run_dir, "running", epoch=0)
-        result = _train_and_evaluate(cfg, run_dir)
-    except BaseException as err:
-        write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}" if not isinstance(err, UserError) else str(err))
-        raise
-    atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    cfg = validate(cfg)
+    with RunLock(run_dir), SignalFlag() as interrupt:
+        check_same_experiment(run_dir, cfg)
+        if (run_dir / "DONE").exists():
+            log.info("%s holds DONE with the same config: nothing to do.", run_dir)
+            return None
+        if snapshot is not None:
+            snapshot()
+        stale = remove_stale_temp_files(run_dir)
+        if stale:
+            log.info("Removed %d temporary file(s) left by writes that were interrupted.", stale)
+        try:
+            write_status(run_dir, "running", epoch=0)
+            result = _train_and_evaluate(cfg, run_dir)
+        except BaseException as err:
+            interrupted = interrupt.received is not None or isinstance(err, KeyboardInterrupt)
+            message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            write_status(run_dir, "interrupted" if interrupted else "failed", error=message)
+            raise
+        atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return result
+
+
+def data_fingerprint(splits: dict[str, Split]) -> str:
+    """A hash of every split's images, labels and indices: the same data under another
+    root or cache gives the same value; other images do not."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(name.encode())
+        for tensor in (splits[name].images, splits[name].labels, splits[name].index):
+            digest.update(tensor.contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split], dict]:
@@ -413,7 +461,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     tr = Training(
         model=model, forward=torch.compile(model) if t.compile else model, loss_fn=loss_fn.to(device),
         optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, amp=amp,
-        checkpointer=Checkpointer(checkpoints / "last.pt", config_fingerprint(cfg), model, optimizer, scheduler),
+        # The data's content, not its location, is part of what a checkpoint continues.
+        checkpointer=Checkpointer(checkpoints / "last.pt", f"{config_fingerprint(cfg)}-{data_fingerprint(splits)}",
+                                  model, optimizer, scheduler),
         best=BestWeights(checkpoints / "best.pt", t.select == Select.best_val),
     )
     return tr, splits, calibrators

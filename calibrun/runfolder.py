@@ -1,0 +1,98 @@
+"""Who may write a run folder, and whether a command may continue what is in it.
+
+A run folder belongs to one process at a time (:class:`RunLock`). A folder that already
+holds a run is only continued (resumed, or skipped when ``DONE``) by the same experiment:
+:func:`check_same_experiment` compares the new config with the folder's ``config.yaml``
+before anything is written, and names the keys that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from calibrun import UserError
+from calibrun.config import is_non_experiment_key
+
+LOCK_FILE = ".lock"
+
+
+class FolderRefused(UserError):
+    """The run folder holds another run, or another process is using it: nothing of it
+    may change, the log file included."""
+
+OWNER_FILE = ".lock.owner"
+
+
+class RunLock:
+    """An exclusive lock on a run folder; a second process is refused with the holder's
+    host, pid and start time."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.lock = FileLock(str(run_dir / LOCK_FILE), timeout=0)
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.lock.acquire()
+        except Timeout:
+            owner = (self.run_dir / OWNER_FILE).read_text().strip() if (self.run_dir / OWNER_FILE).is_file() else "?"
+            raise FolderRefused(f"{self.run_dir} is in use by another calibrun process ({owner}); wait for it to "
+                            f"finish or stop it, or pick another run_name.") from None
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.run_dir / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        (self.run_dir / OWNER_FILE).unlink(missing_ok=True)
+        self.lock.release()
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def experiment_differences(run_dir: Path, cfg: DictConfig) -> list[str]:
+    """``key: old -> new`` for every experiment key in which ``cfg`` differs from the
+    config the folder's run was started with (none if the folder holds no run yet)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        old = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"Cannot read {path} ({str(err).splitlines()[0]}); the folder's run cannot be checked. "
+                        "Pick another run_name, or delete the folder to start again.") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{path} does not hold a config mapping; pick another run_name or delete the folder.")
+    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    before = {k: v for k, v in _flat(old).items() if not is_non_experiment_key(k)}
+    after = {k: v for k, v in _flat(new).items() if not is_non_experiment_key(k)}
+    return [f"{key}: {before.get(key, '(absent)')} -> {after.get(key, '(absent)')}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
+def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse, before anything is written, a config that differs from the folder's run."""
+    differences = experiment_differences(run_dir, cfg)
+    if not differences:
+        return
+    state = "finished" if (run_dir / "DONE").exists() else "started"
+    shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+    hint = (" Calibrator and metrics settings of a finished run change with calibrun-calibrate RUN_DIR ...;"
+            if all(d.startswith(("calibrator.", "metrics.")) for d in differences) else "")
+    raise FolderRefused(f"{run_dir} holds a {state} run of another config ({shown}); nothing was changed there."
+                    f"{hint} Use another run_name for a new experiment.")

@@ -1,0 +1,158 @@
+"""Faults a user meets: a folder holding another run, two processes in one folder, signals
+at any point of a run, a signalled or failing sweep. Each ends in one clear message, the
+right status and exit code, and no file of a finished run changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FAST
+
+from calibrun import UserError, train
+from calibrun.config import validate
+from calibrun.runfolder import RunLock
+
+RUN = [*FAST, "calibrator=[temperature]"]
+
+
+def _digests(run_dir: Path) -> dict[str, str]:
+    """Every file of a run folder (but the lock files) with its content hash."""
+    return {str(p.relative_to(run_dir)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and not p.name.startswith(".lock")}
+
+
+def test_a_finished_folder_with_another_config_is_refused_and_left_as_it_was(run_cli, tmp_path):
+    assert run_cli([*RUN, "run_name=x"]).returncode == 0
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "x"
+    before = _digests(run_dir)
+    assert ".hydra/config.yaml" in before and "calibrun.log" in before
+    refused = run_cli([*RUN, "run_name=x", "trainer.epochs=3"])
+    assert refused.returncode == 1
+    assert "holds a finished run of another config" in refused.stderr
+    assert "trainer.epochs: 2 -> 3" in refused.stderr and "Traceback" not in refused.stderr
+    assert _digests(run_dir) == before
+    same = run_cli([*RUN, "run_name=x"])
+    assert same.returncode == 0 and "holds DONE with the same config" in same.stdout
+
+
+def test_only_calibrator_changes_point_at_calibrun_calibrate(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train.run(compose_cfg(RUN), run_dir)
+    with pytest.raises(UserError, match="calibrator.temperature.max_iter: .* calibrun-calibrate"):
+        train.run(compose_cfg([*RUN, "calibrator.temperature.max_iter=7"]), run_dir)
+
+
+def test_a_folder_in_use_is_refused_naming_the_holder(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunLock(run_dir):
+        with pytest.raises(UserError, match=rf"{run_dir} is in use by another calibrun process \(.*\"pid\": {os.getpid()}"):
+            train.run(compose_cfg(RUN), run_dir)
+    assert not (run_dir / "status.json").exists()
+
+
+@pytest.mark.parametrize("phase", ["calibrate_and_report", "predict"])
+def test_a_signal_outside_the_training_loop_records_interrupted(compose_cfg, tmp_path, monkeypatch, phase):
+    """SIGTERM while predicting or calibrating stops the run at once as `interrupted`;
+    the same command then finishes it from the checkpoint."""
+    real = getattr(train, phase)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    run_dir = tmp_path / "run"
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # under calibrun's: pytest survives a late one
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(train, phase, signalled)
+            with pytest.raises(train.Interrupted, match="Interrupted by SIGTERM") as info:
+                train.run(compose_cfg(RUN), run_dir)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.signum == signal.SIGTERM
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and not (run_dir / "DONE").exists()
+    train.run(compose_cfg(RUN), run_dir)
+    assert (run_dir / "DONE").is_file()
+
+
+def test_temporary_files_of_interrupted_writes_are_removed_on_resume(compose_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "logits").mkdir(parents=True)
+    stale = [run_dir / ".metrics.csv.4242.0123abcd.tmp", run_dir / "logits" / ".val.npz.7.deadbeef.tmp"]
+    for path in stale:
+        path.write_text("half")
+    kept = run_dir / "notes.tmp"
+    kept.write_text("mine")
+    train.run(compose_cfg(RUN), run_dir)
+    assert not any(p.exists() for p in stale) and kept.exists()
+
+
+SLOW = [*RUN, "trainer.epochs=4", "trainer.deterministic=true", "trainer.batch_size=32"]
+
+
+def _job(sweep: Path, seed: int) -> Path:
+    """The folder of a sweep's job (its name lists every override: data=synthetic,...,seed=N)."""
+    return sweep / next(p.name for p in sweep.iterdir() if f",seed={seed}," in p.name)
+
+
+def test_sigterm_stops_a_sweep_and_the_first_job_resumes_to_the_uninterrupted_result(run_cli, tmp_path):
+    assert run_cli([*SLOW, "seed=0", "run_name=straight"]).returncode == 0
+    sweep = tmp_path / "outputs" / "multirun" / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "calibrun", "-m", *SLOW, "seed=0,1", "run_name=cut"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 300
+    while not (list(sweep.glob("*,seed=0,*/history.csv")) and len(next(sweep.glob("*,seed=0,*/history.csv")).read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Interrupted by SIGTERM" in err and "Traceback" not in out + err
+    assert not list(sweep.glob("*,seed=1,*")), "the second job never starts"
+    first = _job(sweep, 0)
+    assert json.loads((first / "status.json").read_text())["state"] == "interrupted"
+
+    resumed = run_cli(["-m", *SLOW, "seed=0,1", "run_name=cut"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "straight"
+    pd.testing.assert_frame_equal(pd.read_csv(first / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))
+    assert (_job(sweep, 1) / "DONE").is_file()
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_a_sweep_with_a_failing_job_ends_with_a_summary_not_a_traceback(run_cli_process, tmp_path, launcher):
+    """model.depth=9 is not 6n+2: that job fails, the other finishes, the sweep lists it and exits 1."""
+    proc = run_cli_process(["-m", *RUN, "trainer.epochs=1", "model.depth=8,9", "run_name=s", *launcher])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "1 job(s) of the sweep did not finish" in proc.stderr
+    summary = [line for line in proc.stderr.splitlines() if "model.depth=9" in line and " job " in line]
+    assert summary and "6n+2" in summary[0], proc.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "multirun" / "s").glob("*model.depth=8*/DONE"))
+
+
+def test_a_folder_that_cannot_be_written_gives_one_line(run_cli, tmp_path, monkeypatch):
+    """Tests run as root, where chmod does not stop writes: the write itself is made to fail."""
+    import calibrun.train
+
+    def read_only(run_dir, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(run_dir / "status.json"))
+
+    monkeypatch.setattr(calibrun.train, "write_status", read_only)
+    proc = run_cli([*RUN, "run_name=ro"])
+    assert proc.returncode == 1
+    assert "Cannot write" in proc.stderr and "status.json: Permission denied" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -248,7 +248,7 @@ class Interrupted(UserError):
 
 
 class SignalFlag:
-    """Turns SIGTERM/SIGUSR1 into :class:`Interrupted`, after the previous handler (submitit's
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into :class:`Interrupted`, after the previous handler (submitit's
     requeue, say) has run. SLURM sends one of them before killing a job (``--signal``,
     submitit's ``signal_delay_s``).
 
@@ -257,7 +257,9 @@ class SignalFlag:
     prediction, calibration, writing) the run stops at once, as nothing needs saving there.
     """
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+    # SIGUSR2 is submitit's preemption/timeout signal (SUBMITIT_PREEMPT_SIGNAL), SIGUSR1 the
+    # usual `sbatch --signal`, SIGTERM what `scancel` and most schedulers send.
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
     def __init__(self, defer: bool = False) -> None:
         self.defer = defer

@@ -156,3 +156,29 @@ def test_a_folder_that_cannot_be_written_gives_one_line(run_cli, tmp_path, monke
     assert proc.returncode == 1
     assert "Cannot write" in proc.stderr and "status.json: Permission denied" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_submitit_job_signalled_is_requeued_and_resumes_to_the_same_result(run_cli, tmp_path):
+    """Through the real engine: hydra/launcher=submitit_local, submitit's SIGUSR2 to the job
+    process mid-training; calibrun checkpoints, submitit requeues, the job resumes."""
+    assert run_cli([*SLOW, "seed=0", "run_name=straight"]).returncode == 0
+    sweep = tmp_path / "outputs" / "multirun" / "slurm"
+    proc = subprocess.Popen([sys.executable, "-m", "calibrun", "-m", *SLOW, "seed=0", "run_name=slurm",
+                             "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 300
+    while not (list(sweep.glob("*/history.csv")) and list(sweep.glob("*/.lock.owner"))
+               and len(next(sweep.glob("*/history.csv")).read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the job ended before it could be signalled"
+        time.sleep(0.02)
+    job = next(sweep.glob("*/history.csv")).parent
+    os.kill(json.loads((job / ".lock.owner").read_text())["pid"], signal.SIGUSR2)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    logs = "\n".join(p.read_text(errors="replace") for p in sweep.rglob("*.err")) + "\n".join(
+        p.read_text(errors="replace") for p in sweep.rglob("*.out"))
+    assert "Requeued job" in logs and "Resuming from" in (job / "calibrun.log").read_text()
+    straight = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "straight"
+    pd.testing.assert_frame_equal(pd.read_csv(job / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))

@@ -108,7 +108,7 @@ def test_mixup_resumed_mid_epoch_equals_an_uninterrupted_run(compose_cfg, tmp_pa
     pd.testing.assert_frame_equal(pd.read_csv(cut / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))
 
 
-def test_resume_follows_the_data_to_a_new_root_but_not_a_new_lr(compose_cfg, tmp_path, caplog):
+def test_resume_follows_the_data_to_a_new_root_but_not_a_new_lr(compose_cfg, tmp_path, caplog, monkeypatch):
     """data.root does not change the experiment: a run resumes after its data moves to
     a copy. trainer.lr does: resuming with another is refused."""
     old_root, new_root = tmp_path / "old", tmp_path / "new"
@@ -123,8 +123,17 @@ def test_resume_follows_the_data_to_a_new_root_but_not_a_new_lr(compose_cfg, tmp
         train.run(compose_cfg([*args, f"data.root={old_root}", "trainer.lr=0.01"]), run_dir)
     assert (run_dir / "config.yaml").read_text() == snapshot, "a refused resume changes nothing"
     shutil.move(old_root, new_root)
+    # Other images under the same config: the data's content is checked, not its location.
+    changed = tmp_path / "changed"
+    shutil.copytree(new_root, changed)
+    cat = sorted((changed / "train" / "cat").iterdir())[0]
+    for airplane in (changed / "train" / "airplane").iterdir():
+        shutil.copy(cat, airplane)
+    with pytest.raises(UserError, match="Refusing to resume"):
+        train.run(compose_cfg([*args, f"data.root={changed}", f"data.cache_dir={tmp_path / 'cache2'}"]), run_dir)
     caplog.set_level(logging.INFO, logger="calibrun")
-    train.run(compose_cfg([*args, f"data.root={new_root}"]), run_dir)
+    monkeypatch.chdir(tmp_path)  # the root given relative to here, and another decode cache
+    train.run(compose_cfg([*args, "data.root=new", f"data.cache_dir={tmp_path / 'cache3'}"]), run_dir)
     assert "Resuming from" in caplog.text and (run_dir / "DONE").is_file()
     assert len(pd.read_csv(run_dir / "history.csv")) == 3
 

@@ -47,10 +47,18 @@ OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metric
 def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The logits and labels saved in ``path`` (``logits/<split>.npz``)."""
     try:
-        with np.load(path) as f:
-            return f["logits"], f["labels"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"Cannot read logits from {path}: {err}") from None
+        with np.load(path, allow_pickle=False) as f:
+            logits, labels = f["logits"], f["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a calibrun "
+                        "logits file.") from None
+    if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
+        raise UserError(f"{path}: 'logits' must be a finite float N×K array, got {logits.dtype} {logits.shape}.")
+    if labels.shape != (len(logits),) or not np.issubdtype(labels.dtype, np.integer) or (
+            len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1])):
+        raise UserError(f"{path}: 'labels' must be {len(logits)} integers in 0..{logits.shape[1] - 1}, "
+                        f"got {labels.dtype} {labels.shape}.")
+    return logits, labels
 
 
 def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import random
 import signal
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 import calibrun
 from calibrun import UserError
 from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
-from calibrun.config import Select, build_component, config_fingerprint, validate
+from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
 from calibrun.data import DeviceLoader, Split
 from calibrun.evaluate import build_calibrators, calibrate_and_report
 from calibrun.losses import Loss
@@ -174,11 +175,23 @@ class Progress:
     partial: dict | None = None
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict:
+def load_checkpoint(path: Path, device: torch.device, keys: tuple[str, ...] = ("model",)) -> dict:
+    """The checkpoint at ``path``, which must hold ``keys``; a damaged one is a UserError
+    naming the file."""
     try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"Checkpoint {path} is unreadable ({err}); delete it to start the run again.") from None
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as err:
+        raise UserError(f"Checkpoint {path} is unreadable ({first_line(err)}); delete it to start the run "
+                        "again.") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"Checkpoint {path} lacks {', '.join(missing)}: it is not a complete calibrun checkpoint; "
+                        "delete it to start the run again.")
+    return state
+
+
+# What a checkpoint holds (Checkpointer.save).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "fingerprint", "epoch", "history", "partial")
 
 
 class Checkpointer:
@@ -201,12 +214,15 @@ class Checkpointer:
         """The saved progress, with every part restored; a fresh start if there is none."""
         if not self.path.exists():
             return Progress()
-        state = load_checkpoint(self.path, device)
-        if state.get("fingerprint") != self.fingerprint:
+        state = load_checkpoint(self.path, device, CHECKPOINT_KEYS)
+        if state["fingerprint"] != self.fingerprint:
+            # Config differences were named before anything was built (runfolder); what is
+            # left is the data: other images or labels under the same config.
             run_dir = self.path.parent.parent
             raise UserError(
-                f"Refusing to resume {run_dir}: its config differs from the one it was started with "
-                f"(compare {run_dir / 'config.yaml'}). Use a new run_name for a new experiment."
+                f"Refusing to resume {run_dir}: the images or labels it would read are not those it was started "
+                f"with (same config; is data.root the same data?). Point data.root at the original data, or use a "
+                f"new run_name for a new experiment."
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -428,6 +444,19 @@ def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = No
     return result
 
 
+def check_training_data(splits: dict[str, Split], num_classes: int, names: Sequence[str] | None) -> None:
+    """Refuse data a model cannot be trained and judged on: an empty split, or a class
+    without a training image (a K-way model would silently learn K − 1 classes)."""
+    empty = [name for name, split in splits.items() if len(split) == 0]
+    if empty:
+        raise UserError(f"The {' and '.join(empty)} split has no images; check the data under data.root.")
+    missing = sorted(set(range(num_classes)) - set(splits["train"].labels.unique().tolist()))
+    if missing:
+        shown = ", ".join(str(names[k]) if names is not None and k < len(names) else str(k) for k in missing)
+        raise UserError(f"No training image of class {shown} ({len(missing)} of {num_classes}): the model would "
+                        "never learn it. Check the data under data.root (an empty class folder or split file?).")
+
+
 def data_fingerprint(splits: dict[str, Split]) -> str:
     """A hash of every split's images, labels and indices: the same data under another
     root or cache gives the same value; other images do not."""
@@ -452,6 +481,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     log.info("Device %s (amp=%s, channels_last=%s). Run folder: %s", device, amp, channels_last, run_dir.resolve())
     splits = data.splits()
     log.info("Images: train %d, val %d, test %d", *(len(splits[s]) for s in ("train", "val", "test")))
+    check_training_data(splits, data.num_classes, getattr(data, "classes", None))
     train_loader = DeviceLoader(splits["train"], t.batch_size, device, data.train_transform, shuffle=True,
                                 drop_last=len(splits["train"]) > t.batch_size, seed=cfg.seed,
                                 channels_last=channels_last)

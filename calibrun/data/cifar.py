@@ -107,6 +107,7 @@ class CIFAR(CropFlipDataset):
                     f"(data.root/train/<class>/*, data.root/test/<class>/*)."
                 )
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        self.classes = classes  # the class names, for messages about the data
         if len(classes) != self.num_classes:
             raise UserError(
                 f"{train_dir.resolve()} has {len(classes)} class folders but data.num_classes={self.num_classes}."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,13 +123,31 @@ def cached_decode(
         return decode()
     try:
         if cache_file.exists():
-            try:
-                return tuple(torch.load(cache_file, weights_only=True))
-            except (RuntimeError, OSError, EOFError) as err:
-                log.warning("Decode cache %s is unreadable (%s); rebuilding it.", cache_file, err)
+            cached = _read_cache(cache_file, len(files))
+            if cached is not None:
+                return cached
         tensors = decode()
         atomic_torch_save(list(tensors), cache_file)
         log.info("Decoded %d images into %s", sum(len(labels) for labels in tensors[1::2]), cache_file)
         return tensors
     finally:
         lock.release()
+
+
+def _read_cache(cache_file: Path, n_parts: int) -> tuple[torch.Tensor, ...] | None:
+    """The (images, labels) pairs in ``cache_file``, or None after a warning if the file is
+    damaged or holds something else: the caller then rebuilds it."""
+    try:
+        cached = torch.load(cache_file, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        log.warning("Decode cache %s is unreadable (%s); rebuilding it.", cache_file, str(err).splitlines()[0])
+        return None
+    pairs = list(cached) if isinstance(cached, (list, tuple)) else []
+    valid = len(pairs) == 2 * n_parts and all(
+        isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and images.dtype == torch.uint8
+        and images.ndim == 4 and labels.ndim == 1 and len(images) == len(labels)
+        for images, labels in zip(pairs[::2], pairs[1::2]))
+    if not valid:
+        log.warning("Decode cache %s does not hold the decoded images it should; rebuilding it.", cache_file)
+        return None
+    return tuple(pairs)

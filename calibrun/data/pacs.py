@@ -269,6 +269,9 @@ class PACS(ImageDataset):
                 raise UserError(f"{where} names {rel}, but {self.kfold / rel} does not exist.")
             mismatched += rel.split("/")[1] != self.classes[label - 1]
             entries.append((rel, label - 1, where))
+        if not entries:
+            raise UserError(f"PACS split file {path.resolve()} lists no images; a source domain without images "
+                            "would train on the others without a word. Restore the file, or use data.split=jigen.")
         if mismatched:
             # The label is what counts; a class folder that disagrees hints at a shifted file.
             log.warning("%s: %d line(s) have a label that differs from their class folder.", path, mismatched)

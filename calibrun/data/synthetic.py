@@ -32,6 +32,13 @@ class Synthetic(CropFlipDataset):
     ) -> None:
         if num_classes < 2:
             raise UserError(f"data.num_classes must be at least 2, got {num_classes}.")
+        too_small = {key: value for key, value in (("train_size", train_size), ("val_size", val_size),
+                                                   ("test_size", test_size)) if value < 1}
+        if too_small:
+            key, value = next(iter(too_small.items()))
+            raise UserError(f"data.{key} must be at least 1, got {value}.")
+        if image_size < 4:
+            raise UserError(f"data.image_size must be at least 4 pixels, got {image_size}.")
         self.num_classes, self.image_size, self.noise, self.label_noise = num_classes, image_size, noise, label_noise
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.split_seed = split_seed

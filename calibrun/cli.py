@@ -214,5 +214,10 @@ def report(argv: list[str] | None = None) -> None:
     except UserError as err:
         log.error("%s", err)
         sys.exit(1)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        log.error("Cannot write %s: %s. Give a writable folder with --out.", err.filename or out, err.strerror)
+        sys.exit(1)
     log.info("%s\nWrote %s and %s", (out / f"{args.name}.md").read_text(), out / f"{args.name}.csv",
              "plots" if len(summary) else "no plots (no finished runs)")

@@ -12,10 +12,12 @@ metrics as ``<calibrator>.<name>`` columns, filled on that calibrator's rows onl
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from calibrun import UserError
 from calibrun._io import atomic_write_text
@@ -26,6 +28,7 @@ from calibrun.metrics import METRIC_NAMES
 from calibrun.plots import Curve, curves_against, reliability_grid
 
 PAPERS = Path(__file__).resolve().parent / "papers"
+log = logging.getLogger(__name__)
 
 
 def splits_groups(key: str) -> bool:
@@ -52,23 +55,50 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: str(node) if isinstance(node, list) else node}
 
 
+class BrokenRun(UserError):
+    """A file of a run folder cannot be read: the run is listed as broken, never dropped,
+    and the others are reported."""
+
+
+def _read_file(path: Path, parse, kind: type) -> object:
+    """``parse(text)`` of ``path``, checked to be a ``kind``; a BrokenRun naming the file."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise BrokenRun(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if not isinstance(value, kind):
+        raise BrokenRun(f"{path}: expected a {kind.__name__}, found {type(value).__name__}")
+    return value
+
+
 def describe_run(run_dir: Path) -> dict[str, object]:
     """The run's state, its config choices (data, model, loss, ...) and flattened config."""
-    import yaml
-
     status = {"state": "unknown", "error": None}
     if (run_dir / "status.json").is_file():
-        status.update(json.loads((run_dir / "status.json").read_text()))
+        status.update(_read_file(run_dir / "status.json", json.loads, dict))
     config_file = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else run_dir / ".hydra" / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    config = _read_file(config_file, yaml.safe_load, dict) if config_file.is_file() else {}
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.is_file() else {}
+    hydra = _read_file(hydra_file, yaml.safe_load, dict) if hydra_file.is_file() else {}
+    choices = (hydra.get("hydra") or {}).get("runtime", {}).get("choices", {}) if isinstance(hydra.get("hydra"), dict) else {}
     state = "done" if (run_dir / "DONE").is_file() else status["state"]
     info: dict[str, object] = {"run": str(run_dir), "state": state, "error": status.get("error"),
                                "seed": config.get("seed")}
-    info.update({k: v for k, v in choices.items() if k in ("data", "model", "loss", "experiment") and v})
+    info.update({k: v for k, v in (choices or {}).items() if k in ("data", "model", "loss", "experiment") and v})
     info.update({k: v for k, v in _flatten(config).items() if splits_groups(k) and not k.endswith("_target_")})
     return info
+
+
+def _read_table(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV of a finished run that must have ``columns``; a BrokenRun naming it otherwise."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise BrokenRun(f"{path}: {str(err).splitlines()[0]}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise BrokenRun(f"{path}: lacks the column(s) {', '.join(missing)}")
+    return table
 
 
 def calibrator_params(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -78,22 +108,17 @@ def calibrator_params(run_dir: Path) -> dict[str, dict[str, float]]:
     path = run_dir / CALIBRATOR_PARAMS
     if not path.is_file():
         return {}
-    try:
-        params = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"Cannot read {path} of a finished run: {err}") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path} does not hold a JSON object.")
+    params = _read_file(path, json.loads, dict)
     return {name: {f"{name}.{key}": float(value) for key, value in fitted.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
             for name, fitted in params.items() if isinstance(fitted, dict)}
 
 
-def _with_params(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+def _with_params(rows: pd.DataFrame, params: dict[str, dict[str, float]]) -> pd.DataFrame:
     """``rows`` (one run's metric rows) plus a column per scalar fitted parameter, filled on
     the rows of the calibrator it belongs to and NaN elsewhere."""
     rows = rows.copy()
-    for name, values in calibrator_params(run_dir).items():
+    for name, values in params.items():
         for column, value in values.items():
             rows[column] = rows["calibrator"].eq(name).map({True: value, False: float("nan")}).astype(float)
     return rows
@@ -110,23 +135,36 @@ def param_columns(metrics: pd.DataFrame) -> list[str]:
 
 def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(metric rows of finished runs, one row per run, the config keys that differ)."""
-    runs = [describe_run(r) for r in find_runs(paths)]
+    runs = [_read_run(r) for r in find_runs(paths)]
     if not runs:
         raise UserError(f"No run folders (with .hydra/) under {', '.join(map(str, paths))}.")
-    table = pd.DataFrame(runs)
+    table = pd.DataFrame([{k: v for k, v in run.items() if not k.startswith("_")} for run in runs])
     config_keys = [c for c in table.columns if c not in ("run", "state", "error", "seed")]
     # A run that failed before writing its resolved config would make every key "differ".
     done = table[table["state"] == "done"] if (table["state"] == "done").any() else table
     varying = [c for c in config_keys if done[c].astype(str).nunique(dropna=False) > 1]
     rows = []
     for run in runs:
-        metrics_file = Path(str(run["run"])) / "metrics.csv"
-        if run["state"] == "done" and metrics_file.is_file():
-            metrics = pd.read_csv(metrics_file)
+        if "_metrics" in run:
+            metrics = run["_metrics"]
             chosen = metrics[metrics["split"] == split].assign(**{k: run.get(k) for k in ["run", "seed", *varying]})
-            rows.append(_with_params(chosen, Path(str(run["run"]))))
+            rows.append(_with_params(chosen, run["_params"]))
     metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *METRIC_NAMES])
     return metrics, table, varying
+
+
+def _read_run(run_dir: Path) -> dict[str, object]:
+    """:func:`describe_run`, plus a finished run's metric rows (``_metrics``) and fitted
+    parameters (``_params``); a run with an unreadable file comes back as ``broken``."""
+    try:
+        info = describe_run(run_dir)
+        if info["state"] == "done" and (run_dir / "metrics.csv").is_file():
+            info["_metrics"] = _read_table(run_dir / "metrics.csv", ("split", "calibrator", *METRIC_NAMES))
+            info["_params"] = calibrator_params(run_dir)
+        return info
+    except BrokenRun as err:
+        log.warning("Broken run folder, listed but not reported: %s", err)
+        return {"run": str(run_dir), "state": "broken", "error": str(err), "seed": None}
 
 
 def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -217,10 +255,12 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
 
 
 def _read_bins(path: Path) -> pd.DataFrame:
+    """A run's reliability bins; an unreadable file costs that run's bins, with a warning."""
     try:
-        return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise UserError(f"Cannot read {path} of a finished run: {err}") from None
+        return _read_table(path, ("calibrator", "bin", "lo", "hi", "count", "conf", "acc"))
+    except BrokenRun as err:
+        log.warning("Leaving out of the reliability grid: %s", err)
+        return pd.DataFrame(columns=["calibrator", "bin", "lo", "hi", "count", "conf", "acc"])
 
 
 def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) -> list[tuple[str, pd.DataFrame, float, float]]:
@@ -273,6 +313,19 @@ def _check_metrics(names: list[str], option: str, params: list[str] | None = Non
                         f"choose from {', '.join(choices)}.")
 
 
+def _check_options(available: list[str], keys: list[str], calibrators: list[str] | None, grid_calibrator: str,
+                   pivot: str | None) -> None:
+    """Options that name calibrators or keys the runs do not have are refused, listing what they have."""
+    unknown = [c for c in calibrators or [] if c not in available]
+    if unknown:
+        raise UserError(f"--calibrators: no run has {', '.join(unknown)}; the runs have {', '.join(available)}.")
+    if grid_calibrator not in available:
+        raise UserError(f"--grid-calibrator {grid_calibrator}: no run has it; the runs have {', '.join(available)}.")
+    if pivot is not None and pivot not in keys:
+        raise UserError(f"--pivot {pivot}: not a config key that differs between the runs; "
+                        f"those are: {', '.join(keys) or '(none: the runs differ only in seed)'}.")
+
+
 def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = "report",
                  calibrators: list[str] | None = None, paper: str | None = None,
                  grid_calibrator: str = "none", grid_name: str = "reliability_grid.png",
@@ -285,6 +338,8 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     _check_metrics([metric], "--metric")
     _check_metrics(shown, "--table-metrics")
     metrics, runs, keys = collect(paths)
+    if len(metrics):  # with no finished run, only the unfinished ones are listed
+        _check_options(sorted(set(metrics["calibrator"])), keys, calibrators, grid_calibrator, pivot)
     if calibrators:
         metrics = metrics[metrics["calibrator"].isin(calibrators)]
     if len(metrics):  # with no finished run there is no table: list the failed runs instead
@@ -337,9 +392,10 @@ def collect_part(runs: pd.DataFrame, keys: list[str], part: str, calibrators: li
         path = Path(str(run["run"])) / part / "metrics.csv"
         if path.is_file():
             try:
-                rows = pd.read_csv(path)
-            except (OSError, ValueError, pd.errors.ParserError) as err:
-                raise UserError(f"Cannot read {path}: {err}") from None
+                rows = _read_table(path, ("calibrator",))
+            except BrokenRun as err:
+                log.warning("Leaving out of the %s report: %s", part, err)
+                continue
             frames.append(rows.assign(run=run["run"], seed=run["seed"], **{k: run.get(k) for k in keys}))
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return rows[rows["calibrator"].isin(calibrators)] if calibrators and len(rows) else rows

@@ -113,6 +113,8 @@ def fake_run(folder, config: dict, ece: float, params: dict | None = None) -> No
     rows = [{"split": split, "calibrator": name, **dict.fromkeys(METRIC_NAMES, 0.5), "ece": ece + 0.01 * i, "n": 10}
             for split in ("val", "test") for i, name in enumerate(names)]
     pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    pd.DataFrame([{"calibrator": name, "bin": 1, "lo": 0.0, "hi": 1.0, "count": 10, "conf": 0.5, "acc": 0.5}
+                  for name in names]).to_csv(folder / "bins.csv", index=False)
     if params is not None:
         (folder / "calibrators.json").write_text(json.dumps({"none": {}, **params}))
 
@@ -166,8 +168,7 @@ def test_caption_is_written_under_the_title(tmp_path):
 
     fake_run(tmp_path / "runs" / "r0", {"seed": 0, "loss": {"lam": 10.0}}, 0.1)
     caption = "Paper's network (gapcap_net), λ = 10: the mean-CE reading."
-    # The grid calibrator is one the fake run lacks, so no figure needs its bins.
-    common = [str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--grid-calibrator", "temperature"]
+    common = [str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     report([*common, "--name", "with", "--caption", caption])
     report([*common, "--name", "without"])
     assert (tmp_path / "out" / "with.md").read_text().splitlines()[:4] == ["# with", "", caption, ""]
@@ -204,7 +205,7 @@ def test_fitted_parameters_in_the_table_with_the_papers_and_empty_cells_elsewher
     paper = tmp_path / "paper.csv"
     paper.write_text("loss.alpha,calibrator,ece,temperature.T\n0.0,none,0.150,\n0.0,temperature,0.021,1.9\n")
     write_report([tmp_path / "runs"], tmp_path / "out", name="t", calibrators=["none", "temperature"],
-                 paper=str(paper), grid_calibrator="absent", table_metrics=["ece", "temperature.T"])
+                 paper=str(paper), table_metrics=["ece", "temperature.T"])
     text = (tmp_path / "out" / "t.md").read_text()
     assert "nan" not in text.lower()
     table = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
@@ -246,7 +247,7 @@ def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
             pd.DataFrame([{"dataset": "svhn", "score": "msp", "calibrator": "none", "auroc": 0.8 + 0.1 * seed,
                            "aupr_in": 0.7, "aupr_out": 0.6, "fpr95": 0.5, "n": 50}]).to_csv(
                 folder / "ood" / "metrics.csv", index=False)
-    write_report([tmp_path / "runs"], tmp_path / "out", grid_calibrator="temperature")
+    write_report([tmp_path / "runs"], tmp_path / "out")
     summary = pd.read_csv(tmp_path / "out" / "report_shift.csv").set_index(["loss.gamma", "calibrator", "severity"])
     # Mean over corruptions a, b: base + 0.1·s + 0.01 + 0.01·seed; over seeds 0 and 1: ± sample std 0.00707.
     row = summary.loc[(3.0, "temperature", 2)]
@@ -263,3 +264,57 @@ def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
     ood = pd.read_csv(tmp_path / "out" / "report_ood.csv")
     assert ood["n"].tolist() == [2, 2] and ood["auroc_mean"].tolist() == pytest.approx([0.85, 0.85])
     assert "0.8500 ± 0.0707" in (tmp_path / "out" / "report_ood.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("file", "content"),
+    [("status.json", "{not json"), ("status.json", "[1, 2]"), ("config.yaml", "a: [unclosed"),
+     ("config.yaml", "- a list"), (".hydra/hydra.yaml", "{{{"), ("metrics.csv", "split,calibrator\nval,none\n"),
+     ("metrics.csv", "\x00\x01garbage\x02"), ("calibrators.json", "nope")],
+    ids=["status-json", "status-list", "config-yaml", "config-list", "hydra-yaml", "metrics-columns",
+         "metrics-bytes", "calibrators-json"],
+)
+def test_a_broken_run_is_listed_and_the_others_reported(tmp_path, file, content):
+    for i in range(2):
+        fake_run(tmp_path / "runs" / f"r{i}", {"seed": i, "loss": {"lam": 1.0}}, 0.1 + 0.1 * i)
+    (tmp_path / "runs" / "r1" / file).write_text(content)
+    summary = write_report([tmp_path / "runs"], tmp_path / "out")
+    assert summary["n"].tolist() == [1] and summary["ece_mean"].tolist() == pytest.approx([0.1])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Runs not finished (1)" in text and "broken" in text and file.split("/")[-1] in text
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--calibrators", "none,nope"], "--calibrators: no run has nope; the runs have none, temperature"),
+     (["--grid-calibrator", "nope"], "--grid-calibrator nope: no run has it"),
+     (["--pivot", "data.target"], "--pivot data.target: not a config key that differs between the runs; those are: loss.lam"),
+     (["--table-metrics", "foo"], "'foo' in --table-metrics")],
+)
+def test_report_options_naming_nothing_are_refused(tmp_path, caplog, option, message):
+    from calibrun.cli import report
+
+    for i, lam in enumerate((1.0, 10.0)):
+        fake_run(tmp_path / "runs" / f"r{i}", {"seed": 0, "loss": {"lam": lam}}, 0.1, params={"temperature": {"T": 1.5}})
+    with pytest.raises(SystemExit) as exit_info:
+        report([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *option])
+    assert exit_info.value.code == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message in error
+
+
+def test_an_unwritable_out_folder_is_one_line(tmp_path, caplog, monkeypatch):
+    from calibrun import report as report_lib
+    from calibrun.cli import report
+
+    fake_run(tmp_path / "runs" / "r0", {"seed": 0}, 0.1)
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(report_lib, "atomic_write_text", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        report([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error.startswith("Cannot write") and "report.md: Permission denied" in error

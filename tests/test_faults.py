@@ -10,16 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import FAST
 
 from calibrun import UserError, train
-from calibrun.config import validate
 from calibrun.runfolder import RunLock
 
 RUN = [*FAST, "calibrator=[temperature]"]
@@ -182,3 +181,27 @@ def test_a_submitit_job_signalled_is_requeued_and_resumes_to_the_same_result(run
     assert "Requeued job" in logs and "Resuming from" in (job / "calibrun.log").read_text()
     straight = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "straight"
     pd.testing.assert_frame_equal(pd.read_csv(job / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["history.csv", "logits/val.npz"], ids=["mid-training", "evaluation"])
+def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(run_cli, tmp_path, point):
+    """SIGKILL leaves no chance to checkpoint: the rerun resumes from the last checkpoint
+    (the lock dies with the process) and ends bitwise equal to a run never killed."""
+    assert run_cli([*SLOW, "run_name=straight"]).returncode == 0
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "calibrun", *SLOW, "run_name=killed"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / point).exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=60)
+    again = run_cli([*SLOW, "run_name=killed"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    straight = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "straight"
+    for table in ("metrics.csv", "bins.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(run_dir / table), pd.read_csv(straight / table))
+    with np.load(run_dir / "logits" / "test.npz") as cut, np.load(straight / "logits" / "test.npz") as ref:
+        np.testing.assert_array_equal(cut["logits"], ref["logits"])

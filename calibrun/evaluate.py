@@ -46,6 +46,8 @@ OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metric
 
 def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The logits and labels saved in ``path`` (``logits/<split>.npz``)."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"Cannot read logits from {path}: not an .npz archive (damaged, or another file).")
     try:
         with np.load(path, allow_pickle=False) as f:
             logits, labels = f["logits"], f["labels"]

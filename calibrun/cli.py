@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
 import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -122,8 +125,90 @@ def _absolute_data_root(cfg: DictConfig) -> None:
         raise UserError(f"data.root cannot be resolved: {first_line(err)}") from None
 
 
+# Command-line flags that point Hydra at other configs: the pre-check cannot know them.
+OTHER_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _option_problem(group: str, values: list[object], conf: Path) -> str | None:
+    """An option of config group ``group`` that has no YAML file, with the options it has."""
+    options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+    for value in values:
+        for option in value if isinstance(value, list) else [value]:
+            if str(option) not in options and option is not None and str(option) != "null":
+                return (f"{group}={option}: no such option.{_did_you_mean(str(option), options)} "
+                        f"{group} can be: {', '.join(options)}.")
+    return None
+
+
+def _key_problem(key: str, cfg: DictConfig) -> str | None:
+    """A dotted ``key`` that the composed ``cfg`` does not have, with the keys its node has."""
+    node: object = cfg
+    for depth, part in enumerate(key.split(".")):
+        if not isinstance(node, DictConfig):
+            return None  # below a value or a list: Hydra's own checks apply
+        if part not in node:
+            parent = ".".join(key.split(".")[:depth])
+            allowed = sorted(str(k) for k in node.keys() if str(k) != "_target_")
+            where = f" under '{parent}'" if parent else ""
+            return (f"Unknown config key '{key}'.{_did_you_mean(part, allowed)} Allowed keys{where}: "
+                    f"{', '.join(allowed) or 'none'}.")
+        node = node[part]
+    return None
+
+
+def check_overrides(argv: list[str], conf: Path) -> str | None:
+    """The first command-line override that names no config group option or no config key,
+    said the way a user can act on; None when all exist (Hydra then composes as usual)."""
+    if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
+        return None
+    texts = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(texts)
+    except HydraException:
+        return None  # a syntax error: Hydra's message says where
+    groups = [o for o in overrides if "." not in o.key_or_group and not o.key_or_group.startswith("hydra")
+              and (conf / o.key_or_group).is_dir()
+              and o.package is None and not o.is_delete() and not o.is_add()]
+    for override in groups:
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        problem = _option_problem(override.key_or_group, values, conf)
+        if problem:
+            return problem
+    first = [f"{o.key_or_group}={_first_value(o)}" for o in groups]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=first)
+    for override in overrides:
+        key = override.key_or_group
+        if override in groups or override.is_add() or override.is_force_add() or override.is_delete() \
+                or key.startswith("hydra") or override.package is not None:
+            continue
+        problem = _key_problem(key, cfg)
+        if problem:
+            return problem
+    return None
+
+
+def _first_value(override: object) -> str:
+    """The first value of a (possibly swept) group override, as override text."""
+    value = next(iter(override.sweep_iterator())) if override.is_sweep_override() else override.value()
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+
 def main() -> None:
-    """Entry point of the ``calibrun`` console script."""
+    """Entry point of the ``calibrun`` console script: unknown keys and options are caught
+    here with the allowed ones and a suggestion, before Hydra's own, terser, message."""
+    try:
+        problem = check_overrides(sys.argv[1:], Path(config_dir()))
+    except (HydraException, OmegaConfBaseException):
+        problem = None  # whatever else is wrong, Hydra reports it
+    if problem:
+        print(f"calibrun: {problem}", file=sys.stderr)
+        sys.exit(1)
     _calibrun()
 
 

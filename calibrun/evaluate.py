@@ -83,7 +83,7 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
             if split == "test":
                 bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scores, n_bins))
     table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
-    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]))
+    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]), n_bins)
     write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
     return table
 
@@ -138,10 +138,44 @@ def write_calibrator_params(path: Path, params: dict[str, dict]) -> None:
     atomic_write_text(path, json.dumps({**params, **kept}, indent=2) + "\n")
 
 
-def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame) -> None:
-    """``metrics.csv``, ``metrics.md`` and ``bins.csv``, each written atomically."""
+def run_header(run_dir: Path, n_bins: int) -> list[str]:
+    """Markdown lines naming what produced a run's table: data, model, loss, schedule,
+    subsets, seed, bins; read from the run's ``config.yaml`` (nothing if there is none)."""
+    path = run_dir / "config.yaml"
+    try:
+        cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        return []
+
+    def name(node: object) -> str:
+        return str(node.get("_target_", "?")).rsplit(".", 1)[-1] if isinstance(node, dict) else "?"
+
+    def settings(node: object, skip: tuple[str, ...] = ()) -> str:
+        pairs = [f"{k}={v}" for k, v in (node or {}).items() if not k.startswith("_") and k not in skip
+                 and v is not None and not isinstance(v, (dict, list))] if isinstance(node, dict) else []
+        return f" ({', '.join(pairs)})" if pairs else ""
+
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    subsets = [f"{k}={data[k]}" for k in ("train_subset", "test_subset") if data.get(k) is not None]
+    return [
+        f"# {run_dir.name}: test and validation metrics", "",
+        f"- Data: {data.get('name') or name(data)}{', ' + ', '.join(subsets) if subsets else ''}",
+        f"- Model: {name(cfg.get('model'))}{settings(cfg.get('model'), ('num_classes',))}",
+        f"- Loss: {name(cfg.get('loss'))}{settings(cfg.get('loss'))}",
+        f"- Training: {trainer.get('epochs')} epochs, batch {trainer.get('batch_size')}, lr {trainer.get('lr')} "
+        f"{trainer.get('schedule')}, seed {cfg.get('seed')}",
+        f"- Metrics: {n_bins} equal-width bins; calibrators fitted on val, so their val rows are in-sample", "",
+    ]
+
+
+def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15) -> None:
+    """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings) and
+    ``bins.csv``, each written atomically."""
     atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
-    atomic_write_text(run_dir / "metrics.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    markdown = table.to_markdown(index=False, floatfmt=".4f")
+    atomic_write_text(run_dir / "metrics.md", "\n".join([*run_header(run_dir, n_bins), markdown]) + "\n")
     atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
 
 

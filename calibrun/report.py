@@ -29,6 +29,10 @@ from calibrun.plots import Curve, curves_against, reliability_grid
 
 PAPERS = Path(__file__).resolve().parent / "papers"
 log = logging.getLogger(__name__)
+# Settings named in a report's "Same for all runs" line when no group differs in them
+# (model.depth too: model=resnet110 with model.depth=56 is a ResNet-56).
+SHARED_SETTINGS = ("data", "model", "model.depth", "loss", "trainer.epochs", "trainer.batch_size",
+                   "data.train_subset", "data.test_subset")
 
 
 def splits_groups(key: str) -> bool:
@@ -352,9 +356,7 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     if caption:
         lines += [caption, ""]
     lines += [f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
-    # model.depth too: model=resnet110 with model.depth=56 is a ResNet-56.
-    constant = {k: runs[k].iloc[0] for k in ("data", "model", "model.depth", "loss")
-                if k in runs and k not in keys and pd.notna(runs[k].iloc[0])}
+    constant = {k: runs[k].iloc[0] for k in SHARED_SETTINGS if k in runs and k not in keys and pd.notna(runs[k].iloc[0])}
     if constant:
         lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]
     if len(summary) and pivot in keys:

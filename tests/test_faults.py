@@ -205,3 +205,26 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(run_cli, tm
         pd.testing.assert_frame_equal(pd.read_csv(run_dir / table), pd.read_csv(straight / table))
     with np.load(run_dir / "logits" / "test.npz") as cut, np.load(straight / "logits" / "test.npz") as ref:
         np.testing.assert_array_equal(cut["logits"], ref["logits"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("data.colour=red", ["Unknown config key 'data.colour'", "Allowed keys under 'data':", "train_size", "val_size"]),
+     ("trainer.epoch=3", ["Unknown config key 'trainer.epoch'", "Did you mean 'epochs'?", "batch_size"]),
+     ("calibrator=[temprature]", ["calibrator=temprature: no such option", "Did you mean 'temperature'?",
+                                  "histogram, isotonic, matrix, platt, temperature, vector"]),
+     ("data=cifar11", ["Did you mean 'cifar10'?", "pacs_sample"])],
+)
+def test_unknown_keys_and_options_list_the_allowed_ones(run_cli, override, expected):
+    proc = run_cli([*RUN, override])
+    assert proc.returncode == 1
+    assert all(text in proc.stderr for text in expected), proc.stderr
+    assert "Traceback" not in proc.stderr and "+data.colour" not in proc.stderr
+
+
+def test_group_and_hydra_overrides_that_exist_pass_the_check():
+    from calibrun.cli import check_overrides, config_dir
+
+    conf = Path(config_dir())
+    assert check_overrides(["-m", "experiment=table1_gap", "loss.lam=0.1,1", "seed=0,1",
+                            "hydra/launcher=joblib", "shift=cifar10c", "shift.root=/x"], conf) is None

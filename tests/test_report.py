@@ -318,3 +318,18 @@ def test_an_unwritable_out_folder_is_one_line(tmp_path, caplog, monkeypatch):
     assert exit_info.value.code == 1
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert error.startswith("Cannot write") and "report.md: Permission denied" in error
+
+
+def test_metrics_header_and_shared_settings_of_a_depth_sweep(run_cli, tmp_path):
+    args = ["-m", *FAST, "model.depth=8,14", "trainer.epochs=1", "data.train_size=128", "calibrator=[temperature]",
+            "run_name=depth"]
+    assert run_cli(args).returncode == 0
+    sweep = tmp_path / "outputs" / "multirun" / "depth"
+    header = next(sweep.glob("*model.depth=14*/metrics.md")).read_text().splitlines()[:7]
+    assert header[2:6] == ["- Data: Synthetic", "- Model: cifar_resnet (depth=14, shortcut=A, width=16, "
+                           "zero_init_residual=True)", "- Loss: CrossEntropy",
+                           "- Training: 1 epochs, batch 64, lr 0.05 cosine, seed 0"]
+    write_report([sweep], tmp_path / "out")
+    shared = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines()
+                  if line.startswith("Same for all runs"))
+    assert shared == "Same for all runs: data=synthetic, model=resnet110, loss=ce, trainer.epochs=1, trainer.batch_size=64"

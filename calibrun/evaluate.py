@@ -12,6 +12,7 @@ records what it did in the run folder.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zipfile
 from pathlib import Path
@@ -38,6 +39,7 @@ BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
 CALIBRATION_LOG = "calibrations.jsonl"
 # The fitted parameters of each calibrator, keyed by its name (Calibrator.params()).
 CALIBRATOR_PARAMS = "calibrators.json"
+log = logging.getLogger(__name__)
 OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.n_bins=M"
 
 
@@ -75,7 +77,9 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     splits = {split: load_logits(run_dir / "logits" / f"{split}.npz") for split in ("val", "test")}
     rows, bins, params = [], [], {}
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
+        started = time.perf_counter()
         params[name] = calibrator.fit(*splits["val"]).params()
+        log.info("Fitted %s on %d validation logits in %.1f s", name, len(splits["val"][1]), time.perf_counter() - started)
         for split, (z, y) in splits.items():
             probs = calibrator.predict_proba(z)
             scores = evaluate(probs, y, n_bins)

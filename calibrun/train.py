@@ -190,6 +190,8 @@ def load_checkpoint(path: Path, device: torch.device, keys: tuple[str, ...] = ("
     return state
 
 
+# Seconds between progress lines in the log when no progress bar is shown.
+HEARTBEAT_S = 30.0
 # What a checkpoint holds (Checkpointer.save).
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "fingerprint", "epoch", "history", "partial")
 
@@ -362,11 +364,17 @@ def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalF
     started = time.perf_counter() - resumed.get("seconds", 0.0)
     batches = tqdm(tr.train_loader.iterate(skip), total=len(tr.train_loader), initial=skip, unit="batch",
                    desc=bar_desc, leave=False, disable=None if bar_desc else True)
+    last_line = time.monotonic()
     for step, (x, y) in enumerate(batches, start=skip):
         loss, logits = optimizer_step(tr, x, y)
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
+        if batches.disable and time.monotonic() - last_line >= HEARTBEAT_S:
+            # No progress bar (not a terminal, or trainer.progress=false): a line now and then.
+            last_line = time.monotonic()
+            log.info("epoch %d: batch %d/%d, loss %.4f, %.0f img/s", epoch + 1, step + 1, len(tr.train_loader),
+                     loss_sum.item() / seen, seen / (time.perf_counter() - started))
         if interrupt.received is not None:
             progress.partial = {"step": step + 1, "loss_sum": loss_sum.item(), "correct": correct.item(),
                                 "seen": seen, "seconds": time.perf_counter() - started}

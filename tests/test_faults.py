@@ -228,3 +228,14 @@ def test_group_and_hydra_overrides_that_exist_pass_the_check():
     conf = Path(config_dir())
     assert check_overrides(["-m", "experiment=table1_gap", "loss.lam=0.1,1", "seed=0,1",
                             "hydra/launcher=joblib", "shift=cifar10c", "shift.root=/x"], conf) is None
+
+
+def test_without_a_progress_bar_the_log_shows_progress_and_each_calibrator(compose_cfg, tmp_path, monkeypatch, caplog):
+    """A job whose stdout is a file is never silent for long: a line per HEARTBEAT_S seconds."""
+    import logging
+
+    monkeypatch.setattr(train, "HEARTBEAT_S", 0.0)
+    with caplog.at_level(logging.INFO):
+        train.run(compose_cfg(RUN), tmp_path / "run")
+    assert "epoch 1: batch 1/8, loss" in caplog.text and "img/s" in caplog.text
+    assert "Fitted temperature on 256 validation logits" in caplog.text

@@ -16,6 +16,7 @@ Two families share their machinery:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sized
 from typing import Generic, TypeVar
@@ -132,6 +133,12 @@ class Calibrator:
         """The fitted parameters as plain JSON values (floats and lists of floats); none here."""
         return {}
 
+
+    def load_params(self, params: dict) -> Calibrator:
+        """Set the fitted state from ``params()``'s output (``calibrators.json``): the
+        calibrator then predicts as it did, without refitting. Returns self."""
+        return self
+
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         return torch.softmax(self._calibrated(_as_logits(logits)), dim=1).numpy()
 
@@ -174,6 +181,13 @@ class TemperatureScaling(Calibrator):
         """``{"T": T}``."""
         return {"T": self.temperature}
 
+
+    def load_params(self, params: dict) -> TemperatureScaling:
+        if not params.get("T", 0) > 0:
+            raise ValueError(f"TemperatureScaling needs a temperature T > 0, got {params.get('T')!r}")
+        self.log_temperature = torch.tensor(math.log(params["T"]), dtype=torch.float64)
+        return self
+
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         return z / self.log_temperature.exp()
 
@@ -209,6 +223,11 @@ class VectorScaling(Calibrator):
     def params(self) -> dict:
         """``{"w": [w_1..w_K], "b": [b_1..b_K]}``."""
         return {"w": _floats(_require_fitted(self, self.scale)), "b": _floats(self.bias)}
+
+
+    def load_params(self, params: dict) -> VectorScaling:
+        self.scale, self.bias = (torch.tensor(params[key], dtype=torch.float64) for key in ("w", "b"))
+        return self
 
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         _check_fitted(self, self.scale, z)
@@ -272,6 +291,11 @@ class MatrixScaling(Calibrator):
     def params(self) -> dict:
         """``{"W": K×K rows, "b": [b_1..b_K]}``."""
         return {"W": _floats(_require_fitted(self, self.weight)), "b": _floats(self.bias)}
+
+
+    def load_params(self, params: dict) -> MatrixScaling:
+        self.weight, self.bias = (torch.tensor(params[key], dtype=torch.float64) for key in ("W", "b"))
+        return self
 
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         _check_fitted(self, self.bias, z)
@@ -373,6 +397,11 @@ class PlattScaling(_OneVsRest[tuple[float, float]]):
         a, b = zip(*_require_fitted(self, self.per_class))
         return {"a": list(a), "b": list(b)}
 
+
+    def load_params(self, params: dict) -> PlattScaling:
+        self.per_class = [(float(a), float(b)) for a, b in zip(params["a"], params["b"], strict=True)]
+        return self
+
     def _scores(self, z: torch.Tensor) -> np.ndarray:
         """The log-odds s_k = z_k − logsumexp_{j≠k} z_j of every class (N×K)."""
         # One class at a time, masking its own logit: an N×K×K mask would not fit in
@@ -424,6 +453,12 @@ class HistogramBinning(_OneVsRest[np.ndarray]):
         values = _require_fitted(self, self.per_class)
         return {"bin_edges": _floats(np.arange(self.n_bins + 1) / self.n_bins), "values": _floats(values)}
 
+
+    def load_params(self, params: dict) -> HistogramBinning:
+        self.n_bins = len(params["bin_edges"]) - 1
+        self.per_class = [np.asarray(values, dtype=np.float64) for values in params["values"]]
+        return self
+
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> np.ndarray:
         # The same binning code as the ECE, so a calibrated bin is an ECE bin.
         bins = equal_width_bins(score, target, self.n_bins)
@@ -455,6 +490,13 @@ class IsotonicCalibration(_OneVsRest[IsotonicRegression]):
         fitted = _require_fitted(self, self.per_class)
         return {"thresholds": [_floats(g.X_thresholds_) for g in fitted],
                 "values": [_floats(g.y_thresholds_) for g in fitted]}
+
+
+    def load_params(self, params: dict) -> IsotonicCalibration:
+        # Refitting on its own knots gives back the same monotone piecewise-linear map.
+        self.per_class = [IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(x, y)
+                          for x, y in zip(params["thresholds"], params["values"], strict=True)]
+        return self
 
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> IsotonicRegression:
         return IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(score, target)

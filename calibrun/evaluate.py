@@ -186,6 +186,28 @@ def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_b
 # --------------------------------------------------------------------------- calibrun-calibrate
 
 
+def load_calibrators(run_dir: Path) -> dict[str, Calibrator]:
+    """The calibrators of a finished run as it fitted them, from its ``calibrators.json``
+    and ``config.yaml``: apply them to new logits without refitting.
+
+    Example: ``load_calibrators(run)["temperature"].predict_proba(logits)``.
+    """
+    path = run_dir / CALIBRATOR_PARAMS
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"Cannot read {path}: {err}") from None
+    section = load_run_config(run_dir / "config.yaml").get("calibrator") or {}
+    missing = [name for name in params if name != "none" and name not in section]
+    if missing:
+        raise UserError(f"{run_dir / 'config.yaml'} has no calibrator.{missing[0]} for the entry in {path}.")
+    built = {"none": Uncalibrated(), **build_calibrators(OmegaConf.create({n: section[n] for n in params if n != "none"}))}
+    try:
+        return {name: built[name].load_params(values) for name, values in params.items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path} does not hold the parameters calibrun wrote ({err}).") from None
+
+
 def build_calibrators(section: DictConfig) -> dict[str, Calibrator]:
     """One calibrator per entry of a validated ``calibrator`` config section."""
     return {name: build_component(node, f"calibrator.{name}") for name, node in section.items()}

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hydra.utils import get_class, instantiate
@@ -453,3 +454,21 @@ def test_calibrators_json_holds_the_fitted_parameters_and_keeps_the_others(tmp_p
     path.write_text("{not json")
     with pytest.raises(UserError, match="calibrators.json"):
         calibrate_and_report(tmp_path, {"vector": VectorScaling()})
+
+
+def test_a_finished_runs_calibrators_load_and_reproduce_its_test_rows_without_refitting(compose_cfg, tmp_path):
+    from conftest import FAST
+
+    from calibrun.evaluate import load_calibrators
+    from calibrun.metrics import evaluate as metrics_evaluate
+    from calibrun.train import run
+
+    run(validate(compose_cfg(FAST)), tmp_path / "run")
+    loaded = load_calibrators(tmp_path / "run")
+    assert set(loaded) == {"none", *FITTED}
+    z_test, y_test = load_logits(tmp_path / "run" / "logits" / "test.npz")
+    table = pd.read_csv(tmp_path / "run" / "metrics.csv").query("split == 'test'").set_index("calibrator")
+    for name, calibrator in loaded.items():
+        scores = metrics_evaluate(calibrator.predict_proba(z_test), y_test)
+        for metric, value in scores.items():
+            assert table.loc[name, metric] == pytest.approx(value, abs=1e-12), (name, metric)

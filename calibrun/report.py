@@ -301,9 +301,14 @@ def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curv
 
 
 def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Path) -> None:
-    """``metric`` and the accuracy against λ (the ``*.lam`` key among ``keys``), side by side."""
+    """``metric`` and the accuracy against λ (the ``*.lam`` key among ``keys``), side by
+    side; nothing is written unless some curve has two λ values or more (Table 1's
+    objectives differ in λ only because CE has none)."""
     lam = next(k for k in keys if k.endswith(".lam"))
+    summary = summary[summary[lam].notna() & (summary[lam].astype(str) != "nan")]
     panels = {name: lam_curves(summary, keys, name) for name in (metric, "accuracy")}
+    if not any(len(curve.x) >= 2 for curve in panels[metric]):
+        return
     curves_against(panels, path, x_name="λ", xlabel=f"λ ({lam})")
 
 

@@ -333,3 +333,15 @@ def test_metrics_header_and_shared_settings_of_a_depth_sweep(run_cli, tmp_path):
     shared = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines()
                   if line.startswith("Same for all runs"))
     assert shared == "Same for all runs: data=synthetic, model=resnet110, loss=ce, trainer.epochs=1, trainer.batch_size=64"
+
+
+def test_no_lambda_figure_when_lambda_does_not_vary_within_a_group(tmp_path):
+    """Table 1: ce has no λ and gap, gap_cap one each; nothing to draw against λ."""
+    for loss, lam in (("ce", None), ("gap", 10.0), ("gap_cap", 10.0)):
+        fake_run(tmp_path / "runs" / loss, {"seed": 0, "loss": {"name": loss, **({"lam": lam} if lam else {})}}, 0.1)
+    write_report([tmp_path / "runs"], tmp_path / "out")
+    assert not (tmp_path / "out" / "ece_vs_lam.png").exists()
+    for lam in (1.0, 3.0):
+        fake_run(tmp_path / "runs" / f"gap{lam}", {"seed": 0, "loss": {"name": "gap", "lam": lam}}, 0.1)
+    write_report([tmp_path / "runs"], tmp_path / "out")
+    assert (tmp_path / "out" / "ece_vs_lam.png").is_file()

@@ -31,7 +31,7 @@ from calibrun._io import atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.config import build_component, first_line, validate
 from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate
-from calibrun.plots import confidence_histogram, reliability_diagram
+from calibrun.plots import confidence_histogram, reliability_with_histogram
 
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n"]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
@@ -97,12 +97,13 @@ def _test_bins_and_figures(figures: Path, name: str, probs: np.ndarray, labels: 
     """The test-set reliability bins of calibrator ``name``; draws its reliability diagram
     (and for ``none`` the confidence histogram) from the same numbers on the way."""
     stats = bin_stats(probs, labels, n_bins)
-    reliability_diagram(stats, figures / f"reliability_{name}.png", title=f"{name} (test)",
-                        ece=scores["ece"], mce=scores["mce"])
+    label = "none (uncalibrated)" if name == "none" else name
+    reliability_with_histogram(stats, figures / f"reliability_{name}.png", title=f"{label}, test split",
+                               ece=scores["ece"], mce=scores["mce"])
     if name == "none":
         conf = probs.max(axis=1)
         confidence_histogram(conf, figures / "confidence_hist.png", accuracy=scores["accuracy"],
-                             mean_confidence=float(conf.mean()), n_bins=n_bins, title="uncalibrated (test)")
+                             mean_confidence=float(conf.mean()), n_bins=n_bins, title=f"{label}, test split")
     return stats.assign(calibrator=name)
 
 

@@ -269,3 +269,20 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str,
     # Convert once so that torch inputs are not copied off the device for every metric.
     p, y = _validate(probs, labels, n_bins)
     return {**{name: metric(p, y, n_bins) for name, metric in _METRICS.items()}, "n": int(len(y))}
+
+
+def pool_bins(bins: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
+    """Bin tables of several runs or blocks added up (counts add, means weight by count),
+    with the ECE and MCE of the pooled samples: what one table over all of them gives.
+
+    ``bins`` holds rows of :func:`bin_stats` (``bin, lo, hi, count, conf, acc``).
+    """
+    weighted = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"],
+                           acc_sum=bins["acc"].fillna(0) * bins["count"])
+    pooled = weighted.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
+    count = pooled["count"].where(pooled["count"] > 0)
+    pooled = pooled.assign(conf=pooled["conf_sum"] / count, acc=pooled["acc_sum"] / count)
+    gaps = (pooled["acc"] - pooled["conf"]).abs()
+    ece_value = float((gaps.fillna(0) * pooled["count"]).sum() / max(pooled["count"].sum(), 1))
+    mce_value = float(gaps.max(skipna=True)) if gaps.notna().any() else 0.0
+    return pooled[["bin", "lo", "hi", "count", "conf", "acc"]], ece_value, mce_value

@@ -16,6 +16,7 @@ import matplotlib
 
 # Runs write figures on headless machines and in worker processes: never open a window.
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -27,6 +28,9 @@ from calibrun._io import atomic_open  # noqa: E402
 BIN_COLUMNS = ("lo", "hi", "count", "conf", "acc")
 ACC_COLOUR = "#1f4e9c"
 GAP_COLOUR = "#d62728"
+UNDER_COLOUR = "#ff7f0e"
+# Bins with fewer samples than this are faded and labelled with their count.
+SPARSE = 10
 DPI = 150
 
 
@@ -40,14 +44,17 @@ def _save(fig: Figure, path: Path | str) -> None:
 
 
 def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str = "", ece: float | None = None,
-                        mce: float | None = None, ax: Axes | None = None) -> None:
+                        mce: float | None = None, ax: Axes | None = None, sparse: int = SPARSE,
+                        legend: bool = True) -> list:
     """Reliability diagram: accuracy per confidence bin against perfect calibration.
 
-    Blue bars are the accuracy of each non-empty bin over its [lo, hi] width; red hatched
-    bars span the gap from that accuracy to the bin's mean confidence (above the blue bar
-    when over-confident, inside it when under-confident). ``ece``/``mce`` are printed as
-    given. With ``ax`` the diagram is drawn there and nothing is saved (``path`` is
-    ignored); otherwise a new figure is written to ``path``.
+    Blue bars are the accuracy of each non-empty bin over its [lo, hi] width. The gap to
+    the bin's mean confidence is a red band above the bar where the model is
+    overconfident and an orange hatched outline inside the bar where it is
+    underconfident, so the two never blend. Bins with fewer than ``sparse`` samples are
+    faded and labelled with their count. ``ece``/``mce`` are printed as given, under the
+    title. With ``ax`` the diagram is drawn there and nothing is saved; the legend goes
+    below the axes unless ``legend=False``. Returns the legend handles.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
@@ -58,55 +65,97 @@ def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str 
         raise ValueError("reliability_diagram needs a path to save to, or an ax to draw into")
     fig = None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fig, ax = plt.subplots(figsize=(4.5, 5.2))
+    handles = _draw_bins(ax, bins[bins["count"] > 0], sparse)
+    scores = " · ".join(f"{name} = {value:.4f}" for name, value in (("ECE", ece), ("MCE", mce)) if value is not None)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", ylabel="Accuracy",
+           title="\n".join(part for part in (title, scores) if part))
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=2, frameon=False)
+    if fig is not None:
+        fig.tight_layout()
+        _save(fig, path)
+    return handles
 
-    # An empty bin has no accuracy to show (conf/acc are NaN there).
-    filled = bins[bins["count"] > 0]
+
+def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
+    """The bars of a reliability diagram (an empty bin has nothing to show) and the
+    diagonal; returns the legend handles."""
     lo = filled["lo"].to_numpy(dtype=float)
     width = filled["hi"].to_numpy(dtype=float) - lo
-    acc = filled["acc"].to_numpy(dtype=float)
-    conf = filled["conf"].to_numpy(dtype=float)
+    acc, conf = filled["acc"].to_numpy(dtype=float), filled["conf"].to_numpy(dtype=float)
+    count = filled["count"].to_numpy(dtype=int)
     acc_bars = ax.bar(lo, acc, width=width, align="edge", color=ACC_COLOUR, edgecolor="black", linewidth=0.5,
-           label="Accuracy", zorder=2)
-    gap_bars = ax.bar(lo, conf - acc, bottom=acc, width=width, align="edge", color=GAP_COLOUR, alpha=0.3,
-           edgecolor=GAP_COLOUR, hatch="//", linewidth=0.5, label="Gap to confidence", zorder=3)
+                      label="Accuracy", zorder=2)
+    over = conf > acc
+    ax.bar(lo[over], (conf - acc)[over], bottom=acc[over], width=width[over], align="edge",
+                       color=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", linewidth=0.5,
+                       label="Overconfident: confidence above accuracy", zorder=3)
+    ax.bar(lo[~over], (acc - conf)[~over], bottom=conf[~over], width=width[~over], align="edge",
+                        facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", linewidth=0.8,
+                        label="Underconfident: accuracy above confidence", zorder=3)
+    for bar, n, top in zip(acc_bars, count, np.maximum(acc, conf)):
+        if n < sparse:  # a bar this thin in data must not look like evidence
+            bar.set_alpha(0.3)
+            ax.text(bar.get_x() + bar.get_width() / 2, min(top + 0.02, 0.93), f"n={n}", ha="center", va="bottom",
+                    fontsize=6, rotation=90, color="dimgrey", zorder=5)
     (diagonal,) = ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="Perfect calibration",
                           zorder=4)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", ylabel="Accuracy", title=title)
-    ax.set_aspect("equal")
+    # Legend handles drawn for the legend: a container's first bar may be faded or absent.
+    patch = matplotlib.patches.Patch
+    return [patch(facecolor=ACC_COLOUR, edgecolor="black", label="Accuracy"),
+            patch(facecolor=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", label="Overconfidence gap"),
+            patch(facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", label="Underconfidence gap (in the bar)"),
+            diagonal, patch(facecolor=ACC_COLOUR, alpha=0.3, edgecolor="black",
+                            label=f"< {sparse} samples: faded, n shown")]
+
+
+def _histogram(ax: Axes, bins: pd.DataFrame) -> None:
+    """Samples per confidence bin (counts), on the diagram's x axis."""
+    lo = bins["lo"].to_numpy(dtype=float)
+    counts = bins["count"].to_numpy(dtype=float)
+    ax.bar(lo, counts, width=bins["hi"].to_numpy(dtype=float) - lo, align="edge", color="grey",
+           edgecolor="black", linewidth=0.5, zorder=2)
+    ax.set(xlim=(0, 1), xlabel="Confidence", ylabel="Samples")
     ax.grid(alpha=0.3)
-    # Explicit handles: matplotlib would list the line before the bars.
-    ax.legend(handles=[acc_bars, gap_bars, diagonal], loc="upper left", fontsize=8)
-    scores = [f"{name} = {value:.4f}" for name, value in (("ECE", ece), ("MCE", mce)) if value is not None]
-    if scores:
-        ax.text(0.96, 0.04, "\n".join(scores), transform=ax.transAxes, ha="right", va="bottom", fontsize=9,
-                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey", "alpha": 0.9}, zorder=5)
-    if fig is not None:
-        _save(fig, path)
+    ax.text(0.98, 0.92, f"n = {int(counts.sum()):,}", transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
-def _grid_figure(panels: list[tuple[str, pd.DataFrame, float, float]], ncols: int) -> Figure:
-    """The figure of :func:`reliability_grid`, one Axes per panel, not yet saved."""
+Panel = tuple[str, pd.DataFrame, float, float]
+
+
+def _grid_figure(panels: list[Panel], ncols: int) -> Figure:
+    """The figure of :func:`reliability_grid`: per panel a diagram over its histogram,
+    one legend for all at the bottom."""
     if not panels:
         raise ValueError("reliability_grid needs at least one panel")
     if ncols < 1:
         raise ValueError(f"ncols={ncols} must be at least 1")
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.4 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
+    fig, axes = plt.subplots(2 * nrows, ncols, figsize=(4.4 * ncols, 6.0 * nrows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1] * nrows})
+    handles = []
+    for i in range(nrows * ncols):
+        top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
         if i < len(panels):
             title, bins, ece, mce = panels[i]
-            reliability_diagram(bins, None, title, ece, mce, ax=ax)
+            handles = reliability_diagram(bins, None, title, ece, mce, ax=top, legend=False)
+            top.set_xlabel("")
+            _histogram(bottom, bins)
         else:
-            fig.delaxes(ax)
-    fig.tight_layout()
+            fig.delaxes(top)
+            fig.delaxes(bottom)
+    fig.legend(handles=handles, loc="lower center", ncol=min(3, ncols + 1), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))
     return fig
 
 
-def reliability_grid(panels: list[tuple[str, pd.DataFrame, float, float]], path: Path | str,
-                     ncols: int = 3) -> None:
-    """Reliability diagrams side by side, one per ``(title, bins, ece, mce)`` panel.
+def reliability_grid(panels: list[Panel], path: Path | str, ncols: int = 3) -> None:
+    """Reliability diagrams side by side, one per ``(title, bins, ece, mce)`` panel, each
+    over its confidence histogram.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
@@ -175,25 +224,13 @@ def curves_against(panels: dict[str, list[Curve]], path: Path | str, x_name: str
 
 
 def reliability_with_histogram(bins: pd.DataFrame, path: Path | str, title: str = "", ece: float | None = None,
-                               mce: float | None = None) -> None:
-    """A reliability diagram above the fraction of samples in each of its bins, so that a
-    tall gap over a nearly empty bin reads as what it is.
+                               mce: float | None = None, sparse: int = SPARSE) -> None:
+    """A reliability diagram over the number of samples in each of its bins (shared x
+    axis), so that a tall gap over a nearly empty bin reads as what it is.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 6.2), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1.1]})
-    reliability_diagram(bins, None, title, ece, mce, ax=top)
-    top.set_xlabel("")
-    total = max(int(bins["count"].sum()), 1)
-    lo = bins["lo"].to_numpy(dtype=float)
-    bottom.bar(lo, bins["count"].to_numpy(dtype=float) / total, width=bins["hi"].to_numpy(dtype=float) - lo,
-               align="edge", color="grey", edgecolor="black", linewidth=0.5, zorder=2)
-    bottom.set(xlim=(0, 1), xlabel="Confidence", ylabel="Fraction of samples")
-    bottom.grid(alpha=0.3)
-    bottom.text(0.02, 0.92, f"n = {total:,}", transform=bottom.transAxes, ha="left", va="top", fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _save(_grid_figure([(title, bins, ece, mce)], 1), path)
 
 
 def severity_boxes(table: pd.DataFrame, path: Path | str, metrics: Sequence[str] = ("ece", "accuracy"),

@@ -16,6 +16,7 @@ import logging
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -24,7 +25,7 @@ from calibrun._io import atomic_write_text
 from calibrun.config import is_non_experiment_key
 from calibrun.detection import DETECTION_METRICS
 from calibrun.evaluate import CALIBRATOR_PARAMS
-from calibrun.metrics import METRIC_NAMES
+from calibrun.metrics import METRIC_NAMES, pool_bins
 from calibrun.plots import Curve, curves_against, reliability_grid
 
 PAPERS = Path(__file__).resolve().parent / "papers"
@@ -195,6 +196,8 @@ def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: 
     written (no number parsing), so every value keeps its four decimals."""
     shown = summary[[*keys, "calibrator", "n"]].astype(object)
     shown[keys] = shown[keys].where(shown[keys].notna(), "–")
+    if "paper_label" in summary:  # the paper's name for the row (papers/<name>.csv, column label)
+        shown.insert(0, "row", summary["paper_label"].fillna(""))
     for metric in metrics:
         shown[metric] = [_mean_std(m, s, n) for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
         if paper is not None and f"paper_{metric}" in summary:
@@ -267,19 +270,28 @@ def _read_bins(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["calibrator", "bin", "lo", "hi", "count", "conf", "acc"])
 
 
-def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str) -> list[tuple[str, pd.DataFrame, float, float]]:
+def group_label(keys: list[str], values: tuple, paper: pd.DataFrame | None) -> str:
+    """A group's name: the paper's row name (``label`` in its CSV) when exactly one row
+    matches the group, else ``key=value`` for the keys the group has."""
+    pairs = {k: v for k, v in zip(keys, values) if not pd.isna(v)}
+    if paper is not None and "label" in paper:
+        common = [c for c in paper.columns if c in keys]
+        match = paper[np.logical_and.reduce([paper[c].astype(str) == str(pairs.get(c)) for c in common])] \
+            if common else paper.iloc[0:0]
+        if len(match) == 1:
+            return str(match["label"].iloc[0])
+    return ", ".join(f"{k}={v}" for k, v in pairs.items())
+
+
+def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str,
+                       paper: pd.DataFrame | None = None) -> list[tuple[str, pd.DataFrame, float, float]]:
     """One panel per group: the bins of its runs pooled over seeds (counts add up)."""
     panels = []
     chosen = metrics[metrics["calibrator"] == calibrator]
     for group, rows in chosen.groupby(keys, dropna=False, sort=False) if keys else [((), chosen)]:
         bins = pd.concat([_read_bins(Path(r) / "bins.csv") for r in rows["run"]])
-        bins = bins[bins["calibrator"] == calibrator]
-        bins = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"], acc_sum=bins["acc"].fillna(0) * bins["count"])
-        pooled = bins.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
-        count = pooled["count"].where(pooled["count"] > 0)
-        pooled = pooled.assign(conf=pooled["conf_sum"] / count, acc=pooled["acc_sum"] / count)
-        values = zip(keys, group if isinstance(group, tuple) else (group,))
-        title = ", ".join(f"{k}={v}" for k, v in values if not pd.isna(v)) or calibrator
+        pooled, _, _ = pool_bins(bins[bins["calibrator"] == calibrator])
+        title = group_label(keys, group if isinstance(group, tuple) else (group,), paper) or calibrator
         title = "\n".join(textwrap.wrap(title, 45))
         panels.append((title, pooled, rows["ece"].mean(), rows["mce"].mean()))
     return panels
@@ -381,7 +393,7 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     if len(summary) and any(k.endswith(".lam") for k in keys):
         metric_vs_lam(summary, keys, metric, out / f"{metric}_vs_lam.png")
     if len(metrics) and grid_calibrator in set(metrics["calibrator"]):
-        panels = reliability_panels(metrics, keys, grid_calibrator)
+        panels = reliability_panels(metrics, keys, grid_calibrator, reference)
         reliability_grid(panels, out / grid_name, ncols=min(len(panels), 4))
     write_shift_report(runs, keys, out, name, calibrators)
     write_ood_report(runs, keys, out, name, calibrators)

@@ -42,7 +42,7 @@ from calibrun.config import Select, build_component, first_line, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
 from calibrun.evaluate import build_calibrators, load_logits, load_run_config
-from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate
+from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import predict
 
@@ -176,24 +176,12 @@ def _clean_rows(run_dir: Path) -> pd.DataFrame | None:
     return metrics[metrics["split"] == "test"]
 
 
-def pooled_bins(bins: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
-    """Bins of several blocks added up (counts add, means weight by count), with the ECE
-    and MCE of the pooled images."""
-    weighted = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"], acc_sum=bins["acc"].fillna(0) * bins["count"])
-    pooled = weighted.groupby(["bin", "lo", "hi"], as_index=False)[["count", "conf_sum", "acc_sum"]].sum()
-    count = pooled["count"].where(pooled["count"] > 0)
-    pooled = pooled.assign(conf=pooled["conf_sum"] / count, acc=pooled["acc_sum"] / count)
-    gaps = (pooled["acc"] - pooled["conf"]).abs()
-    ece = float((gaps.fillna(0) * pooled["count"]).sum() / max(pooled["count"].sum(), 1))
-    return pooled[["bin", "lo", "hi", "count", "conf", "acc"]], ece, float(gaps.max(skipna=True))
-
-
 def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: pd.DataFrame | None) -> None:
     """ECE and accuracy against severity (boxes over the corruptions), and per severity
     and calibrator a reliability diagram over the pooled corruptions with its histogram."""
     severity_boxes(table.astype({"severity": int}), folder / "severity_boxes.png", clean=clean)
     for (severity, name), rows in bins.groupby(["severity", "calibrator"], sort=False):
-        pooled, ece, mce = pooled_bins(rows)
+        pooled, ece, mce = pool_bins(rows)
         n_corruptions = rows["corruption"].nunique()
         title = f"{name}, severity {int(severity)} ({n_corruptions} corruptions pooled)"
         reliability_with_histogram(pooled, folder / f"reliability_severity{int(severity)}_{name}.png", title, ece, mce)

@@ -69,23 +69,55 @@ def test_png_gets_the_usual_file_mode(tmp_path: Path) -> None:
 
 def test_reliability_diagram_draws_the_given_statistics() -> None:
     bins = make_bins(5, empty=(0, 3))
+    bins.loc[bins.index[1], "acc"] = 0.99  # one underconfident bin among overconfident ones
     fig, ax = plt.subplots()
-    reliability_diagram(bins, None, title="t", ece=0.0412, mce=0.25, ax=ax)
+    handles = reliability_diagram(bins, None, title="t", ece=0.0412, mce=0.25, ax=ax)
     filled = bins[bins["count"] > 0]
-    acc_bars, gap_bars = ax.containers
-    assert len(acc_bars) == len(gap_bars) == len(filled) == 3
-    for bar, gap, (_, row) in zip(acc_bars, gap_bars, filled.iterrows()):
+    acc_bars, over_bars, under_bars = ax.containers
+    assert len(acc_bars) == len(filled) == 3 and len(over_bars) + len(under_bars) == 3
+    for bar, (_, row) in zip(acc_bars, filled.iterrows()):
         assert bar.get_x() == pytest.approx(row["lo"]) and bar.get_width() == pytest.approx(row["hi"] - row["lo"])
         assert bar.get_height() == pytest.approx(row["acc"])
-        # The gap bar runs from the accuracy to the mean confidence, up or down.
-        assert gap.get_y() == pytest.approx(row["acc"])
-        assert gap.get_y() + gap.get_height() == pytest.approx(row["conf"])
+    # Each gap bar spans accuracy to mean confidence: above the bar when overconfident,
+    # inside it (hatched outline, no fill to blend) when underconfident.
+    gaps = sorted([*over_bars, *under_bars], key=lambda b: b.get_x())
+    for gap, (_, row) in zip(gaps, filled.iterrows()):
+        ends = sorted([gap.get_y(), gap.get_y() + gap.get_height()])
+        assert ends == pytest.approx(sorted([row["acc"], row["conf"]]))
+    assert len(under_bars) == 1 and under_bars[0].get_facecolor()[3] == 0
     assert ax.get_xlim() == (0, 1) and ax.get_ylim() == (0, 1)
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("Confidence", "Accuracy")
-    texts = [t.get_text() for t in ax.texts]
-    assert any("ECE = 0.0412" in t and "MCE = 0.2500" in t for t in texts)
+    assert ax.get_title() == "t\nECE = 0.0412 · MCE = 0.2500"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["Accuracy", "Gap to confidence", "Perfect calibration"]
+    assert labels == [h.get_label() for h in handles] and "Underconfidence gap (in the bar)" in labels
+
+
+def test_sparse_bins_are_faded_and_show_their_count() -> None:
+    bins = make_bins(4)
+    bins["count"] = [1, 50, 0, 200]
+    fig, ax = plt.subplots()
+    reliability_diagram(bins, None, ax=ax, sparse=10)
+    acc_bars = ax.containers[0]
+    assert [bar.get_alpha() for bar in acc_bars] == [0.3, None, None]
+    assert [t.get_text() for t in ax.texts] == ["n=1"]
+
+
+def test_every_figure_type_renders_empty_and_one_sample_bins(tmp_path: Path) -> None:
+    from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
+
+    bins = make_bins(10, empty=(0, 1, 2, 3, 4, 5, 6, 7))
+    bins.loc[bins.index[8], "count"] = 1
+    reliability_with_histogram(bins, tmp_path / "one.png", "one sample", 0.5, 0.5)
+    reliability_with_histogram(make_bins(10, empty=tuple(range(10))), tmp_path / "none.png")
+    reliability_grid([("a", bins, 0.1, 0.2), ("b", make_bins(10, empty=tuple(range(10))), 0.0, 0.0)],
+                     tmp_path / "grid.png")
+    table = pd.DataFrame({"severity": [1, 1, 2], "calibrator": ["none", "temperature", "none"],
+                          "ece": [0.1, 0.05, 0.2], "accuracy": [0.9, 0.9, 0.8]})
+    severity_boxes(table, tmp_path / "boxes.png")
+    in_out_histogram(np.array([0.9]), np.array([0.2, 0.3]), tmp_path / "ood.png", "in", "out")
+    confidence_histogram(np.array([1.0]), tmp_path / "conf.png", accuracy=1.0, mean_confidence=1.0)
+    for name in ("one", "none", "grid", "boxes", "ood", "conf"):
+        assert read_png(tmp_path / f"{name}.png").shape[0] > 100
 
 
 def test_reliability_diagram_into_ax_saves_nothing(tmp_path: Path) -> None:
@@ -158,12 +190,15 @@ def test_confidence_histogram_rejects_bad_input(tmp_path: Path, conf: np.ndarray
 
 @pytest.mark.parametrize(("n_panels", "ncols", "shape"), [(1, 3, (1, 1)), (3, 3, (1, 3)), (4, 3, (2, 3)),
                                                          (5, 2, (3, 2))])
-def test_grid_has_one_axes_per_panel(n_panels: int, ncols: int, shape: tuple[int, int]) -> None:
+def test_grid_has_one_diagram_and_one_histogram_per_panel(n_panels: int, ncols: int, shape: tuple[int, int]) -> None:
     panels = [(f"calibrator {i}", make_bins(15, empty=(i,)), 0.01 * i, 0.1 * i) for i in range(n_panels)]
     fig = plots._grid_figure(panels, ncols)
-    assert len(fig.axes) == n_panels
-    assert fig.axes[0].get_subplotspec().get_gridspec().get_geometry() == shape
-    assert [ax.get_title() for ax in fig.axes] == [p[0] for p in panels]
+    assert len(fig.axes) == 2 * n_panels
+    rows, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    assert (rows // 2, cols) == shape  # a diagram row and a histogram row per row of panels
+    diagrams = [ax for ax in fig.axes if ax.get_ylabel() == "Accuracy"]
+    assert [ax.get_title().split("\n")[0] for ax in diagrams] == [p[0] for p in panels]
+    assert sum(ax.get_ylabel() == "Samples" for ax in fig.axes) == n_panels
 
 
 def test_reliability_grid_writes_png(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ from calibrun.robustness import (
     evaluate_shift,
     evaluation_config,
     fitted_calibrators,
-    pooled_bins,
     trained_predictor,
 )
 from calibrun.train import run
@@ -134,10 +133,10 @@ def test_pooled_bins_give_the_ece_of_the_pooled_images():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3) * 0.5, size=400)
     labels = rng.integers(0, 3, 400)
-    from calibrun.metrics import bin_stats, ece, mce
+    from calibrun.metrics import bin_stats, ece, mce, pool_bins
 
     halves = pd.concat([bin_stats(probs[:150], labels[:150], 10), bin_stats(probs[150:], labels[150:], 10)])
-    pooled, pooled_ece, pooled_mce = pooled_bins(halves)
+    pooled, pooled_ece, pooled_mce = pool_bins(halves)
     assert pooled_ece == pytest.approx(ece(probs, labels, 10), abs=1e-12)
     assert pooled_mce == pytest.approx(mce(probs, labels, 10), abs=1e-12)
     assert pooled["count"].sum() == 400

@@ -370,6 +370,8 @@ def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalF
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
+        if not batches.disable and step % 20 == 0:
+            batches.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)  # one sync per 20 steps
         if batches.disable and time.monotonic() - last_line >= HEARTBEAT_S:
             # No progress bar (not a terminal, or trainer.progress=false): a line now and then.
             last_line = time.monotonic()
@@ -395,12 +397,20 @@ def validation_scores(tr: Training, n_bins: int) -> dict:
     return {"val_acc": accuracy(probs, labels), "val_ece": ece(probs, labels, n_bins)}
 
 
+def _run_eta(history: list[dict], epochs_left: int) -> str:
+    """`` (run ETA 12:34)`` from the mean time of the epochs done so far, or nothing yet."""
+    if not history:
+        return ""
+    minutes, seconds = divmod(int(epochs_left * sum(h["seconds"] for h in history) / len(history)), 60)
+    return f" (run ETA {minutes}:{seconds:02d})"
+
+
 def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> None:
     """Train from ``progress`` to the last epoch: validate, record and checkpoint each."""
     t = cfg.trainer
     with SignalFlag(defer=True) as interrupt:
         for epoch in range(progress.epoch, t.epochs):
-            bar_desc = f"epoch {epoch + 1}/{t.epochs}" if t.progress else None
+            bar_desc = f"epoch {epoch + 1}/{t.epochs}{_run_eta(progress.history, t.epochs - epoch)}" if t.progress else None
             result = train_epoch(tr, epoch, progress, interrupt, bar_desc)
             row = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": result["train_loss"],
                    "train_acc": result["train_acc"], **validation_scores(tr, cfg.metrics.n_bins)}

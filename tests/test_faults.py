@@ -239,3 +239,9 @@ def test_without_a_progress_bar_the_log_shows_progress_and_each_calibrator(compo
         train.run(compose_cfg(RUN), tmp_path / "run")
     assert "epoch 1: batch 1/8, loss" in caplog.text and "img/s" in caplog.text
     assert "Fitted temperature on 256 validation logits" in caplog.text
+
+
+def test_the_progress_bar_names_the_time_left_for_the_whole_run():
+    # Two epochs done in 30 s and 32 s on average 31 s; 10 left: 310 s.
+    assert train._run_eta([{"seconds": 30.0}, {"seconds": 32.0}], 10) == " (run ETA 5:10)"
+    assert train._run_eta([], 3) == ""

@@ -164,15 +164,27 @@ def run_header(run_dir: Path, n_bins: int) -> list[str]:
 
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
     subsets = [f"{k}={data[k]}" for k in ("train_subset", "test_subset") if data.get(k) is not None]
+    chosen = _group_choices(run_dir)
     return [
         f"# {run_dir.name}: test and validation metrics", "",
-        f"- Data: {data.get('name') or name(data)}{', ' + ', '.join(subsets) if subsets else ''}",
-        f"- Model: {name(cfg.get('model'))}{settings(cfg.get('model'), ('num_classes',))}",
-        f"- Loss: {name(cfg.get('loss'))}{settings(cfg.get('loss'))}",
+        f"- Data: {chosen.get('data') or data.get('name') or name(data)}{', ' + ', '.join(subsets) if subsets else ''}",
+        f"- Model: {chosen.get('model') or name(cfg.get('model'))}{settings(cfg.get('model'), ('num_classes',))}",
+        f"- Loss: {chosen.get('loss') or name(cfg.get('loss'))}{settings(cfg.get('loss'))}",
         f"- Training: {trainer.get('epochs')} epochs, batch {trainer.get('batch_size')}, lr {trainer.get('lr')} "
         f"{trainer.get('schedule')}, seed {cfg.get('seed')}",
         f"- Metrics: {n_bins} equal-width bins; calibrators fitted on val, so their val rows are in-sample", "",
     ]
+
+
+def _group_choices(run_dir: Path) -> dict:
+    """The config group options the run was composed from (``data: cifar10_sample``, ...),
+    from ``.hydra/hydra.yaml``; empty when there is none (a run made through the API)."""
+    try:
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra["hydra"]["runtime"]["choices"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+    return choices if isinstance(choices, dict) else {}
 
 
 def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15) -> None:

@@ -326,8 +326,8 @@ def test_metrics_header_and_shared_settings_of_a_depth_sweep(run_cli, tmp_path):
     assert run_cli(args).returncode == 0
     sweep = tmp_path / "outputs" / "multirun" / "depth"
     header = next(sweep.glob("*model.depth=14*/metrics.md")).read_text().splitlines()[:7]
-    assert header[2:6] == ["- Data: Synthetic", "- Model: cifar_resnet (depth=14, shortcut=A, width=16, "
-                           "zero_init_residual=True)", "- Loss: CrossEntropy",
+    assert header[2:6] == ["- Data: synthetic", "- Model: resnet110 (depth=14, shortcut=A, width=16, "
+                           "zero_init_residual=True)", "- Loss: ce",
                            "- Training: 1 epochs, batch 64, lr 0.05 cosine, seed 0"]
     write_report([sweep], tmp_path / "out")
     shared = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines()

@@ -204,11 +204,24 @@ def _curves_figure(panels: dict[str, list[Curve]], x_name: str, xlabel: str, xsc
     for ax, (ylabel, curves) in zip(axes.flat, panels.items()):
         for curve in curves:
             ax.errorbar(curve.x, curve.y, yerr=curve.yerr, marker="o", capsize=3, label=curve.label)
-        ax.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} against {x_name}")
+        values = sorted({float(x) for curve in curves for x in curve.x})
+        positive = [x for x in values if x > 0]
+        if xscale == "symlog" and positive:
+            # Linear up to the smallest positive value: 0 and 0.1 get a decade between them.
+            ax.set_xscale("symlog", linthresh=min(positive))
+        else:
+            ax.set_xscale(xscale)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} against {x_name}")
+        # Ticks at the values run, printed as they were given (a symlog axis would print
+        # 0.1 as "0" or 1 as "10^0").
+        ax.set_xticks(values, [f"{x:g}" for x in values])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
-    # One legend is enough: every panel has the same curves.
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend for all panels (they have the same curves), below them, off the data.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    rows = -(-len(labels) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
     return fig
 
 

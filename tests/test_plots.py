@@ -234,9 +234,10 @@ def test_curves_against_draws_the_given_numbers(tmp_path: Path, monkeypatch) -> 
         # Each error bar spans y - yerr to y + yerr.
         spans = [(segment[0][1], segment[1][1]) for segment in bars.get_segments()]
         np.testing.assert_allclose(spans, [(y - e, y + e) for y, e in zip(curve.y, curve.yerr)])
-    assert [t.get_text() for t in ece_ax.get_legend().get_texts()] == ["ce, none", "gap_cap, none"]
-    # One legend for the figure: the panels share their curves.
-    assert acc_ax.get_legend() is None
+    # One legend for the figure, below the panels: they share their curves.
+    (legend,) = figures[0].legends
+    assert [t.get_text() for t in legend.get_texts()] == ["ce, none", "gap_cap, none"]
+    assert ece_ax.get_legend() is None and acc_ax.get_legend() is None
 
 
 def test_curves_against_writes_png(tmp_path: Path) -> None:
@@ -248,3 +249,13 @@ def test_curves_against_writes_png(tmp_path: Path) -> None:
     assert no_temp_files(path.parent) and plt.get_fignums() == []
     with pytest.raises(ValueError, match="panel"):
         curves_against({}, tmp_path / "none.png", x_name="λ", xlabel="λ")
+
+
+def test_lambda_ticks_read_as_the_values_run() -> None:
+    curve = Curve("gap_cap, none", [0, 0.1, 1, 10], [0.1, 0.09, 0.05, 0.03], [0.01] * 4)
+    fig = plots._curves_figure({"ece": [curve]}, "λ", "λ (loss.lam)", "symlog")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.1", "1", "10"]
+    positions = ax.transData.transform([(x, 0) for x in (0, 0.1, 1)])[:, 0]
+    assert positions[1] - positions[0] > 0.5 * (positions[2] - positions[1]), "0 and 0.1 are told apart"
+    assert ax.get_legend() is None and len(fig.legends) == 1  # the legend sits below the panels

@@ -183,7 +183,7 @@ def confidence_histogram(confidences: np.ndarray, path: Path | str, accuracy: fl
                label=f"Mean confidence = {mean_confidence:.4f}", zorder=3)
     ax.set(xlim=(0, 1), xlabel="Confidence", ylabel="Fraction of samples", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)  # off the data
     _save(fig, path)
 
 
@@ -301,5 +301,5 @@ def in_out_histogram(conf_in: np.ndarray, conf_out: np.ndarray, path: Path | str
                 color=colour, edgecolor="black", linewidth=0.4, label=f"{label} (n = {values.size:,})", zorder=2)
     ax.set(xlim=(0, 1), xlabel="Confidence (max probability)", ylabel="Fraction of inputs", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)  # off the data
     _save(fig, path)

@@ -1,6 +1,31 @@
-"""calibrun: an experiment runner for confidence calibration of image classifiers."""
+"""calibrun: an experiment runner for confidence calibration of image classifiers.
+
+It is also a library for your own logits (README, "Your own logits"): the metrics, the
+calibrators and the figures are importable from here. They load on first use, so that
+``import calibrun`` stays cheap for the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# The public API: each name and the module it lives in (loaded on first access).
+# ``scores`` is calibrun.metrics.evaluate (every metric at once): ``calibrun.evaluate`` is
+# the module that evaluates runs.
+_ALIASES = {"scores": ("calibrun.metrics", "evaluate")}
+_PUBLIC = {
+    **dict.fromkeys(["accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier",
+                     "bin_stats", "METRIC_NAMES"], "calibrun.metrics"),
+    **dict.fromkeys(["Calibrator", "Uncalibrated", "TemperatureScaling", "VectorScaling", "MatrixScaling",
+                     "PlattScaling", "HistogramBinning", "IsotonicCalibration"], "calibrun.calibrators"),
+    **dict.fromkeys(["reliability_diagram", "reliability_with_histogram", "reliability_grid",
+                     "confidence_histogram"], "calibrun.plots"),
+    "detection_metrics": "calibrun.detection",
+    "load_calibrators": "calibrun.evaluate",
+}
+__all__ = ["UserError", "__version__", *_PUBLIC, *_ALIASES]
 
 
 class UserError(Exception):
@@ -8,3 +33,12 @@ class UserError(Exception):
 
     The command line prints its message without a traceback and exits with status 1.
     """
+
+
+def __getattr__(name: str) -> object:
+    if name in _ALIASES:
+        module, attribute = _ALIASES[name]
+        return getattr(importlib.import_module(module), attribute)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'calibrun' has no attribute {name!r}")

@@ -29,6 +29,28 @@ class Loss(nn.Module):
         return inputs, targets
 
 
+class PlainLoss(Loss):
+    """Any ``nn.Module`` with ``forward(logits, targets)`` (``torch.nn.CrossEntropyLoss``, a
+    user's own) as a calibrun loss: the training loop's hooks do nothing for it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.module(logits, targets)
+
+
+def as_loss(module: object) -> Loss:
+    """``module`` itself if it is a calibrun :class:`Loss`, else wrapped in :class:`PlainLoss`."""
+    if isinstance(module, Loss):
+        return module
+    if not isinstance(module, nn.Module):
+        raise UserError(f"loss._target_ built a {type(module).__name__}, not a torch.nn.Module with "
+                        "forward(logits, targets).")
+    return PlainLoss(module)
+
+
 class CrossEntropy(Loss):
     """Cross-entropy, −log p_y, averaged over the batch.
 

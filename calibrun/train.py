@@ -40,7 +40,7 @@ from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remo
 from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
 from calibrun.data import DeviceLoader, Split
 from calibrun.evaluate import build_calibrators, calibrate_and_report
-from calibrun.losses import Loss
+from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.predict import predict
 from calibrun.robustness import Predictor, evaluate_beyond_test
@@ -128,7 +128,7 @@ def build(cfg: DictConfig) -> tuple[Any, torch.nn.Module, Loss, dict]:
     """Instantiate data, model, loss and calibrators; config errors surface here, before
     any data is read."""
     loss, model, data = (build_component(cfg[key], key) for key in ("loss", "model", "data"))
-    return data, model, loss, build_calibrators(cfg.calibrator)
+    return data, model, as_loss(loss), build_calibrators(cfg.calibrator)
 
 
 def build_optimization(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int) -> tuple[Any, Any]:

@@ -472,3 +472,32 @@ def test_a_finished_runs_calibrators_load_and_reproduce_its_test_rows_without_re
         scores = metrics_evaluate(calibrator.predict_proba(z_test), y_test)
         for metric, value in scores.items():
             assert table.loc[name, metric] == pytest.approx(value, abs=1e-12), (name, metric)
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_probabilities_passed_as_logits_are_refused(name):
+    probs = _softmax(np.random.default_rng(0).normal(size=(50, 4)))
+    with pytest.raises(ValueError, match="look like probabilities"):
+        FITTED[name]().fit(probs, np.arange(50) % 4)
+
+
+def test_the_public_api_on_your_own_logits(tmp_path):
+    """The README's "Your own logits" example, on the demo's real logits saved as .npy files."""
+    import calibrun
+
+    for split in ("val", "test"):
+        z, y = load_logits(DEMO_LOGITS / f"{split}.npz")
+        np.save(tmp_path / f"{split}_logits.npy", z)
+        np.save(tmp_path / f"{split}_labels.npy", y)
+    val, y_val = np.load(tmp_path / "val_logits.npy"), np.load(tmp_path / "val_labels.npy")
+    test, y_test = np.load(tmp_path / "test_logits.npy"), np.load(tmp_path / "test_labels.npy")
+    calibrator = calibrun.TemperatureScaling().fit(val, y_val)
+    before = calibrun.scores(calibrun.Uncalibrated().predict_proba(test), y_test)
+    after = calibrun.scores(probs := calibrator.predict_proba(test), y_test)
+    assert after["ece"] < before["ece"] and set(after) == {*calibrun.METRIC_NAMES, "n"}
+    calibrun.reliability_with_histogram(calibrun.bin_stats(probs, y_test), tmp_path / "reliability.png",
+                                        f"temperature (T = {calibrator.temperature:.2f})", after["ece"], after["mce"])
+    assert (tmp_path / "reliability.png").stat().st_size > 10_000
+    assert set(calibrun.__all__) >= {"scores", "TemperatureScaling", "reliability_diagram", "load_calibrators"}
+    with pytest.raises(AttributeError):
+        calibrun.not_a_name

@@ -320,3 +320,24 @@ def test_focal_is_finite_where_p_y_rounds_to_one(build):
 def test_focal_refuses_bad_hyperparameters_naming_the_key(kwargs, message):
     with pytest.raises(UserError, match=message):
         FocalLoss(**kwargs)
+
+
+def test_a_plain_torch_module_trains_as_a_loss(compose_cfg, tmp_path):
+    """No calibrun base class needed: torch's own CrossEntropyLoss through loss._target_."""
+    from conftest import FAST
+
+    from calibrun.config import validate
+    from calibrun.train import run
+
+    cfg = validate(compose_cfg([*FAST, "trainer.epochs=1", "calibrator=[temperature]",
+                                "loss._target_=torch.nn.CrossEntropyLoss"]))
+    run(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "DONE").is_file()
+
+
+def test_something_that_is_not_a_module_is_refused_as_a_loss():
+    from calibrun import UserError
+    from calibrun.losses import as_loss
+
+    with pytest.raises(UserError, match="not a torch.nn.Module"):
+        as_loss(lambda logits, targets: 0.0)

@@ -32,14 +32,20 @@ from calibrun.metrics import equal_width_bins, equal_width_index
 State = TypeVar("State")
 
 
+def looks_like_probabilities(scores: np.ndarray) -> bool:
+    """Whether N×K ``scores`` are probabilities rather than logits: every row in [0, 1] and
+    summing to 1, which logits practically never do."""
+    z = np.asarray(scores, dtype=np.float64)
+    return bool(z.ndim == 2 and z.shape[1] > 1 and len(z) and (z >= 0).all() and (z <= 1).all()
+                and np.allclose(z.sum(1), 1.0, rtol=0, atol=1e-6))
+
+
 def _as_logits(logits: np.ndarray) -> torch.Tensor:
-    """N×K float64 logits; probabilities passed by mistake (every row in [0, 1] and summing
-    to 1, which logits practically never do) are refused."""
+    """N×K float64 logits; probabilities passed by mistake are refused."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if z.ndim != 2:
         raise ValueError(f"logits must be N×K, got shape {tuple(z.shape)}")
-    if z.shape[1] > 1 and len(z) and (z >= 0).all() and (z <= 1).all() and \
-            torch.allclose(z.sum(1), torch.ones(len(z), dtype=torch.float64), atol=1e-6):
+    if looks_like_probabilities(z.numpy()):
         raise ValueError("these look like probabilities (every row in [0, 1], summing to 1), but calibrators take "
                          "logits: pass the logits, or np.log(probs), which softmax maps back to probs")
     return z

@@ -218,24 +218,56 @@ def calibrate(argv: list[str] | None = None) -> None:
     logits (no model, no data), starting from the run's own calibrator settings, and
     rewrite its tables and figures. Calibrators not named keep their rows, unless
     metrics.n_bins changes: then every calibrator in the table is refitted. The run's
-    config.yaml is updated to match, and each refit is logged in calibrations.jsonl."""
+    config.yaml is updated to match, and each refit is logged in calibrations.jsonl.
+
+    ``calibrun-calibrate --val VAL --test TEST --out DIR [overrides]``: the same tables,
+    figures and fitted calibrators for logits made outside calibrun (.npz or .pt files
+    holding 'logits' and 'labels'), in a new run folder DIR that calibrun-report reads."""
     import argparse
 
-    from calibrun.evaluate import recalibrate
+    from calibrun.evaluate import calibrate_external, recalibrate
 
-    parser = argparse.ArgumentParser(prog="calibrun-calibrate", description=calibrate.__doc__)
-    parser.add_argument("run_dir", type=Path)
+    parser = argparse.ArgumentParser(prog="calibrun-calibrate", description=calibrate.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a finished run folder (omit with --val/--test)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. calibrator=[temperature,isotonic]")
+    parser.add_argument("--val", type=Path, help="validation logits (.npz or .pt) the calibrators are fitted on")
+    parser.add_argument("--test", type=Path, help="test logits (.npz or .pt) the tables report")
+    parser.add_argument("--out", type=Path, help="new run folder for --val/--test")
+    parser.add_argument("--name", default="external", help="the model's name in reports (default: external)")
+    parser.add_argument("--seed", type=int, help="the seed behind these logits, for reports over seeds")
     args = parser.parse_args(argv)
+    external = args.val or args.test or args.out
+    if external:
+        if not (args.val and args.test and args.out):
+            parser.error("--val, --test and --out go together: give all three.")
+        if args.run_dir is not None and "=" not in str(args.run_dir):
+            parser.error(f"give a run folder ({args.run_dir}) or --val, --test and --out, not both.")
+        if args.run_dir is not None:
+            # argparse reads the first override as RUN_DIR: give it back.
+            args.overrides.insert(0, str(args.run_dir))
+    elif args.run_dir is None:
+        parser.error("give a finished run folder, or --val, --test and --out for logits made elsewhere.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = args.out if external else args.run_dir
     try:
-        table, refitted = recalibrate(args.run_dir, args.overrides, Path(config_dir()))
+        if external:
+            table, fitted = calibrate_external(args.val, args.test, args.out, args.overrides, Path(config_dir()),
+                                               name=args.name, seed=args.seed)
+        else:
+            table, fitted = recalibrate(args.run_dir, args.overrides, Path(config_dir()))
     except (UserError, HydraException, OmegaConfBaseException) as err:
         # HydraException, OmegaConfBaseException: a config the composition itself rejects;
         # their messages can span lines, and an error must stay one line.
         log.error("%s", "; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
         sys.exit(1)
-    log.info("Refitted %s in %s\n%s", ", ".join(["none", *refitted]), args.run_dir, table.to_string(index=False))
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        log.error("Cannot write %s: %s.", err.filename or folder, err.strerror)
+        sys.exit(1)
+    log.info("%s %s in %s\n%s", "Fitted" if external else "Refitted", ", ".join(["none", *fitted]), folder,
+             table.to_string(index=False))
 
 
 def evaluate(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 import zipfile
 from pathlib import Path
@@ -27,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError
-from calibrun._io import atomic_write_text
-from calibrun.calibrators import Calibrator, Uncalibrated
+from calibrun._io import atomic_open, atomic_write_text
+from calibrun.calibrators import Calibrator, Uncalibrated, looks_like_probabilities
 from calibrun.config import build_component, first_line, validate
 from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate
 from calibrun.plots import confidence_histogram, reliability_with_histogram
@@ -39,6 +40,8 @@ BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
 CALIBRATION_LOG = "calibrations.jsonl"
 # The fitted parameters of each calibrator, keyed by its name (Calibrator.params()).
 CALIBRATOR_PARAMS = "calibrators.json"
+# Where the logits of a folder made by ``calibrun-calibrate --val --test --out`` came from.
+EXTERNAL_SOURCE = "source.json"
 log = logging.getLogger(__name__)
 OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.n_bins=M"
 
@@ -47,22 +50,54 @@ OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metric
 
 
 def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The logits and labels saved in ``path`` (``logits/<split>.npz``)."""
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise UserError(f"Cannot read logits from {path}: not an .npz archive (damaged, or another file).")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            logits, labels = f["logits"], f["labels"]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a calibrun "
-                        "logits file.") from None
+    """The ``logits`` (N×K floats) and ``labels`` (N integers) saved in ``path``: an
+    ``.npz`` (a run's ``logits/<split>.npz``) or a ``.pt`` file holding a dict with the same
+    two keys (tensors or arrays)."""
+    logits, labels = _read_pt(path) if path.suffix == ".pt" else _read_npz(path)
     if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
         raise UserError(f"{path}: 'logits' must be a finite float N×K array, got {logits.dtype} {logits.shape}.")
     if labels.shape != (len(logits),) or not np.issubdtype(labels.dtype, np.integer) or (
             len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1])):
         raise UserError(f"{path}: 'labels' must be {len(logits)} integers in 0..{logits.shape[1] - 1}, "
                         f"got {labels.dtype} {labels.shape}.")
+    if looks_like_probabilities(logits):
+        raise UserError(f"{path}: 'logits' look like probabilities (every row in [0, 1], summing to 1); "
+                        "save the logits, or np.log of the probabilities.")
     return logits, labels
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"Cannot read logits from {path}: not an .npz archive (damaged, or another file).")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["logits"], f["labels"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a "
+                        "logits file (an .npz with 'logits' and 'labels' arrays).") from None
+
+
+def _read_pt(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    try:
+        # weights_only: a logits file must never run code on loading.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a "
+                        "torch.save'd dict.") from None
+    missing = [key for key in ("logits", "labels") if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise UserError(f"{path} must hold a dict with 'logits' and 'labels' (torch.save({{'logits': z, "
+                        f"'labels': y}}, path)); it lacks {', '.join(map(repr, missing))}.")
+
+    def array(value: object) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            # numpy has no bfloat16: low-precision logits are widened, as calibrun's own are.
+            return (value.float() if value.is_floating_point() else value).detach().cpu().numpy()
+        return np.asarray(value)
+
+    return array(saved["logits"]), array(saved["labels"])
 
 
 def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15) -> pd.DataFrame:
@@ -146,6 +181,8 @@ def write_calibrator_params(path: Path, params: dict[str, dict]) -> None:
 def run_header(run_dir: Path, n_bins: int) -> list[str]:
     """Markdown lines naming what produced a run's table: data, model, loss, schedule,
     subsets, seed, bins; read from the run's ``config.yaml`` (nothing if there is none)."""
+    if (run_dir / EXTERNAL_SOURCE).is_file():
+        return _external_header(run_dir, n_bins)
     path = run_dir / "config.yaml"
     try:
         cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -172,6 +209,23 @@ def run_header(run_dir: Path, n_bins: int) -> list[str]:
         f"- Loss: {chosen.get('loss') or name(cfg.get('loss'))}{settings(cfg.get('loss'))}",
         f"- Training: {trainer.get('epochs')} epochs, batch {trainer.get('batch_size')}, lr {trainer.get('lr')} "
         f"{trainer.get('schedule')}, seed {cfg.get('seed')}",
+        f"- Metrics: {n_bins} equal-width bins; calibrators fitted on val, so their val rows are in-sample", "",
+    ]
+
+
+def _external_header(run_dir: Path, n_bins: int) -> list[str]:
+    """:func:`run_header` for logits made outside calibrun: where they came from."""
+    try:
+        source = json.loads((run_dir / EXTERNAL_SOURCE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        source = {}
+    if not isinstance(source, dict):
+        source = {}
+    return [
+        f"# {run_dir.name}: test and validation metrics", "",
+        f"- Model: {source.get('name', '?')}, logits made outside calibrun",
+        f"- Validation logits: {source.get('val', '?')}",
+        f"- Test logits: {source.get('test', '?')}",
         f"- Metrics: {n_bins} equal-width bins; calibrators fitted on val, so their val rows are in-sample", "",
     ]
 
@@ -335,3 +389,56 @@ def _record_refit(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig, overrides
              "refitted": list(refitted), "n_bins": cfg.metrics.n_bins, "calibrator": refitted}
     with open(run_dir / CALIBRATION_LOG, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
+
+
+# --------------------------------------------------------------------------- logits made elsewhere
+
+
+def calibrate_external(val: Path, test: Path, out: Path, overrides: list[str], conf_dir: Path,
+                       name: str = "external", seed: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Make ``out`` a run folder for logits made outside calibrun (``calibrun-calibrate
+    --val --test --out``): the ``metrics.csv``, ``metrics.md``, ``bins.csv``, figures and
+    ``calibrators.json`` a training run writes, with calibrators fitted on ``val``.
+
+    Calibrators and bins are ``conf/``'s defaults with ``overrides`` on top (as for
+    :func:`refit_config`). ``name`` is the ``model`` column of ``calibrun-report`` and
+    ``seed`` what it averages over; ``calibrun-calibrate OUT ...`` refits the folder later.
+    Returns the table and the calibrators fitted.
+    """
+    splits = {"val": load_logits(val), "test": load_logits(test)}
+    if splits["val"][0].shape[1] != splits["test"][0].shape[1]:
+        raise UserError(f"{val} has {splits['val'][0].shape[1]} classes but {test} has "
+                        f"{splits['test'][0].shape[1]}: they must come from the same model.")
+    source = {"name": name, "val": str(val.resolve()), "test": str(test.resolve())}
+    _check_empty_folder(out, source)
+    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+        defaults = compose(config_name="config")
+    cfg = refit_config(defaults, overrides, [], conf_dir)
+    for split, (logits, labels) in splits.items():
+        with atomic_open(out / "logits" / f"{split}.npz") as fh:
+            np.savez(fh, logits=logits, labels=labels)
+    # What the folder was made with; "model" is a name here, where trained runs have a section.
+    run_cfg = {"model": name, "seed": seed, "calibrator": OmegaConf.to_container(cfg.calibrator),
+               "metrics": OmegaConf.to_container(cfg.metrics)}
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_cfg)))
+    atomic_write_text(out / EXTERNAL_SOURCE, json.dumps(source, indent=2) + "\n")
+    table = calibrate_and_report(out, build_calibrators(cfg.calibrator), cfg.metrics.n_bins)
+    atomic_write_text(out / "status.json", json.dumps({"state": "done", "epoch": None, "error": None}, indent=2))
+    atomic_write_text(out / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    return table, list(cfg.calibrator)
+
+
+def _check_empty_folder(out: Path, source: dict[str, str]) -> None:
+    """``out`` must be new or empty: a folder of results is never mixed with another's."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder (it is created if missing).")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        same = json.loads((out / EXTERNAL_SOURCE).read_text()) == source
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        same = False
+    if same:
+        raise UserError(f"{out} already holds the results of these logits. Refit its calibrators with "
+                        f"calibrun-calibrate {out} calibrator=[...], or choose another --out.")
+    raise UserError(f"{out} is not empty; choose a new or empty folder for --out.")

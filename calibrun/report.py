@@ -24,7 +24,7 @@ from calibrun import UserError
 from calibrun._io import atomic_write_text
 from calibrun.config import is_non_experiment_key
 from calibrun.detection import DETECTION_METRICS
-from calibrun.evaluate import CALIBRATOR_PARAMS
+from calibrun.evaluate import CALIBRATOR_PARAMS, EXTERNAL_SOURCE
 from calibrun.metrics import METRIC_NAMES, pool_bins
 from calibrun.plots import Curve, curves_against, reliability_grid
 
@@ -46,8 +46,10 @@ def splits_groups(key: str) -> bool:
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Every run folder (one holding ``.hydra/``) at or below ``paths``."""
-    runs = {hydra_dir.parent.resolve() for path in paths for hydra_dir in Path(path).rglob(".hydra")}
+    """Every run folder at or below ``paths``: a training run holds ``.hydra/``, a folder of
+    logits made elsewhere (``calibrun-calibrate --out``) holds ``source.json``."""
+    runs = {marker.parent.resolve() for path in paths for name in (".hydra", EXTERNAL_SOURCE)
+            for marker in Path(path).rglob(name)}
     return sorted(runs)
 
 
@@ -142,7 +144,7 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
     """(metric rows of finished runs, one row per run, the config keys that differ)."""
     runs = [_read_run(r) for r in find_runs(paths)]
     if not runs:
-        raise UserError(f"No run folders (with .hydra/) under {', '.join(map(str, paths))}.")
+        raise UserError(f"No run folders (with .hydra/ or source.json) under {', '.join(map(str, paths))}.")
     table = pd.DataFrame([{k: v for k, v in run.items() if not k.startswith("_")} for run in runs])
     config_keys = [c for c in table.columns if c not in ("run", "state", "error", "seed")]
     # A run that failed before writing its resolved config would make every key "differ".

@@ -177,3 +177,106 @@ def test_unfinished_folder_is_refused(tmp_path):
     assert proc.returncode == 1
     assert "is not a finished calibrun run" in proc.stderr and "DONE" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- logits made elsewhere
+
+
+def test_external_logits_give_the_same_tables_as_the_run_that_made_them(run_cli, tmp_path, capfd):
+    """Done-when 2 of issue 15: a run's own logits through --val/--test/--out give its
+    metrics.csv, bins and fitted parameters; calibrun-report then reads both folders."""
+    assert run_cli([*FAST, "run_name=r"]).returncode == 0
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "r"
+    out = tmp_path / "mine" / "seed0"
+
+    calibrate(["--val", str(run_dir / "logits" / "val.npz"), "--test", str(run_dir / "logits" / "test.npz"),
+               "--out", str(out), "--name", "my_net", "--seed", "0"])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(run_dir / "metrics.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "bins.csv"), pd.read_csv(run_dir / "bins.csv"))
+    assert json.loads((out / "calibrators.json").read_text()) == json.loads((run_dir / "calibrators.json").read_text())
+    names = {p.name for p in (run_dir / "figures").glob("reliability_*.png")}
+    assert names and names == {p.name for p in (out / "figures").glob("reliability_*.png")}
+    header = (out / "metrics.md").read_text()
+    assert "my_net, logits made outside calibrun" in header and str(run_dir / "logits" / "val.npz") in header
+
+    capfd.readouterr()
+    cli.report([str(run_dir), str(out), "--out", str(tmp_path / "rep"), "--calibrators", "none,temperature"])
+    table = pd.read_csv(tmp_path / "rep" / "report.csv")
+    assert set(table["model"]) == {"resnet110", "my_net"}
+    mine = table[table["model"] == "my_net"].set_index("calibrator")
+    ours = split_rows(run_dir)
+    assert mine.loc["temperature", "ece_mean"] == pytest.approx(ours.loc["temperature", "ece"], abs=1e-12)
+    assert "my_net" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_external_pt_logits_equal_npz_and_the_folder_refits_like_a_run(tmp_path):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    for split, n in (("val", 300), ("test", 200)):
+        z = rng.standard_normal((n, 5)) * 3
+        y = rng.integers(0, 5, n)
+        np.savez(tmp_path / f"{split}.npz", logits=z.astype(np.float32), labels=y)
+        torch.save({"logits": torch.from_numpy(z.astype(np.float32)), "labels": torch.from_numpy(y)},
+                   tmp_path / f"{split}.pt")
+    for kind in ("npz", "pt"):
+        calibrate(["--val", str(tmp_path / f"val.{kind}"), "--test", str(tmp_path / f"test.{kind}"),
+                   "--out", str(tmp_path / kind), "calibrator=[temperature,histogram]", "metrics.n_bins=10"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pt" / "metrics.csv"),
+                                  pd.read_csv(tmp_path / "npz" / "metrics.csv"))
+    assert (pd.read_csv(tmp_path / "pt" / "bins.csv").groupby("calibrator").size() == 10).all()
+    # The folder is a finished run to calibrun-calibrate: refit one calibrator with new settings.
+    calibrate([str(tmp_path / "pt"), "calibrator=[histogram]", "calibrator.histogram.n_bins=5"])
+    ece = split_rows(tmp_path / "pt").loc["histogram", "ece"]
+    assert ece == pytest.approx(expected_test_scores(tmp_path / "pt", HistogramBinning(n_bins=5), 10)["ece"],
+                                abs=1e-12)
+
+
+def write_logits(path, logits, labels):
+    np.savez(path, logits=logits, labels=labels)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("probabilities", "probabilities"),
+    ("classes", "classes"),
+    ("labels", "'labels' must be"),
+    ("missing", "No such file"),
+    ("pt_keys", "lacks 'labels'"),
+    ("not_empty", "is not empty"),
+    ("again", "already holds the results of these logits"),
+    ("half", "--val, --test and --out go together"),
+    ("both", "not both"),
+])
+def test_external_logits_mistakes_are_one_line_errors(tmp_path, case, message):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    z, y = rng.standard_normal((50, 3)), rng.integers(0, 3, 50)
+    val, test, out = write_logits(tmp_path / "v.npz", z, y), write_logits(tmp_path / "t.npz", z, y), tmp_path / "o"
+    args = None
+    if case == "probabilities":
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        val = write_logits(tmp_path / "p.npz", p, y)
+    elif case == "classes":
+        test = write_logits(tmp_path / "t4.npz", rng.standard_normal((50, 4)), y)
+    elif case == "labels":
+        val = write_logits(tmp_path / "bad.npz", z, y + 3)
+    elif case == "missing":
+        val = str(tmp_path / "nowhere.npz")
+    elif case == "pt_keys":
+        torch.save({"logits": torch.zeros(3, 3)}, tmp_path / "v.pt")
+        val = str(tmp_path / "v.pt")
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "again":
+        calibrate(["--val", val, "--test", test, "--out", str(out), "calibrator=[temperature]"])
+    elif case == "half":
+        args = ["--val", val, "--out", str(out)]
+    elif case == "both":
+        args = [str(tmp_path), "--val", val, "--test", test, "--out", str(out)]
+    proc = calibrate_process(args or ["--val", val, "--test", test, "--out", str(out), "calibrator=[temperature]"],
+                             cwd=tmp_path)
+    assert proc.returncode in (1, 2) and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    if case not in ("again", "not_empty"):
+        assert not (out / "DONE").exists()

@@ -145,7 +145,6 @@ class Calibrator:
         """The fitted parameters as plain JSON values (floats and lists of floats); none here."""
         return {}
 
-
     def load_params(self, params: dict) -> Calibrator:
         """Set the fitted state from ``params()``'s output (``calibrators.json``): the
         calibrator then predicts as it did, without refitting. Returns self."""

@@ -125,8 +125,9 @@ def _absolute_data_root(cfg: DictConfig) -> None:
         raise UserError(f"data.root cannot be resolved: {first_line(err)}") from None
 
 
-# Command-line flags that point Hydra at other configs: the pre-check cannot know them.
-OTHER_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun")
+# Command-line flags that replace calibrun's primary config: the pre-check cannot know it.
+OTHER_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "--experimental-rerun")
+CONFIG_DIR_FLAGS = ("-cd", "--config-dir")
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -134,9 +135,10 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _option_problem(group: str, values: list[object], conf: Path) -> str | None:
-    """An option of config group ``group`` that has no YAML file, with the options it has."""
-    options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+def _option_problem(group: str, values: list[object], roots: list[Path]) -> str | None:
+    """An option of config group ``group`` that has no YAML file in any of the config
+    ``roots``, with the options they have."""
+    options = sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
     for value in values:
         for option in value if isinstance(value, list) else [value]:
             if str(option) not in options and option is not None and str(option) != "null":
@@ -161,27 +163,50 @@ def _key_problem(key: str, cfg: DictConfig) -> str | None:
     return None
 
 
+def _added_config_dirs(argv: list[str], overrides: list) -> list[Path] | None:
+    """The config folders a command adds to calibrun's (``--config-dir DIR`` and the
+    ``file://`` entries of ``hydra.searchpath=[...]``), where a user's own components
+    live; None when one is a ``pkg://`` entry, which only Hydra resolves."""
+    dirs = [Path(arg.split("=", 1)[1]) for arg in argv if arg.split("=")[0] in CONFIG_DIR_FLAGS and "=" in arg]
+    dirs += [Path(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg in CONFIG_DIR_FLAGS]
+    for override in overrides:
+        if override.key_or_group == "hydra.searchpath":
+            value = override.value()
+            for entry in value if isinstance(value, list) else [value]:
+                if str(entry).startswith("pkg://"):
+                    return None
+                dirs.append(Path(str(entry).removeprefix("file://")))
+    return [d.resolve() for d in dirs]
+
+
 def check_overrides(argv: list[str], conf: Path) -> str | None:
     """The first command-line override that names no config group option or no config key,
-    said the way a user can act on; None when all exist (Hydra then composes as usual)."""
+    said the way a user can act on; None when all exist (Hydra then composes as usual).
+    Options and keys from folders added with ``--config-dir`` or ``hydra.searchpath`` count."""
     if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
         return None
-    texts = [a for a in argv if "=" in a and not a.startswith("-")]
+    dir_values = {argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in CONFIG_DIR_FLAGS}
+    texts = [a for a in argv if "=" in a and not a.startswith("-") and a not in dir_values]
     try:
         overrides = OverridesParser.create().parse_overrides(texts)
     except HydraException:
         return None  # a syntax error: Hydra's message says where
+    added = _added_config_dirs(argv, overrides)
+    if added is None:
+        return None
+    roots = [conf, *added]
     groups = [o for o in overrides if "." not in o.key_or_group and not o.key_or_group.startswith("hydra")
-              and (conf / o.key_or_group).is_dir()
+              and any((root / o.key_or_group).is_dir() for root in roots)
               and o.package is None and not o.is_delete() and not o.is_add()]
     for override in groups:
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        problem = _option_problem(override.key_or_group, values, conf)
+        problem = _option_problem(override.key_or_group, values, roots)
         if problem:
             return problem
     first = [f"{o.key_or_group}={_first_value(o)}" for o in groups]
+    search = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in added)}]"] if added else []
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=first)
+        cfg = compose(config_name="config", overrides=[*search, *first])
     for override in overrides:
         key = override.key_or_group
         if override in groups or override.is_add() or override.is_force_add() or override.is_delete() \

@@ -14,6 +14,7 @@ import enum
 import hashlib
 import inspect
 import json
+import logging
 import types
 import typing
 from typing import Any, List, Optional
@@ -116,10 +117,19 @@ def component_schema(node: DictConfig, key: str) -> type:
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if not target:
         raise UserError(f"Config '{key}' needs a _target_ naming the class or function to build.")
+    hydra_log = logging.getLogger("hydra.utils")
+    level = hydra_log.level
+    # get_object logs its own multi-line error before raising; ours below is the one line.
+    hydra_log.setLevel(logging.CRITICAL)
     try:
         obj = get_object(target)
     except Exception as err:
-        raise UserError(f"{key}._target_={target!r} cannot be imported: {err}") from None
+        cause = err.__cause__ or err
+        hint = (" Install the package that holds it (pip install -e .) or put its folder on PYTHONPATH."
+                if isinstance(cause, ModuleNotFoundError) else "")
+        raise UserError(f"{key}._target_={target!r} cannot be imported: {first_line(cause)}.{hint}") from None
+    finally:
+        hydra_log.setLevel(level)
     partial = bool(node.get("_partial_", False))
     hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target))]
@@ -151,6 +161,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as err:
         raise UserError(f"Config cannot be resolved: {first_line(err)} (key: {getattr(err, 'full_key', '?')}).") from None
     calibrators = raw.get("calibrator") or {}
+    flat = [name for name, node in calibrators.items() if not isinstance(node, dict)]
+    if flat:
+        # A calibrator YAML written like a loss's: its keys landed directly under calibrator.
+        raise UserError(f"calibrator.{flat[0]} is not a calibrator section. A calibrator's YAML holds its name "
+                        "with the settings below it (conf/calibrator/temperature.yaml: 'temperature:' then "
+                        "'  _target_: ...'), so that several can be chosen at once.")
     calibrator_schema = dataclasses.make_dataclass(
         "calibrator_schema",
         [_schema_field(name, node, f"calibrator.{name}") for name, node in calibrators.items()],

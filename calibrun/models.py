@@ -5,14 +5,18 @@ Hydra instantiates them from ``conf/model/*.yaml`` (``_target_: calibrun.models.
 
 from __future__ import annotations
 
+import difflib
 import os
 import urllib.parse
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights
 from torchvision.models import resnet18 as tv_resnet18
+
+from calibrun.config import first_line
 
 SHORTCUTS = ("A", "B")
 STEMS = ("cifar", "imagenet")
@@ -210,3 +214,61 @@ def _imagenet_resnet18(pretrained: bool) -> nn.Module:
             f"torch.hub looks for them at {cached} (set TORCH_HOME to move its cache): download "
             f"{weights.url} there, or train from scratch with `model.pretrained=false`."
         ) from err
+
+
+class Renormalize(nn.Module):
+    """Maps inputs standardised with one mean/std (the dataset's) to another (the
+    pretrained weights'): x' = (x·s_in + m_in − m_out) / s_out, per channel."""
+
+    def __init__(self, mean_in: list[float], std_in: list[float], mean_out: list[float], std_out: list[float]) -> None:
+        super().__init__()
+        m_in, s_in, m_out, s_out = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                    for v in (mean_in, std_in, mean_out, std_out))
+        self.register_buffer("scale", s_in / s_out, persistent=False)
+        self.register_buffer("shift", (m_in - m_out) / s_out, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def timm_model(name: str, num_classes: int, image_size: int = 224, pretrained: bool = False,
+               input_mean: list[float] | None = None, input_std: list[float] | None = None,
+               options: dict[str, Any] | None = None) -> nn.Module:
+    """Any model of timm (``pip install 'calibrun[timm]'``) with a ``num_classes`` head.
+
+    ``image_size`` reaches the models that fix their input size (ViTs and MLP-Mixers
+    resize their position embeddings to it); convolutional ones take any size. With
+    ``pretrained`` weights (from the Hugging Face Hub, cached under ``HF_HOME``) and the
+    dataset's ``input_mean``/``input_std`` given, the inputs are re-standardised to the
+    statistics the weights were trained with. ``options`` go to ``timm.create_model``.
+
+    References: Wightman 2019, "PyTorch Image Models"; Minderer et al. 2021, "Revisiting
+    the Calibration of Modern Neural Networks" (ViTs and MLP-Mixers against CNNs).
+    """
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("model=timm needs timm: pip install 'calibrun[timm]'") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"model.name={name!r} is not a timm model.{hint} python -c \"import timm; "
+                         "print(timm.list_models('*vit*'))\" lists them.")
+    kwargs = {**(options or {}), "num_classes": num_classes, "pretrained": pretrained}
+    try:
+        try:
+            model = timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            model = timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(f"The pretrained weights of {name} could not be downloaded or loaded ({first_line(err)}). "
+                           "timm fetches them from the Hugging Face Hub into HF_HOME's cache: run once with "
+                           "network, or train from scratch with model.pretrained=false.") from err
+    if pretrained and input_mean is not None and input_std is not None:
+        weights = model.pretrained_cfg
+        model = nn.Sequential(Renormalize(input_mean, input_std, weights["mean"], weights["std"]), model)
+    return model

@@ -32,7 +32,7 @@ from calibrun import UserError
 # A key here also covers every key below it (``shift`` covers ``shift.root``).
 NON_EXPERIMENT_KEYS = (
     "run_name", "data.root", "data.cache_dir", "data.download",
-    "trainer.device", "trainer.progress", "trainer.checkpoint_every",
+    "trainer.device", "trainer.progress", "trainer.checkpoint_every", "trainer.tensorboard",
     # What a finished model is evaluated on besides its own test split (calibrun-evaluate).
     "shift", "shift.root", "ood", "ood.root",
 )
@@ -84,6 +84,7 @@ class TrainerConfig:
     checkpoint_every: int = MISSING
     select: Select = MISSING
     progress: bool = MISSING
+    tensorboard: bool = MISSING
 
 
 @dataclasses.dataclass

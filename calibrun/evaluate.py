@@ -201,7 +201,7 @@ def run_header(run_dir: Path, n_bins: int) -> list[str]:
 
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
     subsets = [f"{k}={data[k]}" for k in ("train_subset", "test_subset") if data.get(k) is not None]
-    chosen = _group_choices(run_dir)
+    chosen = group_choices(run_dir)
     return [
         f"# {run_dir.name}: test and validation metrics", "",
         f"- Data: {chosen.get('data') or data.get('name') or name(data)}{', ' + ', '.join(subsets) if subsets else ''}",
@@ -230,7 +230,7 @@ def _external_header(run_dir: Path, n_bins: int) -> list[str]:
     ]
 
 
-def _group_choices(run_dir: Path) -> dict:
+def group_choices(run_dir: Path) -> dict:
     """The config group options the run was composed from (``data: cifar10_sample``, ...),
     from ``.hydra/hydra.yaml``; empty when there is none (a run made through the API)."""
     try:

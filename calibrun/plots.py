@@ -17,6 +17,7 @@ import matplotlib
 # Runs write figures on headless machines and in worker processes: never open a window.
 matplotlib.use("Agg")
 import matplotlib.patches  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -302,4 +303,42 @@ def in_out_histogram(conf_in: np.ndarray, conf_out: np.ndarray, path: Path | str
     ax.set(xlim=(0, 1), xlabel="Confidence (max probability)", ylabel="Fraction of inputs", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)  # off the data
+    _save(fig, path)
+
+
+# (column of history.csv, its label) per panel of the training curves.
+TRAINING_PANELS = {
+    "Training loss": [("train_loss", "train loss")],
+    "Accuracy": [("train_acc", "train"), ("val_acc", "validation")],
+    "Validation ECE": [("val_ece", "validation ECE")],
+    "Learning rate (end of epoch)": [("lr", "learning rate")],
+}
+
+
+def training_curves(history: pd.DataFrame, path: Path | str, title: str = "",
+                    selected_epoch: int | None = None) -> None:
+    """Loss, train and validation accuracy, validation ECE and learning rate against epoch,
+    drawn from a run's ``history.csv`` rows (one per epoch). ``selected_epoch``, the epoch
+    whose weights the run's tables evaluate, is marked in every panel."""
+    if history.empty:
+        raise ValueError("training_curves needs at least one epoch of history")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    for ax, (ylabel, columns) in zip(axes.flat, TRAINING_PANELS.items()):
+        for column, label in columns:
+            ax.plot(history["epoch"], history[column], marker="o" if len(history) <= 30 else None,
+                    markersize=3, label=label)
+        if selected_epoch is not None:
+            ax.axvline(selected_epoch, color="grey", linestyle=":", linewidth=1,
+                       label=f"weights evaluated (epoch {selected_epoch})")
+        ax.set(ylabel=ylabel, title=ylabel)
+        ax.grid(alpha=0.3)
+        if len(columns) > 1 or selected_epoch is not None:
+            ax.legend(fontsize=7, loc="best", frameon=False)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+        # Whole epochs only: a 3-epoch run must not show ticks at 1.5 and 2.5.
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     _save(fig, path)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -39,12 +40,14 @@ from calibrun import UserError
 from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
 from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
 from calibrun.data import DeviceLoader, Split
-from calibrun.evaluate import build_calibrators, calibrate_and_report
+from calibrun.evaluate import build_calibrators, calibrate_and_report, group_choices
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
+from calibrun.plots import training_curves
 from calibrun.predict import predict
 from calibrun.robustness import Predictor, evaluate_beyond_test
 from calibrun.runfolder import RunLock, check_same_experiment
+from calibrun.tensorboard import EpochBoard, require_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +411,7 @@ def _run_eta(history: list[dict], epochs_left: int) -> str:
 def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> None:
     """Train from ``progress`` to the last epoch: validate, record and checkpoint each."""
     t = cfg.trainer
-    with SignalFlag(defer=True) as interrupt:
+    with SignalFlag(defer=True) as interrupt, EpochBoard(run_dir, t.tensorboard, progress.epoch) as board:
         for epoch in range(progress.epoch, t.epochs):
             bar_desc = f"epoch {epoch + 1}/{t.epochs}{_run_eta(progress.history, t.epochs - epoch)}" if t.progress else None
             result = train_epoch(tr, epoch, progress, interrupt, bar_desc)
@@ -423,6 +426,7 @@ def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> Non
             log.info("epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  val_ece %.4f  %.0f img/s",
                      epoch + 1, t.epochs, row["train_loss"], row["train_acc"], row["val_acc"], row["val_ece"],
                      row["images_per_s"])
+            board.write(row)
             if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs or interrupt.received is not None:
                 tr.checkpointer.save(progress)
             write_status(run_dir, "running", epoch=epoch + 1)
@@ -490,6 +494,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     """Record the config and environment, build every part and put the data on the device."""
     t = cfg.trainer
     device = resolve_device(t.device)
+    require_tensorboard(t.tensorboard)
     seed_everything(cfg.seed, t.deterministic)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     atomic_write_text(run_dir / "env.json", json.dumps(environment(device, cfg.seed), indent=2))
@@ -521,8 +526,10 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
 
 def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     tr, splits, calibrators = prepare(cfg, run_dir)
-    fit(tr, cfg, run_dir, tr.checkpointer.restore(tr.train_loader.device))
+    progress = tr.checkpointer.restore(tr.train_loader.device)
+    fit(tr, cfg, run_dir, progress)
     tr.best.select(tr.model, tr.train_loader.device)
+    draw_training_curves(run_dir, progress.history, cfg)
     for split, loader in tr.eval_loaders.items():
         logits, labels = predict(tr.forward, loader)
         save_logits(run_dir / "logits" / f"{split}.npz", logits, labels, splits[split].index)
@@ -533,6 +540,18 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     write_status(run_dir, "done", epoch=cfg.trainer.epochs)
     log.info("Results in %s\n%s", run_dir.resolve(), table.to_string(index=False))
     return table.to_dict("records")
+
+
+def draw_training_curves(run_dir: Path, history: list[dict], cfg: DictConfig) -> None:
+    """``figures/training_curves.png`` from the run's history, the evaluated epoch marked."""
+    table = pd.DataFrame(history)
+    selected = int(table.loc[table["val_acc"].idxmax(), "epoch"]) if cfg.trainer.select == Select.best_val \
+        else int(table["epoch"].iloc[-1])
+    chosen = group_choices(run_dir)
+    names = ", ".join(f"{key}={chosen.get(key) or str(cfg[key]._target_).rsplit('.', 1)[-1]}"
+                      for key in ("data", "model", "loss"))
+    training_curves(table, run_dir / "figures" / "training_curves.png",
+                    title=f"{run_dir.name}: {names}, seed {cfg.seed}", selected_epoch=selected)
 
 
 def save_logits(path: Path, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import logging
@@ -248,31 +249,10 @@ def calibrate(argv: list[str] | None = None) -> None:
     ``calibrun-calibrate --val VAL --test TEST --out DIR [overrides]``: the same tables,
     figures and fitted calibrators for logits made outside calibrun (.npz or .pt files
     holding 'logits' and 'labels'), in a new run folder DIR that calibrun-report reads."""
-    import argparse
-
     from calibrun.evaluate import calibrate_external, recalibrate
 
-    parser = argparse.ArgumentParser(prog="calibrun-calibrate", description=calibrate.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, nargs="?", help="a finished run folder (omit with --val/--test)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. calibrator=[temperature,isotonic]")
-    parser.add_argument("--val", type=Path, help="validation logits (.npz or .pt) the calibrators are fitted on")
-    parser.add_argument("--test", type=Path, help="test logits (.npz or .pt) the tables report")
-    parser.add_argument("--out", type=Path, help="new run folder for --val/--test")
-    parser.add_argument("--name", default="external", help="the model's name in reports (default: external)")
-    parser.add_argument("--seed", type=int, help="the seed behind these logits, for reports over seeds")
-    args = parser.parse_args(argv)
-    external = args.val or args.test or args.out
-    if external:
-        if not (args.val and args.test and args.out):
-            parser.error("--val, --test and --out go together: give all three.")
-        if args.run_dir is not None and "=" not in str(args.run_dir):
-            parser.error(f"give a run folder ({args.run_dir}) or --val, --test and --out, not both.")
-        if args.run_dir is not None:
-            # argparse reads the first override as RUN_DIR: give it back.
-            args.overrides.insert(0, str(args.run_dir))
-    elif args.run_dir is None:
-        parser.error("give a finished run folder, or --val, --test and --out for logits made elsewhere.")
+    args = _calibrate_arguments(argv)
+    external = args.val is not None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     folder = args.out if external else args.run_dir
     try:
@@ -295,14 +275,38 @@ def calibrate(argv: list[str] | None = None) -> None:
              table.to_string(index=False))
 
 
+def _calibrate_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """``calibrun-calibrate``'s arguments: a run folder, or --val, --test and --out."""
+    parser = argparse.ArgumentParser(prog="calibrun-calibrate", description=calibrate.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a finished run folder (omit with --val/--test)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. calibrator=[temperature,isotonic]")
+    parser.add_argument("--val", type=Path, help="validation logits (.npz or .pt) the calibrators are fitted on")
+    parser.add_argument("--test", type=Path, help="test logits (.npz or .pt) the tables report")
+    parser.add_argument("--out", type=Path, help="new run folder for --val/--test")
+    parser.add_argument("--name", default="external", help="the model's name in reports (default: external)")
+    parser.add_argument("--seed", type=int, help="the seed behind these logits, for reports over seeds")
+    args = parser.parse_args(argv)
+    if args.val or args.test or args.out:
+        if not (args.val and args.test and args.out):
+            parser.error("--val, --test and --out go together: give all three.")
+        if args.run_dir is not None and "=" not in str(args.run_dir):
+            parser.error(f"give a run folder ({args.run_dir}) or --val, --test and --out, not both.")
+        if args.run_dir is not None:
+            # argparse reads the first override as RUN_DIR: give it back.
+            args.overrides.insert(0, str(args.run_dir))
+            args.run_dir = None
+    elif args.run_dir is None:
+        parser.error("give a finished run folder, or --val, --test and --out for logits made elsewhere.")
+    return args
+
+
 def evaluate(argv: list[str] | None = None) -> None:
     """``calibrun-evaluate RUN_DIR shift=NAME [ood=NAME] [shift.root=DIR] ...``: evaluate a
     finished run on corrupted test sets and out-of-distribution images with the run's own
     weights and calibrators (fitted on its validation logits, never refitted), writing
     shift/ and ood/ tables and figures into the run folder. What is already there is
     skipped."""
-    import argparse
-
     from calibrun.robustness import EVALUATE_HELP, evaluate_beyond_test, evaluation_config, trained_predictor
 
     parser = argparse.ArgumentParser(prog="calibrun-evaluate", description=evaluate.__doc__)
@@ -324,8 +328,6 @@ def report(argv: list[str] | None = None) -> None:
     """``calibrun-report DIR... [--out DIR] [--metric ece]``: one table (mean ± std over
     seeds, grouped by the config keys that differ between runs) and plots from many run
     folders. Failed and unfinished runs are listed, never dropped."""
-    import argparse
-
     from calibrun import report as report_lib
     from calibrun.metrics import METRIC_NAMES
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -277,8 +278,8 @@ def calibrate(argv: list[str] | None = None) -> None:
 
 def _calibrate_arguments(argv: list[str] | None) -> argparse.Namespace:
     """``calibrun-calibrate``'s arguments: a run folder, or --val, --test and --out."""
-    parser = argparse.ArgumentParser(prog="calibrun-calibrate", description=calibrate.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="calibrun-calibrate", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=inspect.cleandoc(calibrate.__doc__ or "").replace("``", ""))
     parser.add_argument("run_dir", type=Path, nargs="?", help="a finished run folder (omit with --val/--test)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. calibrator=[temperature,isotonic]")
     parser.add_argument("--val", type=Path, help="validation logits (.npz or .pt) the calibrators are fitted on")

@@ -19,6 +19,8 @@ EPOCHS ?=
 SEEDS ?=
 # Extra overrides passed to every calibrun call, e.g. ARGS="model.depth=20 trainer.device=cuda".
 ARGS ?=
+# Options of benchmarks/bench_gpu.py, e.g. BENCH_ARGS="--models resnet110 --repeats 5".
+BENCH_ARGS ?=
 # λ of gap and gap_cap in reproduce-table1: 10 is the paper's number read on calibrun's
 # batch-mean cross-entropy; 0.078 (10/128) the reading of a cross-entropy summed over the batch.
 LAM ?= 10
@@ -30,7 +32,7 @@ data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(T
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench reproduce-table1 reproduce-pacs reproduce-ls sweep-lambda report clean
+.PHONY: help install test test-slow test-gpu demo bench bench-gpu reproduce-table1 reproduce-pacs reproduce-ls sweep-lambda report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -56,6 +58,9 @@ demo: install ## a real run offline: the bundled CIFAR-10 sample, ResNet-8, all 
 	$(BIN)/calibrun experiment=demo $(data_args) $(epochs_arg) run_name=demo $(ARGS)
 	@echo "Table:   outputs/runs/$(or $(DATA),cifar10_sample)/ce/demo/metrics.md"
 	@echo "Figures: outputs/runs/$(or $(DATA),cifar10_sample)/ce/demo/figures/"
+
+bench-gpu: install ## one training epoch of ResNet-110/20/18 and PACS ResNet-18: calibrun vs the usual DataLoader pipeline vs a bare loop (outputs/bench/)
+	$(BIN)/python benchmarks/bench_gpu.py $(BENCH_ARGS)
 
 bench: install ## images/s of the device data pipeline against torchvision's DataLoader pipeline
 	$(BIN)/python benchmarks/bench_data.py $(if $(DATA_ROOT),--root $(DATA_ROOT) --format $(or $(DATA_FORMAT),torchvision))

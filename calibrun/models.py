@@ -112,7 +112,21 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))
-        return self.fc(self.hidden(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+        return self.fc(self.hidden(global_average(x)))
+
+
+def global_average(x: torch.Tensor) -> torch.Tensor:
+    """N×C×H×W → N×C spatial means. A plain mean, not adaptive_avg_pool2d: on CUDA the
+    latter's backward uses atomic adds, which trainer.deterministic=true cannot make
+    bitwise reproducible."""
+    return x.mean(dim=(2, 3))
+
+
+class GlobalAveragePool(nn.Module):
+    """:func:`global_average` keeping N×C×1×1, in place of torchvision's AdaptiveAvgPool2d(1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_average(x)[:, :, None, None]
 
 
 def _stage_plan(depth: int | None, width: int | None, stage_widths: list[int] | None,
@@ -194,6 +208,7 @@ def resnet18(num_classes: int, stem: str = "cifar", pretrained: bool = False) ->
         model.maxpool = nn.Identity()
     else:
         model = _imagenet_resnet18(pretrained)
+    model.avgpool = GlobalAveragePool()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 

@@ -67,6 +67,8 @@ def save_hydra_snapshot(run_dir: Path, cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _calibrun(cfg: DictConfig) -> dict | None:
+    import torch
+
     from calibrun import train
 
     hydra_cfg = HydraConfig.get()
@@ -74,6 +76,9 @@ def _calibrun(cfg: DictConfig) -> dict | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         _absolute_data_root(cfg)
+        if multirun and cfg.trainer.device == "auto" and torch.cuda.is_available():
+            with open_dict(cfg):
+                cfg.trainer.device = spread_device(hydra_cfg.job.num, torch.cuda.device_count())
         return train.run(cfg, run_dir, snapshot=lambda: save_hydra_snapshot(run_dir, cfg))
     except train.Interrupted as err:
         log.error("%s", err)
@@ -103,6 +108,13 @@ def _calibrun(cfg: DictConfig) -> dict | None:
     # A failed job of a sweep: the sweep goes on, and calibrun.sweep.SweepSummary lists it
     # at the end (its status.json says why) and sets the exit status.
     return None
+
+
+def spread_device(job_num: int, gpus: int) -> str:
+    """The GPU of job ``job_num`` of a sweep on a machine with ``gpus`` visible GPUs: jobs
+    run side by side (hydra/launcher=joblib) take them in turn instead of all sharing the
+    first. Under SLURM each job sees only its own GPU, which this leaves alone."""
+    return f"cuda:{job_num % gpus}" if gpus > 1 else "cuda"
 
 
 def _stop_logging_into(run_dir: Path) -> None:

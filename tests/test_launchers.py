@@ -22,3 +22,33 @@ def test_joblib_launcher_runs_a_two_job_sweep(run_cli, tmp_path):
     assert len(jobs) == 2 and all("seed=" in j for j in jobs)
     assert "hydra/launcher" not in "".join(jobs), "the launcher must not change job folders"
     assert "Joblib" in proc.stdout + proc.stderr or "joblib" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("job, gpus, device", [(0, 1, "cuda"), (5, 1, "cuda"), (0, 4, "cuda:0"), (6, 4, "cuda:2"),
+                                               (3, 2, "cuda:1")])
+def test_parallel_sweep_jobs_take_the_gpus_in_turn(job, gpus, device):
+    from calibrun.cli import spread_device
+
+    assert spread_device(job, gpus) == device
+
+
+def test_a_sweep_on_a_multi_gpu_machine_puts_its_jobs_on_different_gpus(run_cli, tmp_path, monkeypatch):
+    """trainer.device=auto in a multirun: job k of a sweep on 2 GPUs asks for cuda:k % 2
+    (CUDA is faked here: the resolved device is all that is checked, then the run stops)."""
+    import torch
+
+    from calibrun import train
+
+    asked = []
+
+    def record(cfg, run_dir, snapshot=None):
+        asked.append(cfg.trainer.device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(train, "run", record)
+    assert run_cli(["-m", *FAST, "seed=0,1,2", "run_name=gpus"]).returncode == 0
+    assert asked == ["cuda:0", "cuda:1", "cuda:0"]
+    asked.clear()
+    assert run_cli(["-m", *FAST, "trainer.device=cpu", "seed=0,1", "run_name=cpu"]).returncode == 0
+    assert asked == ["cpu", "cpu"]

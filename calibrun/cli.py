@@ -54,6 +54,16 @@ class BelowError(logging.Filter):
         return record.levelno < logging.ERROR
 
 
+def console_logging() -> None:
+    """The companion commands' console: progress and results on stdout (so that
+    ``calibrun-report ... > table.md`` captures the table), errors alone on stderr."""
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(BelowError())
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[out, err])
+
+
 def save_hydra_snapshot(run_dir: Path, cfg: DictConfig) -> None:
     """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them,
     but only once calibrun has accepted the run (hydra.output_subdir is null): a refused
@@ -266,7 +276,7 @@ def calibrate(argv: list[str] | None = None) -> None:
 
     args = _calibrate_arguments(argv)
     external = args.val is not None
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging()
     folder = args.out if external else args.run_dir
     try:
         if external:
@@ -326,7 +336,7 @@ def evaluate(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help=f"Hydra overrides: {EVALUATE_HELP}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging()
     try:
         cfg = evaluation_config(args.run_dir, args.overrides, Path(config_dir()))
         evaluate_beyond_test(args.run_dir, cfg, trained_predictor(args.run_dir, cfg))
@@ -359,7 +369,7 @@ def report(argv: list[str] | None = None) -> None:
     parser.add_argument("--pivot", help="config key spread across the columns, e.g. data.target")
     parser.add_argument("--caption", help="text written under the table's title, e.g. the setting it was run in")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console_logging()
     out = args.out or args.dirs[0]
     try:
         summary = report_lib.write_report(

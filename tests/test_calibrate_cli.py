@@ -280,3 +280,18 @@ def test_external_logits_mistakes_are_one_line_errors(tmp_path, case, message):
     assert "Traceback" not in proc.stderr
     if case not in ("again", "not_empty"):
         assert not (out / "DONE").exists()
+
+
+def test_results_go_to_stdout_and_errors_alone_to_stderr(tmp_path):
+    """``calibrun-report ... > table.md`` captures the table; stderr holds errors only."""
+    rng = np.random.default_rng(1)
+    z, y = 2 * rng.standard_normal((200, 3)), rng.integers(0, 3, 200)
+    val, test = write_logits(tmp_path / "v.npz", z, y), write_logits(tmp_path / "t.npz", z[::-1].copy(), y)
+    made = calibrate_process(["--val", val, "--test", test, "--out", str(tmp_path / "run"), "calibrator=[temperature]"],
+                             cwd=tmp_path)
+    assert made.returncode == 0 and made.stderr == "" and "temperature" in made.stdout
+    report = subprocess.run([sys.executable, "-c", "from calibrun.cli import report; report()", str(tmp_path / "run")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and report.stderr == "" and "| calibrator" in report.stdout
+    again = calibrate_process(["--val", val, "--test", test, "--out", str(tmp_path / "run")], cwd=tmp_path)
+    assert again.returncode == 1 and again.stdout == "" and "already holds" in again.stderr

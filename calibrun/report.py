@@ -148,8 +148,8 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
     table = pd.DataFrame([{k: v for k, v in run.items() if not k.startswith("_")} for run in runs])
     config_keys = [c for c in table.columns if c not in ("run", "state", "error", "seed")]
     # A run that failed before writing its resolved config would make every key "differ".
-    done = table[table["state"] == "done"] if (table["state"] == "done").any() else table
-    varying = [c for c in config_keys if done[c].astype(str).nunique(dropna=False) > 1]
+    done = [run for run in runs if run["state"] == "done"] or runs
+    varying = varying_keys(done, config_keys)
     rows = []
     for run in runs:
         if "_metrics" in run:
@@ -158,6 +158,18 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
             rows.append(_with_params(chosen, run["_params"]))
     metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *METRIC_NAMES])
     return metrics, table, varying
+
+
+def varying_keys(runs: list[dict[str, object]], keys: list[str]) -> list[str]:
+    """The config keys that tell ``runs`` apart: those with more than one value among the
+    runs that have them, and every setting of a component whose choice differs
+    (``loss.lam`` when ``loss`` is ce in one run and gap in another). A key that only some
+    runs have, with one value (a trained run's ``trainer.*`` beside logits made
+    elsewhere), does not split them by itself."""
+    def count(key: str) -> int:
+        return len({str(run[key]) for run in runs if key in run})
+
+    return [key for key in keys if count(key) > 1 or ("." in key and count(key.split(".")[0]) > 1)]
 
 
 def _read_run(run_dir: Path) -> dict[str, object]:
@@ -197,7 +209,8 @@ def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: 
     lacks (λ of ce), an empty cell for a value that does not apply. Cells are printed as
     written (no number parsing), so every value keeps its four decimals."""
     shown = summary[[*keys, "calibrator", "n"]].astype(object)
-    shown[keys] = shown[keys].where(shown[keys].notna(), "–")
+    # A column with gaps holds its integers as floats (depth 8.0): print them as written.
+    shown[keys] = shown[keys].map(lambda v: "–" if pd.isna(v) else int(v) if isinstance(v, float) and v.is_integer() else v)
     if "paper_label" in summary:  # the paper's name for the row (papers/<name>.csv, column label)
         shown.insert(0, "row", summary["paper_label"].fillna(""))
     for metric in metrics:

@@ -345,3 +345,19 @@ def test_no_lambda_figure_when_lambda_does_not_vary_within_a_group(tmp_path):
         fake_run(tmp_path / "runs" / f"gap{lam}", {"seed": 0, "loss": {"name": "gap", "lam": lam}}, 0.1)
     write_report([tmp_path / "runs"], tmp_path / "out")
     assert (tmp_path / "out" / "ece_vs_lam.png").is_file()
+
+
+def test_keys_that_only_some_runs_have_do_not_split_the_groups_by_themselves():
+    from calibrun.report import varying_keys
+
+    trained = {"model": "resnet110", "model.depth": 8, "data": "synthetic", "trainer.epochs": 2, "loss": "ce"}
+    elsewhere = {"model": "my_net"}
+    keys = ["model", "model.depth", "data", "trainer.epochs", "loss"]
+    assert varying_keys([trained, elsewhere], keys) == ["model", "model.depth"]
+    # Table 1: λ belongs to gap and gap_cap, whose choice differs from ce's: it is shown.
+    rows = [{"loss": "ce"}, {"loss": "gap", "loss.lam": 10.0}, {"loss": "gap_cap", "loss.lam": 10.0}]
+    assert varying_keys(rows, ["loss", "loss.lam"]) == ["loss", "loss.lam"]
+    # An explicit null is a value: a sweep over data.train_subset=null,500 splits.
+    subsets = [{"data.train_subset": None}, {"data.train_subset": 500}]
+    assert varying_keys(subsets, ["data.train_subset"]) == ["data.train_subset"]
+    assert varying_keys([trained, dict(trained)], keys) == []

@@ -209,8 +209,7 @@ def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: 
     lacks (λ of ce), an empty cell for a value that does not apply. Cells are printed as
     written (no number parsing), so every value keeps its four decimals."""
     shown = summary[[*keys, "calibrator", "n"]].astype(object)
-    # A column with gaps holds its integers as floats (depth 8.0): print them as written.
-    shown[keys] = shown[keys].map(lambda v: "–" if pd.isna(v) else int(v) if isinstance(v, float) and v.is_integer() else v)
+    shown[keys] = shown[keys].map(lambda v: "–" if pd.isna(v) else as_written(v))
     if "paper_label" in summary:  # the paper's name for the row (papers/<name>.csv, column label)
         shown.insert(0, "row", summary["paper_label"].fillna(""))
     for metric in metrics:
@@ -295,7 +294,13 @@ def group_label(keys: list[str], values: tuple, paper: pd.DataFrame | None) -> s
             if common else paper.iloc[0:0]
         if len(match) == 1:
             return str(match["label"].iloc[0])
-    return ", ".join(f"{k}={v}" for k, v in pairs.items())
+    return ", ".join(f"{k}={as_written(v)}" for k, v in pairs.items())
+
+
+def as_written(value: object) -> object:
+    """A config value as the user wrote it: a column with gaps holds its integers as
+    floats (depth 8.0), which print as 8."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str,

@@ -128,3 +128,24 @@ def test_installed_package_finds_its_config_and_samples_from_any_directory(tmp_p
     assert proc.stdout.splitlines()[0].startswith(str(target))
     assert f"root: {installed / 'cifar10'}" in proc.stdout
     assert f"cache_dir: {tmp_path / '.cache' / 'calibrun' / 'cifar10_sample'}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_compiled_run_saves_weights_an_eager_model_loads(compose_cfg, tmp_path):
+    """trainer.compile=true on the CPU (inductor): the run finishes, its checkpoint holds
+    the plain model's keys (no torch.compile prefix), and the eager model with those
+    weights gives the saved test logits."""
+    import torch
+
+    from calibrun import train
+    from calibrun.config import validate
+
+    cfg = validate(compose_cfg([*FAST, "trainer.epochs=1", "trainer.compile=true", "calibrator=[temperature]"]))
+    train.run(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert not any(key.startswith("_orig_mod") for key in state)
+    eager, _, _ = train.prepare(validate(compose_cfg([*FAST, "trainer.epochs=1"])), tmp_path / "eager")
+    eager.model.load_state_dict(state)
+    logits, _ = train.predict(eager.model, eager.eval_loaders["test"])
+    with np.load(tmp_path / "run" / "logits" / "test.npz") as saved:
+        np.testing.assert_allclose(saved["logits"], logits.numpy(), rtol=1e-4, atol=1e-4)

@@ -389,24 +389,11 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     reference = load_paper(paper) if paper else None
     if reference is not None and len(summary):
         summary = with_paper(summary, reference)
-    lines = [f"# {name}", ""]
-    if caption:
-        lines += [caption, ""]
-    lines += [f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
-    constant = {k: runs[k].iloc[0] for k in SHARED_SETTINGS if k in runs and k not in keys and pd.notna(runs[k].iloc[0])}
-    if constant:
-        lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]
-    if len(summary) and pivot in keys:
-        lines += [f"{pivot} across the columns; avg is the mean of the column means.", ""]
-        lines += [block for metric in shown for block in (pivot_markdown(summary, keys, pivot, metric, reference), "")]
-    elif len(summary):
-        lines += [markdown(summary, keys, shown, reference), ""]
+    heading = [f"# {name}", "", *([caption, ""] if caption else []),
+               f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
     unfinished = runs[runs["state"] != "done"]
-    if len(unfinished):
-        lines += [f"## Runs not finished ({len(unfinished)})", "",
-                  unfinished[["run", "state", "error"]].fillna("").to_markdown(index=False), ""]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{name}.md", "\n".join(lines))
+    atomic_write_text(out / f"{name}.md", "\n".join(heading + report_body(runs, keys, summary, shown, pivot, reference)))
     full = pd.concat([summary, unfinished[["run", "state", "error", *[k for k in keys if k in unfinished]]]],
                      ignore_index=True) if len(unfinished) else summary
     atomic_write_text(out / f"{name}.csv", full.to_csv(index=False))
@@ -418,6 +405,29 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     write_shift_report(runs, keys, out, name, calibrators)
     write_ood_report(runs, keys, out, name, calibrators)
     return summary
+
+
+def report_body(runs: pd.DataFrame, keys: list[str], summary: pd.DataFrame, shown: list[str], pivot: str | None,
+                reference: pd.DataFrame | None) -> list[str]:
+    """The lines of a report under its heading: the settings every run shares, the table
+    (one per metric with ``pivot`` across the columns), and the runs not finished."""
+    lines = []
+    done = runs[runs["state"] == "done"] if (runs["state"] == "done").any() else runs
+    # Named only when every run has it with one value (logits made elsewhere have no data).
+    constant = {k: done[k].iloc[0] for k in SHARED_SETTINGS if k in done and k not in keys
+                and done[k].notna().all() and done[k].astype(str).nunique() == 1}
+    if constant:
+        lines += ["Same for all runs: " + ", ".join(f"{k}={v}" for k, v in constant.items()), ""]
+    if len(summary) and pivot in keys:
+        lines += [f"{pivot} across the columns; avg is the mean of the column means.", ""]
+        lines += [block for metric in shown for block in (pivot_markdown(summary, keys, pivot, metric, reference), "")]
+    elif len(summary):
+        lines += [markdown(summary, keys, shown, reference), ""]
+    unfinished = runs[runs["state"] != "done"]
+    if len(unfinished):
+        lines += [f"## Runs not finished ({len(unfinished)})", "",
+                  unfinished[["run", "state", "error"]].fillna("").to_markdown(index=False), ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- shift and OOD

@@ -361,3 +361,16 @@ def test_keys_that_only_some_runs_have_do_not_split_the_groups_by_themselves():
     subsets = [{"data.train_subset": None}, {"data.train_subset": 500}]
     assert varying_keys(subsets, ["data.train_subset"]) == ["data.train_subset"]
     assert varying_keys([trained, dict(trained)], keys) == []
+
+
+def test_a_setting_is_named_shared_only_when_every_run_has_it(tmp_path):
+    """A trained run beside logits made elsewhere: the report must not say that both used
+    the trained run's data."""
+    from calibrun.report import report_body
+
+    runs = pd.DataFrame([{"run": "a", "state": "done", "data": "synthetic", "model": "resnet110"},
+                         {"run": "b", "state": "done", "data": None, "model": "my_net"}])
+    assert not any(line.startswith("Same for all runs") for line in report_body(runs, ["model"], pd.DataFrame(),
+                                                                                 [], None, None))
+    runs.loc[1, "data"] = "synthetic"
+    assert "Same for all runs: data=synthetic" in report_body(runs, ["model"], pd.DataFrame(), [], None, None)

@@ -91,11 +91,9 @@ def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
                       label="Accuracy", zorder=2)
     over = conf > acc
     ax.bar(lo[over], (conf - acc)[over], bottom=acc[over], width=width[over], align="edge",
-                       color=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", linewidth=0.5,
-                       label="Overconfident: confidence above accuracy", zorder=3)
+           color=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", linewidth=0.5, zorder=3)
     ax.bar(lo[~over], (acc - conf)[~over], bottom=conf[~over], width=width[~over], align="edge",
-                        facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", linewidth=0.8,
-                        label="Underconfident: accuracy above confidence", zorder=3)
+           facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", linewidth=0.8, zorder=3)
     for bar, n, top in zip(acc_bars, count, np.maximum(acc, conf)):
         if n < sparse:  # a bar this thin in data must not look like evidence
             bar.set_alpha(0.3)

@@ -3,6 +3,8 @@ deselected by ``make test``): bf16 training with channels_last and torch.compile
 interrupt and resume on CUDA, mixup's CUDA random stream, PACS augmentation on the
 device, and the calibrators on logits of a GPU run."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,3 +111,30 @@ def test_every_calibrator_fits_the_logits_of_a_gpu_run(run_cli, tmp_path):
     val = metrics[metrics.split == "val"].set_index("calibrator")
     for name in ("temperature", "vector", "matrix"):
         assert val.loc[name, "nll"] <= val.loc["none", "nll"] + 1e-9
+
+
+def sync_warnings_in_an_epoch(compose_cfg, run_dir, train_size: int) -> int:
+    """How many host synchronisations CUDA reports in one training epoch (after a warm-up
+    epoch), with the progress bar off."""
+    cfg = validate(compose_cfg([*CUDA, f"data.train_size={train_size}", "trainer.epochs=2"]))
+    tr, _, _ = train.prepare(cfg, run_dir)
+    progress = train.Progress()
+    with train.SignalFlag(defer=True) as flag:
+        train.train_epoch(tr, 0, progress, flag, None)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train.train_epoch(tr, 1, progress, flag, None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_no_host_synchronisation_per_batch(compose_cfg, tmp_path):
+    """Twice the batches, the same number of synchronisations: the loop waits for the GPU
+    once per epoch (its loss and accuracy sums), never once per batch."""
+    few = sync_warnings_in_an_epoch(compose_cfg, tmp_path / "few", 256)
+    many = sync_warnings_in_an_epoch(compose_cfg, tmp_path / "many", 512)
+    assert many == few, (few, many)

@@ -1,4 +1,4 @@
-"""A user's own loss, model and calibrator, in their own package outside calibrun, selected
+"""A user's own loss, model, calibrator and dataset, in their own package outside calibrun,
 from the command line with ``--config-dir`` or ``hydra.searchpath`` (README, "Your own
 components")."""
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import calibrun
+from calibrun.data import CropFlipDataset, Split
 
 CALLS = []
 
@@ -36,6 +37,28 @@ class BrierLoss(nn.Module):
 def mlp(num_classes: int, image_size: int, hidden: int = 32) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
+
+
+class Checkerboards(CropFlipDataset):
+    """Two classes: a fine and a coarse checkerboard, in noise."""
+
+    def __init__(self, num_classes: int = 2, image_size: int = 16, per_split: int = 128):
+        if num_classes != 2:
+            raise ValueError("data.num_classes must be 2: fine and coarse boards")
+        self.num_classes, self.image_size, self.per_split = num_classes, image_size, per_split
+
+    def splits(self):
+        g = torch.Generator().manual_seed(0)
+        rows = torch.arange(self.image_size)
+        boards = [((rows[:, None] // cell + rows[None, :] // cell) % 2).float() for cell in (1, 4)]
+        out = {}
+        for offset, name in enumerate(("train", "val", "test")):
+            labels = torch.arange(self.per_split) % 2
+            pixels = torch.stack([boards[k] for k in labels.tolist()])[:, None].expand(-1, 3, -1, -1)
+            noisy = (pixels + 0.8 * torch.randn(pixels.shape, generator=g)).clamp(0, 1)
+            images = (noisy * 255).to(torch.uint8)
+            out[name] = Split(images, labels, torch.arange(self.per_split) + offset * self.per_split)
+        return out
 
 
 class FixedTemperature(calibrun.Calibrator):
@@ -59,6 +82,7 @@ CONFIGS = {
     "model/mlp.yaml": "_target_: my_components.mlp\nnum_classes: ${data.num_classes}\n"
                       "image_size: ${data.image_size}\nhidden: 32\n",
     # A calibrator YAML holds its name, so that calibrator=[a,b] can choose several.
+    "data/boards.yaml": "_target_: my_components.Checkerboards\nnum_classes: 2\nimage_size: 16\nper_split: 128\n",
     "calibrator/fixed.yaml": "fixed:\n  _target_: my_components.FixedTemperature\n  T: 2.0\n",
 }
 
@@ -122,3 +146,15 @@ def test_a_component_that_cannot_be_imported_is_a_one_line_error(run_cli, user_p
     assert "loss._target_='my_components.BrierLoss' cannot be imported: No module named 'my_components'" in proc.stderr
     assert "PYTHONPATH" in proc.stderr and "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "ERROR" in line]) == 1
+
+
+def test_a_dataset_from_the_users_package_trains_with_calibruns_model(run_cli, tmp_path, user_project):
+    """data=boards (the user's ImageDataset) with calibrun's ResNet: the run folder is
+    named after it and its three splits are what was trained and evaluated on."""
+    proc = run_cli(["--config-dir", str(user_project / "my_conf"), "data=boards",
+                    "model=resnet110", "model.depth=8", *QUICK[1:], "calibrator=[temperature]", "run_name=b"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "runs" / "boards" / "ce" / "b"
+    with np.load(run_dir / "logits" / "test.npz") as test:
+        assert test["logits"].shape == (128, 2) and test["index"].min() == 256
+    assert pd.read_csv(run_dir / "metrics.csv").query("split == 'test'")["n"].eq(128).all()

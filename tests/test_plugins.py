@@ -1,4 +1,4 @@
-"""A user's own loss, model, calibrator and dataset, in their own package outside calibrun,
+"""A user's own loss, model, calibrator and dataset, in their own package outside calibrun, selected
 from the command line with ``--config-dir`` or ``hydra.searchpath`` (README, "Your own
 components")."""
 

@@ -210,6 +210,14 @@ def rows_for(setup: str, times: dict[str, list[float]], images: int, flops: floa
     return rows
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:OVERRIDE OVERRIDE...`` (``--variant``) as the row name and trainer overrides."""
+    name, _, overrides = text.partition(":")
+    if not name or not overrides.split():
+        raise ValueError(f"--variant {text!r}: write NAME:key=value [key=value ...]")
+    return f"calibrun {name}", overrides.split()
+
+
 def bench_setup(setup: str, args: argparse.Namespace, peak: float | None) -> list[dict]:
     cfg = benchmark_config(setup, args)
     kind = SETUPS[setup][1]
@@ -217,9 +225,11 @@ def bench_setup(setup: str, args: argparse.Namespace, peak: float | None) -> lis
     split = data.splits()["train"]
     size = cfg.data.get("image_size", 32)
     print(f"{setup}: {len(split)} images of {tuple(split.images.shape[1:])}, batch {BATCH}", flush=True)
-    times = {"calibrun": calibrun_times(cfg, args.repeats, args.out / "runs" / setup),
-             "usual": usual_times(cfg, split, kind, args),
-             "bare": bare_times(cfg, split, data, args)}
+    times = {"calibrun": calibrun_times(cfg, args.repeats, args.out / "runs" / setup)}
+    for name, overrides in map(parse_variant, args.variant):
+        variant = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        times[name] = calibrun_times(validate(variant), args.repeats, args.out / "runs" / f"{setup}-{name[9:]}")
+    times.update(usual=usual_times(cfg, split, kind, args), bare=bare_times(cfg, split, data, args))
     images = (len(split) // BATCH) * BATCH  # every pipeline drops the last partial batch
     return rows_for(setup, times, images, forward_flops_per_image(cfg, size), peak)
 
@@ -239,6 +249,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--pacs-image-size", type=int, default=222)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per pipeline, after one warm-up")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers (usual)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
+                        help="another calibrun row with these config overrides, e.g. "
+                             "'graphs:trainer.compile=true trainer.compile_mode=reduce-overhead' (repeatable)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args(argv)

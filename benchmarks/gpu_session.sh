@@ -6,7 +6,10 @@
 #   3. make bench-gpu,
 #   4. make reproduce-table1 and make reproduce-pacs on the bundled samples, a few epochs,
 # logging each to $OUT (default outputs/gpu_session) and packing the tables and figures.
-# Steps go on after a failure; the exit status says whether any failed.
+# Steps go on after a failure; the exit status says whether any failed. All three steps
+# may not fit one 10-minute call: run STEPS=tests, STEPS=bench and STEPS=reproduce apart.
+# The bench step also times calibrun with torch.compile, and with CUDA graphs
+# (compile_mode=reduce-overhead); BENCH_ARGS replaces those options.
 # Usage: OUT=... STEPS="tests bench reproduce" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +45,8 @@ if [[ $STEPS == *tests* ]]; then
     step test make "${make_args[@]}" test
 fi
 if [[ $STEPS == *bench* ]]; then
+    export BENCH_ARGS=${BENCH_ARGS:---variant "compiled:trainer.compile=true" --variant \
+"graphs:trainer.compile=true trainer.compile_mode=reduce-overhead"}
     step bench_gpu make "${make_args[@]}" bench-gpu
     cp outputs/bench/bench_gpu.md outputs/bench/bench_gpu.csv "$OUT"/ 2>/dev/null
 fi

@@ -33,6 +33,8 @@ from calibrun import UserError
 NON_EXPERIMENT_KEYS = (
     "run_name", "data.root", "data.cache_dir", "data.download",
     "trainer.device", "trainer.progress", "trainer.checkpoint_every", "trainer.tensorboard",
+    # How the step is issued, not what it computes (a resumed run may switch it).
+    "trainer.compile_mode",
     # What a finished model is evaluated on besides its own test split (calibrun-evaluate).
     "shift", "shift.root", "ood", "ood.root",
 )
@@ -80,6 +82,9 @@ class TrainerConfig:
     amp: bool = MISSING
     channels_last: bool = MISSING
     compile: bool = MISSING
+    # torch.compile's mode with compile=true: null (its default), reduce-overhead (CUDA
+    # graphs), max-autotune, max-autotune-no-cudagraphs.
+    compile_mode: Optional[str] = None
     deterministic: bool = MISSING
     checkpoint_every: int = MISSING
     select: Select = MISSING
@@ -209,6 +214,10 @@ def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+# torch.compile's modes (None: its default).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _check_trainer(t: DictConfig) -> None:
     rules = {
         "epochs": t.epochs >= 1,
@@ -222,15 +231,18 @@ def _check_trainer(t: DictConfig) -> None:
         "checkpoint_every": t.checkpoint_every >= 1,
         "milestones": all(0 < m < 1 for m in t.milestones),
         "device": t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),
+        "compile_mode": t.compile_mode in COMPILE_MODES,
     }
     allowed = {
         "momentum": "in [0, 1)", "gamma": "in (0, 1]", "warmup_epochs": "between 0 and trainer.epochs",
         "milestones": "fractions of the run in (0, 1)", "device": "auto, cpu, cuda, cuda:N or mps",
         "weight_decay": ">= 0", "lr": "> 0",
+        "compile_mode": "null, " + ", ".join(m for m in COMPILE_MODES if m),
     }
     for key, ok in rules.items():
         if not ok:
             raise UserError(f"Invalid value trainer.{key}={t[key]}: must be {allowed.get(key, '>= 1')}.")
+
 
 def config_fingerprint(cfg: DictConfig) -> str:
     """A hash of the experiment: the resolved config without ``NON_EXPERIMENT_KEYS``.

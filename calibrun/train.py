@@ -517,7 +517,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     optimizer, scheduler = build_optimization(cfg, model, len(train_loader))
     checkpoints = run_dir / "checkpoints"
     tr = Training(
-        model=model, forward=torch.compile(model) if t.compile else model, loss_fn=loss_fn.to(device),
+        model=model, forward=torch.compile(model, mode=t.compile_mode) if t.compile else model, loss_fn=loss_fn.to(device),
         optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, amp=amp,
         # The data's content, not its location, is part of what a checkpoint continues.
         checkpointer=Checkpointer(checkpoints / "last.pt", f"{config_fingerprint(cfg)}-{data_fingerprint(splits)}",

@@ -42,3 +42,10 @@ def test_flops_per_image_match_the_published_counts(setup, gmacs):
                                         ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce GTX 1080", None)])
 def test_bf16_peaks_by_device_name(name, peak):
     assert bench_gpu.peak_tflops(name) == peak
+
+
+def test_variants_name_their_rows_and_refuse_a_missing_override():
+    assert bench_gpu.parse_variant("graphs:trainer.compile=true trainer.compile_mode=reduce-overhead") == (
+        "calibrun graphs", ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"])
+    with pytest.raises(ValueError, match="NAME:key=value"):
+        bench_gpu.parse_variant("graphs")

@@ -50,6 +50,7 @@ def test_num_classes_flows_from_data_to_model(compose_cfg):
         (["trainer.schedule=linear"], "trainer.schedule"),
         (["trainer.lr=-1"], "trainer.lr=-1.0: must be > 0"),
         (["trainer.device=tpu"], "auto, cpu, cuda"),
+        (["trainer.compile_mode=fastest"], "trainer.compile_mode=fastest: must be null, default, reduce-overhead"),
         (["metrics.n_bins=0"], "metrics.n_bins"),
     ],
 )

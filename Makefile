@@ -32,7 +32,7 @@ data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(T
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench bench-gpu reproduce-table1 reproduce-pacs reproduce-ls sweep-lambda report clean
+.PHONY: help install test test-slow test-gpu demo bench bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls sweep-lambda report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -96,6 +96,17 @@ reproduce-pacs: install ## PACS: 4 targets x {ce, nts λ=0.5, nts λ=1} x SEEDS 
 	$(BIN)/calibrun-report outputs/multirun/pacs --out outputs/tables --name pacs --calibrators none \
 		--paper pacs --pivot data.target --table-metrics accuracy,ece --grid-name pacs_reliability.png \
 		--caption "$(pacs_caption)" && exit $$((ce | status))
+
+pacs_vit_caption = PACS with timm's ViT-S/16 (experiment=pacs_vit: ImageNet-21k pretrained, 224 px) beside \
+	ResNet-18 (pacs_ce, pacs_nts: the runs of make reproduce-pacs, where present), all on JiGen's protocol \
+	(trainer=jigen, data.split=jigen, best validation epoch)$(if $(DATA), on data=$(DATA))$(if $(ARGS),; extra \
+	overrides of the ViT runs: $(ARGS)). Minderer et al. 2021 found ViTs better calibrated than CNNs.
+pacs-vit: install ## PACS with a ViT-S/16 (timm) in place of ResNet-18, beside reproduce-pacs's runs -> outputs/tables/pacs_vit.md
+	$(BIN)/calibrun -m experiment=pacs_vit data.target=art_painting,cartoon,photo,sketch seed=$(call seeds_or,5) \
+		$(pacs_args) $(epochs_arg) trainer.progress=false run_name=pacs $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/pacs --out outputs/tables --name pacs_vit --calibrators none,temperature \
+		--pivot data.target --table-metrics accuracy,ece --grid-name pacs_vit_reliability.png \
+		--caption "$(pacs_vit_caption)" && exit $$status
 
 # Müller et al. 2019 Table 3's caption: the network (ARGS="model.depth=8" shrinks it) and the data actually used.
 ls_depth = $(or $(lastword $(patsubst model.depth=%,%,$(filter model.depth=%,$(ARGS)))),56)

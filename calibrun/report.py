@@ -162,14 +162,17 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
 
 def varying_keys(runs: list[dict[str, object]], keys: list[str]) -> list[str]:
     """The config keys that tell ``runs`` apart: those with more than one value among the
-    runs that have them, and every setting of a component whose choice differs
-    (``loss.lam`` when ``loss`` is ce in one run and gap in another). A key that only some
-    runs have, with one value (a trained run's ``trainer.*`` beside logits made
-    elsewhere), does not split them by itself."""
+    runs that have them, and the settings only some of the chosen components have when
+    the choice differs (``loss.lam`` of gap beside ce). A key that only some runs have,
+    with one value (a trained run's ``trainer.*`` beside logits made elsewhere), does not
+    split them by itself, nor does a setting all the components share (``num_classes``)."""
     def count(key: str) -> int:
         return len({str(run[key]) for run in runs if key in run})
 
-    return [key for key in keys if count(key) > 1 or ("." in key and count(key.split(".")[0]) > 1)]
+    def some_lack(key: str) -> bool:
+        return any(key not in run for run in runs)
+
+    return [key for key in keys if count(key) > 1 or ("." in key and count(key.split(".")[0]) > 1 and some_lack(key))]
 
 
 def _read_run(run_dir: Path) -> dict[str, object]:
@@ -261,7 +264,7 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
     table.insert(0, "n", [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in counts.to_numpy()])
     table["avg"] = cells.pivot_table(index=rows, columns=pivot, values=f"{metric}_mean").mean(axis=1).map(
         lambda v: "" if pd.isna(v) else f"{v:.4f}")
-    table.index = [", ".join(map(str, i if isinstance(i, tuple) else (i,))) for i in table.index]
+    table.index = [", ".join(str(as_written(v)) for v in (i if isinstance(i, tuple) else (i,))) for i in table.index]
     if paper is not None and metric in paper and pivot in paper:
         by = [k for k in rows if k in paper.columns]
         published = paper.pivot_table(index=by, columns=pivot, values=metric)

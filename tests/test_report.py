@@ -258,8 +258,8 @@ def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| loss.gamma"))
     assert [c.strip() for c in header.strip("|").split("|")] == ["loss.gamma, calibrator", "n", "severity 1",
                                                                   "severity 2", "avg"]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 1.0, none")]
-    assert cells[0] == ["1.0, none", "2", "0.1150 ± 0.0071", "0.2150 ± 0.0071", "0.1650"]  # the ece table
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 1, none")]
+    assert cells[0] == ["1, none", "2", "0.1150 ± 0.0071", "0.2150 ± 0.0071", "0.1650"]  # the ece table
     assert (tmp_path / "out" / "report_shift_ece.png").is_file()
     ood = pd.read_csv(tmp_path / "out" / "report_ood.csv")
     assert ood["n"].tolist() == [2, 2] and ood["auroc_mean"].tolist() == pytest.approx([0.85, 0.85])
@@ -357,6 +357,11 @@ def test_keys_that_only_some_runs_have_do_not_split_the_groups_by_themselves():
     # Table 1: λ belongs to gap and gap_cap, whose choice differs from ce's: it is shown.
     rows = [{"loss": "ce"}, {"loss": "gap", "loss.lam": 10.0}, {"loss": "gap_cap", "loss.lam": 10.0}]
     assert varying_keys(rows, ["loss", "loss.lam"]) == ["loss", "loss.lam"]
+    # A ViT beside ResNet-18: the ViT's name is shown, the class count both share is not.
+    nets = [{"model": "resnet18", "model.num_classes": 7, "model.stem": "imagenet"},
+            {"model": "timm", "model.num_classes": 7, "model.name": "vit_small_patch16_224"}]
+    assert varying_keys(nets, ["model", "model.num_classes", "model.stem", "model.name"]) == [
+        "model", "model.stem", "model.name"]
     # An explicit null is a value: a sweep over data.train_subset=null,500 splits.
     subsets = [{"data.train_subset": None}, {"data.train_subset": 500}]
     assert varying_keys(subsets, ["data.train_subset"]) == ["data.train_subset"]

@@ -41,8 +41,10 @@ install: $(BIN)/.installed ## create .venv and install calibrun with its [dev] e
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
+	# No pip cache: torch's CUDA wheels alone are several GB, and a second copy in the
+	# cache has filled a CI machine's disk.
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $@
 
 test: install ## the offline CPU test suite (skips `slow` and `gpu` tests)

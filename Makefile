@@ -39,11 +39,11 @@ help: ## list the targets
 
 install: $(BIN)/.installed ## create .venv and install calibrun with its [dev] extra
 
+# No pip cache: torch's CUDA wheels alone are several GB, and a second copy in the cache
+# has filled a CI machine's disk.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
-	# No pip cache: torch's CUDA wheels alone are several GB, and a second copy in the
-	# cache has filled a CI machine's disk.
 	$(BIN)/pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $@
 

@@ -165,14 +165,17 @@ def varying_keys(runs: list[dict[str, object]], keys: list[str]) -> list[str]:
     runs that have them, and the settings only some of the chosen components have when
     the choice differs (``loss.lam`` of gap beside ce). A key that only some runs have,
     with one value (a trained run's ``trainer.*`` beside logits made elsewhere), does not
-    split them by itself, nor does a setting all the components share (``num_classes``)."""
+    split them by itself, nor does a setting all the components share (``num_classes``),
+    nor one that is null wherever it is set (ResNet's ``stage_widths`` beside a ViT)."""
     def count(key: str) -> int:
         return len({str(run[key]) for run in runs if key in run})
 
-    def some_lack(key: str) -> bool:
-        return any(key not in run for run in runs)
+    def shown_beside_a_lack(key: str) -> bool:
+        owners = [run for run in runs if key in run]
+        return (len(owners) < len(runs) and any(run[key] is not None for run in owners)
+                and count(key.split(".")[0]) > 1)
 
-    return [key for key in keys if count(key) > 1 or ("." in key and count(key.split(".")[0]) > 1 and some_lack(key))]
+    return [key for key in keys if count(key) > 1 or ("." in key and shown_beside_a_lack(key))]
 
 
 def _read_run(run_dir: Path) -> dict[str, object]:

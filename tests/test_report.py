@@ -350,9 +350,11 @@ def test_no_lambda_figure_when_lambda_does_not_vary_within_a_group(tmp_path):
 def test_keys_that_only_some_runs_have_do_not_split_the_groups_by_themselves():
     from calibrun.report import varying_keys
 
-    trained = {"model": "resnet110", "model.depth": 8, "data": "synthetic", "trainer.epochs": 2, "loss": "ce"}
+    trained = {"model": "resnet110", "model.depth": 8, "model.stage_widths": None, "data": "synthetic",
+               "trainer.epochs": 2, "loss": "ce"}
     elsewhere = {"model": "my_net"}
-    keys = ["model", "model.depth", "data", "trainer.epochs", "loss"]
+    # stage_widths is null wherever it is set: a column of dashes would tell nothing.
+    keys = ["model", "model.depth", "model.stage_widths", "data", "trainer.epochs", "loss"]
     assert varying_keys([trained, elsewhere], keys) == ["model", "model.depth"]
     # Table 1: λ belongs to gap and gap_cap, whose choice differs from ce's: it is shown.
     rows = [{"loss": "ce"}, {"loss": "gap", "loss.lam": 10.0}, {"loss": "gap_cap", "loss.lam": 10.0}]

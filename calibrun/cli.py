@@ -154,6 +154,10 @@ OTHER_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "--experim
 CONFIG_DIR_FLAGS = ("-cd", "--config-dir")
 
 
+# OmegaConf.select's answer for a key that is not there (None is a value).
+_ABSENT = object()
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
@@ -231,15 +235,36 @@ def check_overrides(argv: list[str], conf: Path) -> str | None:
     search = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in added)}]"] if added else []
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*search, *first])
-    for override in overrides:
-        key = override.key_or_group
-        if override in groups or override.is_add() or override.is_force_add() or override.is_delete() \
-                or key.startswith("hydra") or override.package is not None:
-            continue
-        problem = _key_problem(key, cfg)
-        if problem:
-            return problem
+        for override in overrides:
+            key = override.key_or_group
+            if override in groups or override.is_add() or override.is_force_add() or override.is_delete() \
+                    or key.startswith("hydra") or override.package is not None:
+                continue
+            problem = _key_problem(key, cfg)
+            if problem:
+                return problem + _owners_hint(key, roots, [*search, *first])
     return None
+
+
+def _owners_hint(key: str, roots: list[Path], overrides: list[str]) -> str:
+    """For a key of a config group's option that the chosen option lacks (``loss.lam``
+    beside the default ``loss=ce``): the options that have it, composed as the run would
+    be. Called inside an initialised Hydra config folder."""
+    group = key.split(".")[0]
+    options = sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
+    others = [o for o in overrides if o.split("=")[0] != group]
+    owners = []
+    for option in options:
+        try:
+            cfg = compose(config_name="config", overrides=[*others, f"{group}={option}"])
+        except (HydraException, OmegaConfBaseException):
+            continue  # an option that needs other choices cannot own the key here
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            owners.append(option)
+    if not owners:
+        return ""
+    return (f" {key} belongs to {group}={', '.join(owners)}: choose one on the command line, "
+            f"e.g. {group}={owners[0]} {key}=...")
 
 
 def _first_value(override: object) -> str:

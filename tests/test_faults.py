@@ -213,7 +213,10 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(run_cli, tm
      ("trainer.epoch=3", ["Unknown config key 'trainer.epoch'", "Did you mean 'epochs'?", "batch_size"]),
      ("calibrator=[temprature]", ["calibrator=temprature: no such option", "Did you mean 'temperature'?",
                                   "histogram, isotonic, matrix, platt, temperature, vector"]),
-     ("data=cifar11", ["Did you mean 'cifar10'?", "pacs_sample"])],
+     ("data=cifar11", ["Did you mean 'cifar10'?", "pacs_sample"]),
+     # λ with the default loss=ce: the message names the losses that have one.
+     ("loss.lam=0.1", ["Unknown config key 'loss.lam'", "loss.lam belongs to loss=erl, gap, gap_cap, nts",
+                       "e.g. loss=erl loss.lam=..."])],
 )
 def test_unknown_keys_and_options_list_the_allowed_ones(run_cli, override, expected):
     proc = run_cli([*RUN, override])

@@ -190,7 +190,24 @@ def run_header(run_dir: Path, n_bins: int) -> list[str]:
         cfg = None
     if not isinstance(cfg, dict):
         return []
+    trainer = cfg.get("trainer") or {}
+    described = describe_components(cfg, group_choices(run_dir))
+    return [
+        f"# {run_dir.name}: test and validation metrics", "",
+        f"- Data: {described['data']}",
+        f"- Model: {described['model']}",
+        f"- Loss: {described['loss']}",
+        f"- Training: {trainer.get('epochs')} epochs, batch {trainer.get('batch_size')}, lr {trainer.get('lr')} "
+        f"{trainer.get('schedule')}, seed {cfg.get('seed')}",
+        f"- Metrics: {n_bins} equal-width bins; calibrators fitted on val, so their val rows are in-sample", "",
+    ]
 
+
+def describe_components(cfg: dict, chosen: dict) -> dict[str, str]:
+    """``{"data": ..., "model": ..., "loss": ...}`` as a reader should see them: the config
+    group option (the ``_target_``'s name without one) and the settings that make it what
+    it is, e.g. ``resnet110 (depth=8, shortcut=A, width=16, zero_init_residual=True)``, so
+    that a table or figure never names only the option a preset changed."""
     def name(node: object) -> str:
         return str(node.get("_target_", "?")).rsplit(".", 1)[-1] if isinstance(node, dict) else "?"
 
@@ -199,18 +216,13 @@ def run_header(run_dir: Path, n_bins: int) -> list[str]:
                  and v is not None and not isinstance(v, (dict, list))] if isinstance(node, dict) else []
         return f" ({', '.join(pairs)})" if pairs else ""
 
-    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    data = cfg.get("data") or {}
     subsets = [f"{k}={data[k]}" for k in ("train_subset", "test_subset") if data.get(k) is not None]
-    chosen = group_choices(run_dir)
-    return [
-        f"# {run_dir.name}: test and validation metrics", "",
-        f"- Data: {chosen.get('data') or data.get('name') or name(data)}{', ' + ', '.join(subsets) if subsets else ''}",
-        f"- Model: {chosen.get('model') or name(cfg.get('model'))}{settings(cfg.get('model'), ('num_classes',))}",
-        f"- Loss: {chosen.get('loss') or name(cfg.get('loss'))}{settings(cfg.get('loss'))}",
-        f"- Training: {trainer.get('epochs')} epochs, batch {trainer.get('batch_size')}, lr {trainer.get('lr')} "
-        f"{trainer.get('schedule')}, seed {cfg.get('seed')}",
-        f"- Metrics: {n_bins} equal-width bins; calibrators fitted on val, so their val rows are in-sample", "",
-    ]
+    return {
+        "data": f"{chosen.get('data') or data.get('name') or name(data)}{', ' + ', '.join(subsets) if subsets else ''}",
+        "model": f"{chosen.get('model') or name(cfg.get('model'))}{settings(cfg.get('model'), ('num_classes',))}",
+        "loss": f"{chosen.get('loss') or name(cfg.get('loss'))}{settings(cfg.get('loss'))}",
+    }
 
 
 def _external_header(run_dir: Path, n_bins: int) -> list[str]:

@@ -40,7 +40,7 @@ from calibrun import UserError
 from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
 from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
 from calibrun.data import DeviceLoader, Split
-from calibrun.evaluate import build_calibrators, calibrate_and_report, group_choices
+from calibrun.evaluate import build_calibrators, calibrate_and_report, describe_components, group_choices
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
@@ -550,11 +550,11 @@ def draw_training_curves(run_dir: Path, history: list[dict], cfg: DictConfig) ->
     table = pd.DataFrame(history)
     selected = int(table.loc[table["val_acc"].idxmax(), "epoch"]) if cfg.trainer.select == Select.best_val \
         else int(table["epoch"].iloc[-1])
-    chosen = group_choices(run_dir)
-    names = ", ".join(f"{key}={chosen.get(key) or str(cfg[key]._target_).rsplit('.', 1)[-1]}"
-                      for key in ("data", "model", "loss"))
-    training_curves(table, run_dir / "figures" / "training_curves.png",
-                    title=f"{run_dir.name}: {names}, seed {cfg.seed}", selected_epoch=selected)
+    # The same words as metrics.md's header, so that figure and table name one model.
+    described = describe_components(OmegaConf.to_container(cfg, resolve=True), group_choices(run_dir))
+    title = (f"{run_dir.name}: data={described['data']}, loss={described['loss']}, seed {cfg.seed}\n"
+             f"model={described['model']}")
+    training_curves(table, run_dir / "figures" / "training_curves.png", title=title, selected_epoch=selected)
 
 
 def save_logits(path: Path, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:

@@ -39,6 +39,22 @@ def test_without_the_option_no_events_are_written(run_cli, tmp_path):
     assert not (run_dir / "tensorboard").exists() and (run_dir / "figures" / "training_curves.png").is_file()
 
 
+def test_the_figure_names_the_model_and_loss_as_the_table_does(compose_cfg, tmp_path, monkeypatch):
+    """A preset's depth=8 ResNet is not called ResNet-110 in the figure while the table
+    says depth=8: both read one description."""
+    from calibrun import train
+
+    titles = []
+    monkeypatch.setattr(train, "training_curves", lambda *args, title, **kwargs: titles.append(title))
+    train.run(compose_cfg([*FAST, "trainer.epochs=1", "loss=gap_cap", "loss.lam=3", "calibrator=[temperature]"]),
+              tmp_path / "run")
+    header = (tmp_path / "run" / "metrics.md").read_text().splitlines()
+    model = next(line for line in header if line.startswith("- Model: ")).removeprefix("- Model: ")
+    loss = next(line for line in header if line.startswith("- Loss: ")).removeprefix("- Loss: ")
+    assert "depth=8" in model and "lam=3" in loss
+    assert f"model={model}" in titles[0] and f"loss={loss}" in titles[0]
+
+
 def row(epoch: int, value: float) -> dict:
     return {"epoch": epoch, **{column: value for column in TAGS}}
 

@@ -56,23 +56,37 @@ def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
     logits, labels = _read_pt(path) if path.suffix == ".pt" else _read_npz(path)
     if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
         raise UserError(f"{path}: 'logits' must be a finite float N×K array, got {logits.dtype} {logits.shape}.")
-    if labels.shape != (len(logits),) or not np.issubdtype(labels.dtype, np.integer) or (
-            len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1])):
-        raise UserError(f"{path}: 'labels' must be {len(logits)} integers in 0..{logits.shape[1] - 1}, "
-                        f"got {labels.dtype} {labels.shape}.")
+    _check_labels(path, labels, *logits.shape)
     if looks_like_probabilities(logits):
         raise UserError(f"{path}: 'logits' look like probabilities (every row in [0, 1], summing to 1); "
                         "save the logits, or np.log of the probabilities.")
     return logits, labels
 
 
+def _check_labels(path: Path, labels: np.ndarray, n: int, classes: int) -> None:
+    """Labels that index the logits' rows and classes; the message says which part is off."""
+    wanted = f"'labels' must be {n} integers in 0..{classes - 1} (one per row of 'logits')"
+    if labels.shape != (n,):
+        raise UserError(f"{path}: {wanted}; they have shape {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: {wanted}; they are {labels.dtype}.")
+    if n and (labels.min() < 0 or labels.max() >= classes):
+        raise UserError(f"{path}: {wanted}; they run from {labels.min()} to {labels.max()}.")
+
+
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    how = "np.savez(path, logits=z, labels=y)"
     if path.is_file() and not zipfile.is_zipfile(path):
-        raise UserError(f"Cannot read logits from {path}: not an .npz archive (damaged, or another file).")
+        single = " holds one array (.npy)" if path.suffix == ".npy" else " is not an .npz archive (damaged, or another file)"
+        raise UserError(f"Cannot read logits from {path}: it{single}; save logits and labels together: {how}.")
     try:
         with np.load(path, allow_pickle=False) as f:
+            missing = [key for key in ("logits", "labels") if key not in f.files]
+            if missing:
+                raise UserError(f"{path} holds {', '.join(map(repr, f.files)) or 'no arrays'}; it lacks "
+                                f"{', '.join(map(repr, missing))} ({how}).")
             return f["logits"], f["labels"]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a "
                         "logits file (an .npz with 'logits' and 'labels' arrays).") from None
 

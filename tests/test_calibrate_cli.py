@@ -239,9 +239,12 @@ def write_logits(path, logits, labels):
 @pytest.mark.parametrize("case, message", [
     ("probabilities", "probabilities"),
     ("classes", "classes"),
-    ("labels", "'labels' must be"),
+    ("labels", "'labels' must be 50 integers in 0..2 (one per row of 'logits'); they run from 3 to 5"),
+    ("float_labels", "they are float64"),
     ("missing", "No such file"),
     ("pt_keys", "lacks 'labels'"),
+    ("npz_keys", "holds 'logits', 'targets'; it lacks 'labels' (np.savez(path, logits=z, labels=y))"),
+    ("npy", "holds one array (.npy); save logits and labels together"),
     ("not_empty", "is not empty"),
     ("again", "already holds the results of these logits"),
     ("half", "--val, --test and --out go together"),
@@ -260,8 +263,16 @@ def test_external_logits_mistakes_are_one_line_errors(tmp_path, case, message):
         test = write_logits(tmp_path / "t4.npz", rng.standard_normal((50, 4)), y)
     elif case == "labels":
         val = write_logits(tmp_path / "bad.npz", z, y + 3)
+    elif case == "float_labels":
+        val = write_logits(tmp_path / "f.npz", z, y.astype(float))
     elif case == "missing":
         val = str(tmp_path / "nowhere.npz")
+    elif case == "npz_keys":
+        np.savez(tmp_path / "k.npz", logits=z, targets=y)
+        val = str(tmp_path / "k.npz")
+    elif case == "npy":
+        np.save(tmp_path / "z.npy", z)
+        val = str(tmp_path / "z.npy")
     elif case == "pt_keys":
         torch.save({"logits": torch.zeros(3, 3)}, tmp_path / "v.pt")
         val = str(tmp_path / "v.pt")

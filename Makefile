@@ -24,6 +24,8 @@ BENCH_ARGS ?=
 # λ of gap and gap_cap in reproduce-table1: 10 is the paper's number read on calibrun's
 # batch-mean cross-entropy; 0.078 (10/128) the reading of a cross-entropy summed over the batch.
 LAM ?= 10
+# The value ARGS gives a key (the last one wins, as in Hydra); empty when it gives none.
+arg_value = $(lastword $(patsubst $(1)=%,%,$(filter $(1)=%,$(ARGS))))
 seeds_or = $(shell seq -s, 0 $$(($(or $(SEEDS),$(1)) - 1)))
 seed_list = $(call seeds_or,1)
 epochs_arg = $(if $(EPOCHS),trainer.epochs=$(EPOCHS))
@@ -68,7 +70,7 @@ bench: install ## images/s of the device data pipeline against torchvision's Dat
 	$(BIN)/python benchmarks/bench_data.py $(if $(DATA_ROOT),--root $(DATA_ROOT) --format $(or $(DATA_FORMAT),torchvision))
 
 # Table 1's table caption: the network (ARGS="model=resnet110" swaps it) and the reading of λ.
-table1_model = $(or $(lastword $(patsubst model=%,%,$(filter model=%,$(ARGS)))),gapcap_net)
+table1_model = $(or $(call arg_value,model),gapcap_net)
 lam_reading_10 = the mean-CE reading (the paper's λ = 10 on calibrun's batch-mean cross-entropy)
 lam_reading_0.078 = the summed-CE reading (the paper's λ = 10 on a cross-entropy summed over a batch of 128, 10/128 here)
 table1_network = $(strip model=$(table1_model) $(filter model.%,$(ARGS)))
@@ -87,9 +89,15 @@ reproduce-table1: install ## gap+cap Table 1: CE, CE+gap, capped CE+gap (λ=LAM,
 		--paper table1 --table-metrics accuracy,ece,mce --grid-name figure3.png --caption "$(table1_caption)" \
 		&& exit $$status
 
-pacs_caption = ImageNet-pretrained ResNet-18, trainer=jigen (lr 0.004 as in the NTS paper), JiGen's \
-	validation split (data.split=jigen, 10% of each source domain), the weights of the best validation \
-	epoch$(if $(DATA), on data=$(DATA))$(if $(ARGS),; extra overrides: $(ARGS)).
+# The PACS captions say what ran: TRAINER replaces the protocol's trainer=jigen (and its
+# best-validation-epoch weights), ARGS="model.pretrained=false" its pretrained weights.
+comma := ,
+scratch = $(filter false False,$(call arg_value,model.pretrained))
+pacs_trainer = $(if $(TRAINER),trainer=$(TRAINER) in place of the protocol's trainer=jigen,trainer=jigen \
+	(lr 0.004 as in the NTS paper)$(comma) the weights of the best validation epoch)
+pacs_caption = $(if $(scratch),ResNet-18 trained from scratch (model.pretrained=false),ImageNet-pretrained \
+	ResNet-18), $(pacs_trainer), JiGen's validation split \
+	(data.split=jigen, 10% of each source domain)$(if $(DATA), on data=$(DATA))$(if $(ARGS),; extra overrides: $(ARGS)).
 reproduce-pacs: install ## PACS: 4 targets x {ce, nts λ=0.5, nts λ=1} x SEEDS (default 5) -> outputs/tables/pacs.md
 	$(BIN)/calibrun -m experiment=pacs_ce data.target=art_painting,cartoon,photo,sketch seed=$(call seeds_or,5) \
 		$(pacs_args) $(epochs_arg) trainer.progress=false run_name=pacs $(ARGS); ce=$$?; \
@@ -99,10 +107,12 @@ reproduce-pacs: install ## PACS: 4 targets x {ce, nts λ=0.5, nts λ=1} x SEEDS 
 		--paper pacs --pivot data.target --table-metrics accuracy,ece --grid-name pacs_reliability.png \
 		--caption "$(pacs_caption)" && exit $$((ce | status))
 
-pacs_vit_caption = PACS with timm's ViT-S/16 (experiment=pacs_vit: ImageNet-21k pretrained, 224 px) beside \
-	ResNet-18 (pacs_ce, pacs_nts: the runs of make reproduce-pacs, where present), all on JiGen's protocol \
-	(trainer=jigen, data.split=jigen, best validation epoch)$(if $(DATA), on data=$(DATA))$(if $(ARGS),; extra \
-	overrides of the ViT runs: $(ARGS)). Minderer et al. 2021 found ViTs better calibrated than CNNs.
+vit_name = $(or $(call arg_value,model.name),ViT-S/16)
+pacs_vit_caption = PACS with timm's $(vit_name) (experiment=pacs_vit: $(if $(scratch),trained from scratch,ImageNet-21k pretrained), \
+	$(or $(call arg_value,data.image_size),224) px) beside ResNet-18 (pacs_ce, pacs_nts: the runs of make \
+	reproduce-pacs, where present), with $(pacs_trainer) and JiGen's validation split (data.split=jigen)$(if \
+	$(DATA), on data=$(DATA))$(if $(ARGS),; extra overrides of the ViT runs: $(ARGS)). Minderer et al. 2021 \
+	found ViTs better calibrated than CNNs.
 pacs-vit: install ## PACS with a ViT-S/16 (timm) in place of ResNet-18, beside reproduce-pacs's runs -> outputs/tables/pacs_vit.md
 	$(BIN)/calibrun -m experiment=pacs_vit data.target=art_painting,cartoon,photo,sketch seed=$(call seeds_or,5) \
 		$(pacs_args) $(epochs_arg) trainer.progress=false run_name=pacs $(ARGS); status=$$?; \
@@ -111,7 +121,7 @@ pacs-vit: install ## PACS with a ViT-S/16 (timm) in place of ResNet-18, beside r
 		--caption "$(pacs_vit_caption)" && exit $$status
 
 # Müller et al. 2019 Table 3's caption: the network (ARGS="model.depth=8" shrinks it) and the data actually used.
-ls_depth = $(or $(lastword $(patsubst model.depth=%,%,$(filter model.depth=%,$(ARGS)))),56)
+ls_depth = $(or $(call arg_value,model.depth),56)
 ls_caption = Müller et al. 2019 (When does label smoothing help?), Table 3 setting: CIFAR ResNet-$(ls_depth) \
 	(model=resnet110 model.depth=$(ls_depth)) on data=$(or $(DATA),cifar100); cross-entropy against label \
 	smoothing α = 0.05 with Müller's α/K on every class (loss.spread=all); 15 equal-width ECE bins; T fitted on \

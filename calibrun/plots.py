@@ -134,8 +134,10 @@ def _grid_figure(panels: list[Panel], ncols: int) -> Figure:
         raise ValueError(f"ncols={ncols} must be at least 1")
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
+    # Constrained layout sizes each gap for what sits in it, so a histogram stays close to
+    # its diagram while a row's titles get room (tight_layout makes every gap the widest).
     fig, axes = plt.subplots(2 * nrows, ncols, figsize=(4.4 * ncols, 6.0 * nrows), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1] * nrows})
+                             gridspec_kw={"height_ratios": [3, 1] * nrows}, layout="constrained")
     handles = []
     for i in range(nrows * ncols):
         top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
@@ -147,8 +149,7 @@ def _grid_figure(panels: list[Panel], ncols: int) -> Figure:
         else:
             fig.delaxes(top)
             fig.delaxes(bottom)
-    fig.legend(handles=handles, loc="lower center", ncol=min(3, ncols + 1), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, ncols + 1), fontsize=8, frameon=False)
     return fig
 
 

@@ -83,7 +83,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             missing = [key for key in ("logits", "labels") if key not in f.files]
             if missing:
-                raise UserError(f"{path} holds {', '.join(map(repr, f.files)) or 'no arrays'}; it lacks "
+                held = ", ".join(map(repr, f.files)) or "no arrays"
+                raise UserError(f"Cannot read logits from {path}: it holds {held} and lacks "
                                 f"{', '.join(map(repr, missing))} ({how}).")
             return f["logits"], f["labels"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:

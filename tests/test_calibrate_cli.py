@@ -243,7 +243,7 @@ def write_logits(path, logits, labels):
     ("float_labels", "they are float64"),
     ("missing", "No such file"),
     ("pt_keys", "lacks 'labels'"),
-    ("npz_keys", "holds 'logits', 'targets'; it lacks 'labels' (np.savez(path, logits=z, labels=y))"),
+    ("npz_keys", "it holds 'logits', 'targets' and lacks 'labels' (np.savez(path, logits=z, labels=y))"),
     ("npy", "holds one array (.npy); save logits and labels together"),
     ("not_empty", "is not empty"),
     ("again", "already holds the results of these logits"),

@@ -163,10 +163,15 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def _group_options(group: str, roots: list[Path]) -> list[str]:
+    """The options of config group ``group``: its YAML files in any of the config ``roots``."""
+    return sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
+
+
 def _option_problem(group: str, values: list[object], roots: list[Path]) -> str | None:
     """An option of config group ``group`` that has no YAML file in any of the config
     ``roots``, with the options they have."""
-    options = sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
+    options = _group_options(group, roots)
     for value in values:
         for option in value if isinstance(value, list) else [value]:
             if str(option) not in options and option is not None and str(option) != "null":
@@ -251,7 +256,7 @@ def _owners_hint(key: str, roots: list[Path], overrides: list[str]) -> str:
     beside the default ``loss=ce``): the options that have it, composed as the run would
     be. Called inside an initialised Hydra config folder."""
     group = key.split(".")[0]
-    options = sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
+    options = _group_options(group, roots)
     others = [o for o in overrides if o.split("=")[0] != group]
     owners = []
     for option in options:

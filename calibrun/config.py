@@ -95,6 +95,8 @@ class TrainerConfig:
 @dataclasses.dataclass
 class MetricsConfig:
     n_bins: int = MISSING
+    # Absent from runs made before it existed; calibrun.metrics.DEFAULT_COLLAPSE_MARGIN then.
+    collapse_margin: float = 0.25
 
 
 def _schema_type(hint: Any) -> Any:
@@ -206,6 +208,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_trainer(merged.trainer)
     if merged.metrics.n_bins < 1:
         raise UserError(f"metrics.n_bins must be at least 1, got {merged.metrics.n_bins}.")
+    if not 0 <= merged.metrics.collapse_margin < 1:
+        raise UserError(f"metrics.collapse_margin must be in [0, 1), got {merged.metrics.collapse_margin}.")
     return merged
 
 

@@ -31,10 +31,11 @@ from calibrun import UserError
 from calibrun._io import atomic_open, atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated, looks_like_probabilities
 from calibrun.config import build_component, first_line, validate
-from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate
+from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, evaluate
 from calibrun.plots import confidence_histogram, reliability_with_histogram
 
-METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n"]
+# collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold).
+METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
 # One JSON object per calibrun-calibrate call, appended in the run folder.
 CALIBRATION_LOG = "calibrations.jsonl"
@@ -115,17 +116,28 @@ def _read_pt(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array(saved["logits"]), array(saved["labels"])
 
 
-def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15) -> pd.DataFrame:
+def metric_settings(cfg: DictConfig) -> dict[str, float]:
+    """The ``metrics.*`` settings :func:`calibrate_and_report` takes, from a run's config (a
+    run made before ``metrics.collapse_margin`` existed gets its default)."""
+    return {"n_bins": cfg.metrics.n_bins,
+            "collapse_margin": OmegaConf.select(cfg, "metrics.collapse_margin", default=DEFAULT_COLLAPSE_MARGIN)}
+
+
+def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15,
+                         collapse_margin: float = DEFAULT_COLLAPSE_MARGIN) -> pd.DataFrame:
     """Fit each calibrator on the val logits, evaluate on val and test, write the tables
     and the fitted parameters (``calibrators.json``).
 
     ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
     calibrators are in-sample; the test rows are the ones to compare. Rows, bins and
     parameters of calibrators already in the run folder but not given here are kept, so
-    a refit of a subset (``calibrun-calibrate``) does not erase the others. Returns the table.
+    a refit of a subset (``calibrun-calibrate``) does not erase the others. A row whose
+    accuracy is below :func:`~calibrun.metrics.collapse_threshold` is marked ``collapsed``
+    and metrics.md says so above the table. Returns the table.
     """
     splits = {split: load_logits(run_dir / "logits" / f"{split}.npz") for split in ("val", "test")}
     rows, bins, params = [], [], {}
+    threshold = collapse_threshold(splits["test"][0].shape[1], collapse_margin)
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
         started = time.perf_counter()
         params[name] = calibrator.fit(*splits["val"]).params()
@@ -133,11 +145,12 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
         for split, (z, y) in splits.items():
             probs = calibrator.predict_proba(z)
             scores = evaluate(probs, y, n_bins)
-            rows.append({"split": split, "calibrator": name, **scores})
+            rows.append({"split": split, "calibrator": name, **scores, "collapsed": scores["accuracy"] < threshold})
             if split == "test":
                 bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scores, n_bins))
     table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
-    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]), n_bins)
+    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]), n_bins,
+                     (threshold, collapse_margin))
     write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
     return table
 
@@ -268,13 +281,31 @@ def group_choices(run_dir: Path) -> dict:
     return choices if isinstance(choices, dict) else {}
 
 
-def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15) -> None:
-    """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings) and
+def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15,
+                     collapse: tuple[float, float] | None = None) -> None:
+    """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings, and a
+    warning when the model collapsed below ``collapse`` = (threshold, margin)) and
     ``bins.csv``, each written atomically."""
     atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
     markdown = table.to_markdown(index=False, floatfmt=".4f")
-    atomic_write_text(run_dir / "metrics.md", "\n".join([*run_header(run_dir, n_bins), markdown]) + "\n")
+    atomic_write_text(run_dir / "metrics.md", "\n".join([*run_header(run_dir, n_bins), *collapse_warning(table, collapse),
+                                                          markdown]) + "\n")
     atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
+
+
+def collapse_warning(table: pd.DataFrame, collapse: tuple[float, float] | None) -> list[str]:
+    """Lines for metrics.md when the uncalibrated model's test accuracy is below
+    ``collapse`` = (threshold, margin) (none otherwise): its calibration numbers describe a
+    model that learnt next to nothing."""
+    if collapse is None:
+        return []
+    rows = table[(table["split"] == "test") & (table["calibrator"] == "none") & table["collapsed"].fillna(False).astype(bool)]
+    if not len(rows):
+        return []
+    threshold, margin = collapse
+    return [f"**Collapsed run: test accuracy {rows['accuracy'].iloc[0]:.4f} is below {threshold:.4f}, chance plus "
+            f"metrics.collapse_margin={margin:g} of the way from chance to 1. This model learnt next to nothing; "
+            "its calibration numbers are not a result.**", ""]
 
 
 # --------------------------------------------------------------------------- calibrun-calibrate
@@ -324,7 +355,7 @@ def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd
     metrics = _read_run_table(run_dir / "metrics.csv")
     in_table = [] if metrics is None else [c for c in metrics["calibrator"].unique() if c != "none"]
     cfg = refit_config(run_cfg, overrides, in_table, conf_dir)
-    table = calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), cfg.metrics.n_bins)
+    table = calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), **metric_settings(cfg))
     _record_refit(run_dir, run_cfg, cfg, overrides)
     return table, list(cfg.calibrator)
 
@@ -449,7 +480,7 @@ def calibrate_external(val: Path, test: Path, out: Path, overrides: list[str], c
                "metrics": OmegaConf.to_container(cfg.metrics)}
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_cfg)))
     atomic_write_text(out / EXTERNAL_SOURCE, json.dumps(source, indent=2) + "\n")
-    table = calibrate_and_report(out, build_calibrators(cfg.calibrator), cfg.metrics.n_bins)
+    table = calibrate_and_report(out, build_calibrators(cfg.calibrator), **metric_settings(cfg))
     atomic_write_text(out / "status.json", json.dumps({"state": "done", "epoch": None, "error": None}, indent=2))
     atomic_write_text(out / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return table, list(cfg.calibrator)

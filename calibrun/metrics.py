@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calibrun import UserError
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 # Rows of a probability matrix sum to 1 up to float32 rounding; a larger deviation
@@ -254,6 +256,24 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
     "brier": lambda p, y, n_bins: brier(p, y),
 }
 METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
+
+
+# A model counts as collapsed below chance plus this share of the way from chance to a
+# perfect accuracy (metrics.collapse_margin): ten classes give 0.1 + 0.25 × 0.9 = 0.325.
+DEFAULT_COLLAPSE_MARGIN = 0.25
+
+
+def collapse_threshold(num_classes: int, margin: float = DEFAULT_COLLAPSE_MARGIN) -> float:
+    """The accuracy below which a K-class model has collapsed: 1/K + margin·(1 − 1/K).
+
+    A model that recovers less than ``margin`` of the distance from guessing to perfect
+    has learnt too little for its calibration to mean anything (a confidence near 1/K
+    at an accuracy near 1/K is "calibrated" without being a result).
+    """
+    if not 0 <= margin < 1:
+        raise UserError(f"metrics.collapse_margin must be in [0, 1), got {margin}")
+    chance = 1.0 / num_classes
+    return chance + margin * (1.0 - chance)
 
 
 def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, float | int]:

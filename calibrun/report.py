@@ -200,6 +200,8 @@ def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     out = grouped[[*METRIC_NAMES, *param_columns(metrics)]].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out.insert(0, "n", grouped.size())
+    if "collapsed" in metrics:  # runs evaluated before the flag existed count as not collapsed
+        out.insert(1, "collapsed", grouped["collapsed"].agg(lambda flags: int(flags.fillna(False).astype(bool).sum())))
     return out.reset_index()
 
 
@@ -218,6 +220,8 @@ def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: 
     shown[keys] = shown[keys].map(lambda v: "–" if pd.isna(v) else as_written(v))
     if "paper_label" in summary:  # the paper's name for the row (papers/<name>.csv, column label)
         shown.insert(0, "row", summary["paper_label"].fillna(""))
+    if "collapsed" in summary and summary["collapsed"].any():
+        shown["collapsed"] = [f"{k} of {n}" if k else "" for k, n in zip(summary["collapsed"], summary["n"])]
     for metric in metrics:
         shown[metric] = [_mean_std(m, s, n) for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
         if paper is not None and f"paper_{metric}" in summary:
@@ -429,11 +433,23 @@ def report_body(runs: pd.DataFrame, keys: list[str], summary: pd.DataFrame, show
         lines += [block for metric in shown for block in (pivot_markdown(summary, keys, pivot, metric, reference), "")]
     elif len(summary):
         lines += [markdown(summary, keys, shown, reference), ""]
+    lines += collapsed_section(summary)
     unfinished = runs[runs["state"] != "done"]
     if len(unfinished):
         lines += [f"## Runs not finished ({len(unfinished)})", "",
                   unfinished[["run", "state", "error"]].fillna("").to_markdown(index=False), ""]
     return lines
+
+
+def collapsed_section(summary: pd.DataFrame) -> list[str]:
+    """A warning under the table when some runs' accuracy collapsed (metrics.collapse_margin):
+    their rows average models that learnt next to nothing and must not be read as results."""
+    if "collapsed" not in summary or not summary["collapsed"].any():
+        return []
+    return ["## Collapsed runs", "",
+            f"{int(summary['collapsed'].sum())} row(s) of runs whose test accuracy fell below chance plus "
+            "metrics.collapse_margin of the way to 1 (column collapsed: how many of the row's n runs). "
+            "Those models learnt next to nothing: their calibration numbers are not results.", ""]
 
 
 # --------------------------------------------------------------------------- shift and OOD

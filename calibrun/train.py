@@ -40,7 +40,8 @@ from calibrun import UserError
 from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
 from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
 from calibrun.data import DeviceLoader, Split
-from calibrun.evaluate import build_calibrators, calibrate_and_report, describe_components, group_choices
+from calibrun.evaluate import (build_calibrators, calibrate_and_report, describe_components, group_choices,
+                               metric_settings)
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
@@ -536,7 +537,7 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     for split, loader in tr.eval_loaders.items():
         logits, labels = predict(tr.forward, loader)
         save_logits(run_dir / "logits" / f"{split}.npz", logits, labels, splits[split].index)
-    table = calibrate_and_report(run_dir, calibrators, cfg.metrics.n_bins)
+    table = calibrate_and_report(run_dir, calibrators, **metric_settings(cfg))
     test_loader = tr.eval_loaders["test"]
     evaluate_beyond_test(run_dir, cfg, Predictor(tr.forward, test_loader.transform, test_loader.device,
                                                  cfg.trainer.eval_batch_size, test_loader.channels_last))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from calibrun import UserError
 from calibrun.data import CIFAR, PACS, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
+from calibrun.data.packed import main as pack_main
 
 
 def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
@@ -89,6 +90,14 @@ def test_eval_transform_normalises_with_dataset_statistics():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
 
 
+def test_augment_false_trains_on_the_images_as_they_are():
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    plain = CIFAR(augment=False)
+    torch.testing.assert_close(plain.train_transform(images, torch.Generator().manual_seed(0)), plain.eval_transform(images))
+    augmented = CIFAR().train_transform(images, torch.Generator().manual_seed(0))
+    assert not torch.equal(augmented, plain.eval_transform(images))
+
+
 def test_folder_format_reads_the_cifar_sample_and_caches_decoded_images(tmp_path):
     data = CIFAR(root=str(CIFAR_SAMPLE), format="folder", val_size=500, train_subset=300, test_subset=100,
                  cache_dir=str(tmp_path / "cache"))
@@ -111,6 +120,36 @@ def _image_folder(root: Path, bad: bool = False) -> None:
                 Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(d / f"{i}.png")
     if bad:
         (root / "train" / "a" / "broken.jpg").write_bytes(b"not an image")
+
+
+def test_packed_format_gives_the_folders_images_bit_for_bit_through_a_cache(tmp_path):
+    """calibrun-pack copies the JPEG bytes unchanged, so data.format=packed decodes to
+    exactly what data.format=folder decodes, and a second load reads the cache."""
+    pack = tmp_path / "cifar10-sample.npz"
+    assert pack_main([str(CIFAR_SAMPLE), str(pack)]) == 0
+    encoded = sum(p.stat().st_size for p in CIFAR_SAMPLE.rglob("*.jpg"))
+    assert encoded < pack.stat().st_size < encoded + 200_000  # the bytes as they are, plus small arrays
+    folder = CIFAR(root=str(CIFAR_SAMPLE), format="folder", val_size=500, cache_dir=str(tmp_path / "a")).splits()
+    packed_data = CIFAR(root=str(pack), format="packed", val_size=500)
+    packed = packed_data.splits()
+    for split in ("train", "val", "test"):
+        assert torch.equal(folder[split].images, packed[split].images)
+        assert torch.equal(folder[split].labels, packed[split].labels)
+    assert packed_data.classes == sorted(p.name for p in (CIFAR_SAMPLE / "train").iterdir())
+    assert len(list((tmp_path / ".calibrun_cache").glob("packed-*.pt"))) == 1  # beside the pack
+    assert torch.equal(packed_data.splits()["test"].images, packed["test"].images)
+
+
+@pytest.mark.parametrize("content, message", [(None, "is not a file"), (b"not a zip", "Cannot read packed"),
+                                              ("arrays", "not a packed dataset")])
+def test_a_missing_or_foreign_packed_file_is_one_line(tmp_path, content, message):
+    pack = tmp_path / "p.npz"
+    if content == "arrays":
+        np.savez(pack, labels=np.zeros(3))
+    elif content is not None:
+        pack.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        CIFAR(root=str(pack), format="packed").splits()
 
 
 def test_unreadable_image_names_the_file(tmp_path):

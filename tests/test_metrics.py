@@ -6,9 +6,10 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from calibrun import metrics
+from calibrun import UserError, metrics
 from calibrun.metrics import (
     accuracy,
+    collapse_threshold,
     adaptive_ece,
     bin_stats,
     brier,
@@ -242,3 +243,11 @@ def test_bin_stats_table_shape_and_consistency_with_ece() -> None:
     assert ((filled["conf"] > filled["lo"]) & (filled["conf"] <= filled["hi"])).all()
     table_ece = float((filled["count"] / 1000 * (filled["acc"] - filled["conf"]).abs()).sum())
     assert table_ece == pytest.approx(ece(probs, labels, n_bins=n_bins), abs=1e-12)
+
+
+def test_collapse_threshold_is_chance_plus_a_share_of_the_way_to_one():
+    assert collapse_threshold(10) == pytest.approx(0.1 + 0.25 * 0.9)
+    assert collapse_threshold(4, 0.5) == pytest.approx(0.25 + 0.5 * 0.75)
+    assert collapse_threshold(100, 0.0) == pytest.approx(0.01)
+    with pytest.raises(UserError, match="collapse_margin"):
+        collapse_threshold(10, 1.0)

@@ -381,3 +381,35 @@ def test_a_setting_is_named_shared_only_when_every_run_has_it(tmp_path):
                                                                                  [], None, None))
     runs.loc[1, "data"] = "synthetic"
     assert "Same for all runs: data=synthetic" in report_body(runs, ["model"], pd.DataFrame(), [], None, None)
+
+
+def test_a_collapsed_run_is_flagged_in_its_metrics_and_in_the_report(run_cli, tmp_path):
+    """λ = 1000 on the bundled CIFAR-10 sample drowns the cross-entropy: the model stays at
+    chance, and both its metrics.md and calibrun-report say it is not a result; a model that
+    learnt (CE on the synthetic set) is not flagged."""
+    quick = ["model=resnet110", "model.depth=8", "trainer=quick", "trainer.epochs=1", "trainer.batch_size=64",
+             "trainer.progress=false", "calibrator=[temperature]", "run_name=flag"]
+    broken = run_cli(["-m", "data=cifar10_sample", "data.train_subset=1000", "data.test_subset=500",
+                      "loss=gap_cap", "loss.lam=1000", *quick])
+    assert broken.returncode == 0, broken.stderr[-2000:]
+    learnt = run_cli(["-m", "data=synthetic", "loss=ce", *quick, "trainer.epochs=2"])
+    assert learnt.returncode == 0, learnt.stderr[-2000:]
+    runs = {p.parent.name: p.parent for p in (tmp_path / "outputs" / "multirun" / "flag").glob("*/DONE")}
+    collapsed, fine = (next(run for name, run in runs.items() if key in name) for key in ("cifar10_sample", "synthetic"))
+
+    table = pd.read_csv(collapsed / "metrics.csv")
+    none_test = table[(table.split == "test") & (table.calibrator == "none")].iloc[0]
+    assert none_test["accuracy"] < 0.325 and bool(none_test["collapsed"])  # 0.1 + 0.25 × 0.9 for ten classes
+    assert "**Collapsed run: test accuracy" in (collapsed / "metrics.md").read_text()
+    assert "below 0.3250" in (collapsed / "metrics.md").read_text()
+    assert not pd.read_csv(fine / "metrics.csv")["collapsed"].any()
+    assert "Collapsed" not in (fine / "metrics.md").read_text()
+
+    out = tmp_path / "report"
+    result = report_cli([str(tmp_path / "outputs" / "multirun" / "flag"), "--out", str(out), "--calibrators", "none"],
+                        tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "## Collapsed runs" in report and "| 1 of 1 " in report
+    summary = pd.read_csv(out / "report.csv")
+    assert sorted(summary["collapsed"]) == [0, 1]

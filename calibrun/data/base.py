@@ -44,12 +44,20 @@ class ImageDataset(ABC):
 
 
 class CropFlipDataset(ImageDataset):
-    """Small images trained with pad-and-crop plus horizontal flip, evaluated as they are."""
+    """Small images trained with pad-and-crop plus horizontal flip, evaluated as they are.
+
+    ``augment = False`` trains on the images as they are (normalised only): the setting
+    of a model left to overfit, which is what makes cross-entropy overconfident quickly.
+    """
 
     crop_pad: int = 4
+    augment: bool = True
 
     def train_transform(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Zero-pad by ``crop_pad``, random crop back to size, flip half, normalise."""
+        """Zero-pad by ``crop_pad``, random crop back to size, flip half, normalise
+        (only normalise when ``augment`` is false)."""
+        if not self.augment:
+            return self.normalize(images)
         return self.normalize(random_crop_flip(images, self.crop_pad, generator))
 
     def eval_transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from filelock import FileLock
 from calibrun import UserError
 from calibrun.data.base import CropFlipDataset
 from calibrun.data.decode import cached_decode, default_cache_dir, list_images
+from calibrun.data.packed import load_packed
 from calibrun.data.splits import Split, make_splits
 
 
@@ -21,6 +22,9 @@ class CIFAR(CropFlipDataset):
     ``cifar-10-batches-py`` / ``cifar-100-python`` under ``root``. ``format="folder"``
     reads ``root/train/<class>/*`` and ``root/test/<class>/*``; its decoded images are
     cached as one uint8 tensor file under ``cache_dir`` (default ``root/.calibrun_cache``).
+    ``format="packed"`` reads such a folder packed into the one file ``root``
+    (:mod:`calibrun.data.packed`), cached beside it.
+    ``augment=False`` drops the pad-and-crop and flip of the training images.
 
     References: Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images".
     """
@@ -41,22 +45,26 @@ class CIFAR(CropFlipDataset):
         train_subset: int | None = None,
         test_subset: int | None = None,
         cache_dir: str | None = None,
+        augment: bool = True,
     ) -> None:
         expected = {"cifar10": 10, "cifar100": 100}
         if name not in expected:
             raise UserError(f"data.name={name!r} is not a CIFAR variant; allowed: cifar10, cifar100.")
-        if format not in ("torchvision", "folder"):
-            raise UserError(f"data.format={format!r} is not supported; allowed: torchvision, folder.")
+        if format not in ("torchvision", "folder", "packed"):
+            raise UserError(f"data.format={format!r} is not supported; allowed: torchvision, folder, packed.")
         if format == "torchvision" and num_classes != expected[name]:
             raise UserError(f"data.num_classes={num_classes} but {name} has {expected[name]} classes.")
         self.name, self.num_classes, self.root, self.format = name, num_classes, Path(root), format
         self.download, self.val_size, self.split_seed = download, val_size, split_seed
         self.train_subset, self.test_subset = train_subset, test_subset
-        self.cache_dir = default_cache_dir(self.root, cache_dir)
+        # A packed file's cache sits beside it, as a folder's sits inside the folder.
+        self.cache_dir = default_cache_dir(self.root.parent if format == "packed" else self.root, cache_dir)
+        self.augment = augment
 
     def splits(self) -> dict[str, Split]:
         """A stratified val hold-out of the training set, the official test set, and the subsets."""
-        loaded = self._load_torchvision() if self.format == "torchvision" else self._load_folder()
+        load = {"torchvision": self._load_torchvision, "folder": self._load_folder, "packed": self._load_packed}
+        loaded = load[self.format]()
         return make_splits(*loaded, self.val_size, self.split_seed, self.train_subset, self.test_subset)
 
     def _load_torchvision(self) -> tuple[torch.Tensor, ...]:
@@ -95,6 +103,12 @@ class CIFAR(CropFlipDataset):
             f"Images in class folders work too: data.format=folder with "
             f"data.root/train/<class>/* and data.root/test/<class>/*."
         )
+
+    def _load_packed(self) -> tuple[torch.Tensor, ...]:
+        """(train images, train labels, test images, test labels) of the packed file
+        ``root`` (:mod:`calibrun.data.packed`), decoded once into the decode cache."""
+        self.classes, loaded = load_packed(self.root, self.cache_dir, self.num_classes)
+        return loaded
 
     def _load_folder(self) -> tuple[torch.Tensor, ...]:
         """(train images, train labels, test images, test labels) of ``root/{train,test}/<class>/*``;

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,15 +105,22 @@ def cached_decode(
 ) -> tuple[torch.Tensor, ...]:
     """Decode every image once (resized to size×size if given); later runs load one
     tensor file. Returns (images, labels) for each entry of ``files``, in order.
-
-    Runs sharing the folder serialise on a file lock; a cache folder that cannot be
-    written only costs the cache, never the run.
     """
-    cache_file = cache_dir / cache_file_name(files, size, prefix)
 
     def decode() -> tuple[torch.Tensor, ...]:
         return tuple(t for split, entries in files.items() for t in decode_all(entries, f"decode {split}", size))
 
+    return cached_tensors(cache_dir / cache_file_name(files, size, prefix), len(files), decode)
+
+
+def cached_tensors(cache_file: Path, n_parts: int, decode: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """``decode()``'s ``n_parts`` (images, labels) pairs, read from ``cache_file`` when it
+    holds them, else decoded and saved there for the next run.
+
+    Runs sharing the file serialise on a file lock; a cache folder that cannot be
+    written only costs the cache, never the run.
+    """
+    cache_dir = cache_file.parent
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(cache_file) + ".lock")
@@ -123,7 +130,7 @@ def cached_decode(
         return decode()
     try:
         if cache_file.exists():
-            cached = _read_cache(cache_file, len(files))
+            cached = _read_cache(cache_file, n_parts)
             if cached is not None:
                 return cached
         tensors = decode()

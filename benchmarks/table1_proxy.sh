@@ -16,7 +16,7 @@ mkdir -p outputs/logs
 # Two queues, one core each; the readings most in question first.
 ( run experiment=table1_ce data.augment=false
   run experiment=table1_gap_cap loss.lam=0.078 data.augment=false
-  run experiment=table1_gap loss.lam=10 loss.warmup_epochs=4 data.augment=false ) &
+  run experiment=table1_gap loss.lam=0.078 data.augment=false ) &
 ( run experiment=table1_gap_cap loss.lam=10 data.augment=false
   run experiment=table1_gap_cap loss.lam=10 loss.warmup_epochs=4 data.augment=false
   run experiment=table1_ce ) &

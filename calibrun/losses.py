@@ -100,15 +100,31 @@ class GapLoss(PenalizedLoss):
     gradient there). The batch accuracy is a constant: the gap's gradient flows
     through the mean confidence only.
 
+    ``lam_reading`` names what the paper's λ weighs the gap against, which its text leaves
+    open: ``mean_ce`` (λ times the gap beside the batch-mean cross-entropy, the formula as
+    calibrun writes it) or ``summed_ce`` (beside a cross-entropy summed over the batch: the
+    same objective divided by the batch size B, so calibrun keeps the mean and weighs the
+    gap by λ/B, and the learning rate keeps its meaning). README "Reproducing Table 1"
+    gives the measurements that chose ``summed_ce`` for the Table 1 presets.
+
     References: the gap+cap paper reproduced by ``make reproduce-table1`` (its Table 1:
     CE, CE + gap, capped CE + gap, λ = 10); docs/design.md §4, rows ``gap`` and ``gap_cap``.
     """
 
-    def __init__(self, lam: float = 10.0, cap: float | None = None, warmup_epochs: int = 0) -> None:
+    READINGS = ("mean_ce", "summed_ce")
+
+    def __init__(self, lam: float = 10.0, cap: float | None = None, warmup_epochs: int = 0,
+                 lam_reading: str = "mean_ce") -> None:
         super().__init__(lam, warmup_epochs)
         if cap is not None and not 0 < cap <= 1:
             raise ValueError(f"loss.cap must be in (0, 1] or null, got {cap}")
-        self.cap = cap
+        if lam_reading not in self.READINGS:
+            raise UserError(f"loss.lam_reading={lam_reading!r} is not a reading of λ; allowed: {', '.join(self.READINGS)}.")
+        self.cap, self.lam_reading = cap, lam_reading
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lam = self.current_lam / len(targets) if self.lam_reading == "summed_ce" else self.current_lam
+        return self.base(logits, targets) + lam * self.penalty(logits, targets)
 
     def base(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         nll = F.cross_entropy(logits, targets, reduction="none")

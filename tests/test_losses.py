@@ -341,3 +341,18 @@ def test_something_that_is_not_a_module_is_refused_as_a_loss():
 
     with pytest.raises(UserError, match="not a torch.nn.Module"):
         as_loss(lambda logits, targets: 0.0)
+
+
+@pytest.mark.parametrize("cap", [None, 0.5])
+def test_summed_ce_reading_weighs_the_gap_by_lambda_over_the_batch_size(cap):
+    """λ = 10 read against a summed cross-entropy is the mean-CE objective with λ/B."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    summed = GapLoss(lam=10, cap=cap, lam_reading="summed_ce")(logits, targets)
+    assert summed == pytest.approx(GapLoss(lam=10 / 32, cap=cap)(logits, targets).item(), rel=1e-6)
+    assert summed != pytest.approx(GapLoss(lam=10, cap=cap)(logits, targets).item(), rel=1e-3)
+
+
+def test_an_unknown_lambda_reading_is_refused():
+    with pytest.raises(UserError, match="lam_reading"):
+        GapLoss(lam_reading="sum")

@@ -318,13 +318,27 @@ def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str,
     """One panel per group: the bins of its runs pooled over seeds (counts add up)."""
     panels = []
     chosen = metrics[metrics["calibrator"] == calibrator]
-    for group, rows in chosen.groupby(keys, dropna=False, sort=False) if keys else [((), chosen)]:
+    groups = list(chosen.groupby(keys, dropna=False, sort=False)) if keys else [((), chosen)]
+    values = [group if isinstance(group, tuple) else (group,) for group, _ in groups]
+    for title, (_, rows) in zip(distinct_labels(keys, values, paper), groups):
         bins = pd.concat([_read_bins(Path(r) / "bins.csv") for r in rows["run"]])
         pooled, _, _ = pool_bins(bins[bins["calibrator"] == calibrator])
-        title = group_label(keys, group if isinstance(group, tuple) else (group,), paper) or calibrator
-        title = "\n".join(textwrap.wrap(title, 45))
+        title = "\n".join(textwrap.wrap(title or calibrator, 45))
         panels.append((title, pooled, rows["ece"].mean(), rows["mce"].mean()))
     return panels
+
+
+def distinct_labels(keys: list[str], values: list[tuple], paper: pd.DataFrame | None) -> list[str]:
+    """:func:`group_label` of each group; groups that share a paper row's name (two λ
+    readings of capped CE + gap) get the settings that tell them apart after it."""
+    labels = [group_label(keys, v, paper) for v in values]
+    for label in {x for x in labels if labels.count(x) > 1}:
+        same = [i for i, x in enumerate(labels) if x == label]
+        differ = [j for j, _ in enumerate(keys) if len({str(values[i][j]) for i in same}) > 1]
+        for i in same:
+            extra = ", ".join(f"{keys[j]}={as_written(values[i][j])}" for j in differ if not pd.isna(values[i][j]))
+            labels[i] = f"{label}: {extra}" if extra else label
+    return labels
 
 
 def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curve]:

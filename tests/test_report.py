@@ -413,3 +413,11 @@ def test_a_collapsed_run_is_flagged_in_its_metrics_and_in_the_report(run_cli, tm
     assert "## Collapsed runs" in report and "| 1 of 1 " in report
     summary = pd.read_csv(out / "report.csv")
     assert sorted(summary["collapsed"]) == [0, 1]
+
+
+def test_groups_sharing_a_paper_row_name_get_the_settings_that_tell_them_apart():
+    from calibrun.report import distinct_labels, load_paper
+    keys = ["loss", "loss.lam", "loss.warmup_epochs"]
+    values = [("ce", np.nan, np.nan), ("gap_cap", 10.0, 0), ("gap_cap", 10.0, 4), ("gap", 10.0, 0)]
+    assert distinct_labels(keys, values, load_paper("table1")) == [
+        "CE", "capped CE + gap: loss.warmup_epochs=0", "capped CE + gap: loss.warmup_epochs=4", "CE + gap"]

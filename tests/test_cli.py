@@ -11,7 +11,7 @@ from conftest import CIFAR_SAMPLE, FAST, REPO, only_run_dir
 
 from calibrun.metrics import evaluate
 
-METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
+METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n", "collapsed"]
 CALIBRATORS = ["none", "temperature", "vector", "matrix", "platt", "histogram", "isotonic"]
 RUN_FILES = [
     ".hydra/config.yaml", "config.yaml", "calibrun.log", "env.json", "status.json", "checkpoints/last.pt",

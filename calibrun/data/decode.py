@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,19 +68,24 @@ def decode_all(files: LabelledFiles, desc: str, size: int | None = None) -> tupl
     (after resizing to ``size``); ``desc`` labels the progress bar and errors."""
     if not files:
         raise UserError(f"No images to decode ({desc}).")
+    arrays = (decode_image(path, size) for path, _ in files)
+    images = fill_images(arrays, len(files), desc, lambda i: str(files[i][0]))
+    return images, torch.tensor([label for _, label in files], dtype=torch.long)
+
+
+def fill_images(arrays: Iterable[np.ndarray], n: int, desc: str, name: Callable[[int], str]) -> torch.Tensor:
+    """The ``n`` decoded H×W×3 ``arrays`` as one uint8 N×3×H×W tensor, with a progress bar
+    labelled ``desc``; ``name(i)`` names image i when the sizes disagree."""
     # Filled in place rather than stacked, so a large set (PACS: 1.5 GB) is held once.
     images: torch.Tensor | None = None
-    for i, (path, _) in enumerate(tqdm(files, desc=desc, unit="img", leave=False, disable=None)):
-        array = decode_image(path, size)
+    for i, array in enumerate(tqdm(arrays, total=n, desc=desc, unit="img", leave=False, disable=None)):
         if images is None:
-            images = torch.empty((len(files), 3, *array.shape[:2]), dtype=torch.uint8)
+            images = torch.empty((n, 3, *array.shape[:2]), dtype=torch.uint8)
         elif array.shape[:2] != images.shape[2:]:
-            raise UserError(
-                f"Images must all have one size: {files[0][0]} is {tuple(images.shape[2:])}, "
-                f"{path} is {array.shape[:2]}."
-            )
+            raise UserError(f"Images must all have one size: {name(0)} is {tuple(images.shape[2:])}, "
+                            f"{name(i)} is {array.shape[:2]}.")
         images[i] = torch.from_numpy(array).permute(2, 0, 1)
-    return images, torch.tensor([label for _, label in files], dtype=torch.long)
+    return images
 
 
 def cache_file_name(files: dict[str, LabelledFiles], size: int | None, prefix: str) -> str:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from calibrun import UserError
 from calibrun._io import atomic_open
-from calibrun.data.decode import cached_tensors, list_images
+from calibrun.data.decode import cached_tensors, fill_images, list_images
 
 SPLITS = ("train", "test")
 ARRAYS = ("encoded", "offsets", "labels", "splits", "classes")
@@ -59,17 +59,18 @@ def pack_folder(root: Path, out: Path) -> dict[str, int]:
     return {split: int((arrays["splits"] == i).sum()) for i, split in enumerate(SPLITS)}
 
 
-def read_packed(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a packed file, checked; a one-line UserError for anything else."""
+def read_packed(path: Path, names: tuple[str, ...] = ARRAYS) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of a packed file (all checked to be there, lengths checked when
+    read); a one-line UserError for anything else."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in ARRAYS if name in npz.files}
+            missing = [name for name in ARRAYS if name not in npz.files]
+            arrays = {name: npz[name] for name in names if name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise UserError(f"Cannot read packed dataset {path}: {str(err).splitlines()[0]}. Make it with "
                         "calibrun-pack ROOT OUT.npz.") from None
-    missing = [name for name in ARRAYS if name not in arrays]
     n = len(arrays.get("labels", []))
-    if missing or len(arrays["offsets"]) != n + 1 or len(arrays["splits"]) != n:
+    if missing or ("offsets" in arrays and (len(arrays["offsets"]) != n + 1 or len(arrays["splits"]) != n)):
         raise UserError(f"{path} is not a packed dataset ({'lacks ' + ', '.join(missing) if missing else 'its arrays disagree in length'}); "
                         "make it with calibrun-pack ROOT OUT.npz.")
     return arrays
@@ -82,15 +83,9 @@ def decode_packed(arrays: dict[str, np.ndarray], path: Path) -> tuple[torch.Tens
         chosen = np.flatnonzero(arrays["splits"] == index)
         if not len(chosen):
             raise UserError(f"{path} holds no {split} images.")
-        images = None
-        for row, i in enumerate(tqdm(chosen, desc=f"decode {split}", unit="img", leave=False, disable=None)):
-            array = _decode_bytes(arrays["encoded"][arrays["offsets"][i]:arrays["offsets"][i + 1]], path, i)
-            if images is None:
-                images = torch.empty((len(chosen), 3, *array.shape[:2]), dtype=torch.uint8)
-            elif array.shape[:2] != images.shape[2:]:
-                raise UserError(f"Images in {path} must all have one size: image {i} is {array.shape[:2]}, "
-                                f"the first is {tuple(images.shape[2:])}.")
-            images[row] = torch.from_numpy(array).permute(2, 0, 1)
+        decoded = (_decode_bytes(arrays["encoded"][arrays["offsets"][i]:arrays["offsets"][i + 1]], path, i)
+                   for i in chosen)
+        images = fill_images(decoded, len(chosen), f"decode {split}", lambda row: f"image {chosen[row]} of {path}")
         out += [images, torch.from_numpy(arrays["labels"][chosen].copy())]
     return tuple(out)
 
@@ -110,14 +105,14 @@ def load_packed(path: Path, cache_dir: Path, num_classes: int) -> tuple[list[str
     if not path.is_file():
         raise UserError(f"data.format=packed expects data.root to be a packed file (.npz); {path.resolve()} "
                         "is not a file. Make one with calibrun-pack ROOT OUT.npz.")
-    arrays = read_packed(path)
-    classes = [str(c) for c in arrays["classes"]]
+    classes = [str(c) for c in read_packed(path, ("classes",))["classes"]]
     if len(classes) != num_classes:
         raise UserError(f"{path} holds {len(classes)} classes but data.num_classes={num_classes}.")
     st = path.stat()
     digest = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cache_file = cache_dir / f"packed-{digest}.pt"
-    return classes, cached_tensors(cache_file, len(SPLITS), lambda: decode_packed(arrays, path))
+    # The image bytes are read only when the cache must be built.
+    return classes, cached_tensors(cache_file, len(SPLITS), lambda: decode_packed(read_packed(path), path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,10 +218,8 @@ def check_overrides(argv: list[str], conf: Path) -> str | None:
     Options and keys from folders added with ``--config-dir`` or ``hydra.searchpath`` count."""
     if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
         return None
-    dir_values = {argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in CONFIG_DIR_FLAGS}
-    texts = [a for a in argv if "=" in a and not a.startswith("-") and a not in dir_values]
     try:
-        overrides = OverridesParser.create().parse_overrides(texts)
+        overrides = OverridesParser.create().parse_overrides(_override_texts(argv))
     except HydraException:
         return None  # a syntax error: Hydra's message says where
     added = _added_config_dirs(argv, overrides)
@@ -278,13 +276,92 @@ def _first_value(override: object) -> str:
     return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
 
-def main() -> None:
-    """Entry point of the ``calibrun`` console script: unknown keys and options are caught
-    here with the allowed ones and a suggestion, before Hydra's own, terser, message."""
+# Flags after which Hydra answers a question (help, completion, its own info) instead of
+# running: the config checks below must not stand in their way.
+QUERY_FLAGS = ("-h", "--help", "--hydra-help", "-sc", "--shell-completion", "-i", "--info")
+# Flags that print the composed config: unknown keys are still caught, values are not judged.
+PRINT_FLAGS = ("-c", "--cfg", "-p", "--package", "--resolve")
+
+
+def _override_texts(argv: list[str]) -> list[str]:
+    """The overrides of a command line: ``key=value`` words that are not a flag's value."""
+    flag_values = {argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in (*CONFIG_DIR_FLAGS, *OTHER_CONFIG_FLAGS)}
+    return [a for a in argv if "=" in a and not a.startswith("-") and a not in flag_values]
+
+
+def _value_variants(overrides: list) -> list[list[str]]:
+    """Override lists to compose, so that every value of every swept key is composed once
+    (the other swept keys at their first value): a sweep's bad value stops the command
+    before its first job, not in the middle of the sweep."""
+    plain = [o for o in overrides if not o.key_or_group.startswith("hydra") or o.key_or_group == "hydra.searchpath"]
+
+    def text(override: object, value: str | None = None) -> str:
+        if value is None and not override.is_sweep_override():
+            return override.input_line
+        value = value if value is not None else next(iter(override.sweep_string_iterator()))
+        return f"{override.get_key_element()}={value}"
+
+    first = [text(o) for o in plain]
+    variants = [first]
+    for i, override in enumerate(plain):
+        if override.is_sweep_override():
+            variants += [[*first[:i], text(override, v), *first[i + 1:]] for v in list(override.sweep_string_iterator())[1:]]
+    return variants
+
+
+def check_values(argv: list[str], conf: Path) -> str | None:
+    """The first config the schemas reject (a wrong type, a value out of range, an added
+    key no component takes), composed as the run would be: one line before any folder is
+    made, instead of an error logged from inside a new run folder."""
+    from calibrun.config import validate
+
+    if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
+        return None
     try:
-        problem = check_overrides(sys.argv[1:], Path(config_dir()))
-    except (HydraException, OmegaConfBaseException):
-        problem = None  # whatever else is wrong, Hydra reports it
+        overrides = OverridesParser.create().parse_overrides(_override_texts(argv))
+    except HydraException:
+        return None  # a syntax error: Hydra's message says where
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for variant in _value_variants(overrides):
+            try:
+                validate(compose(config_name="config", overrides=variant))
+            except UserError as err:
+                return str(err)
+    return None
+
+
+def version_line() -> str:
+    """``calibrun --version``: calibrun's version and those of what it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from calibrun import __version__
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"calibrun {__version__} (Python {sys.version.split()[0]}, torch {of('torch')}, "
+            f"torchvision {of('torchvision')}, hydra-core {of('hydra-core')})")
+
+
+def main() -> None:
+    """Entry point of the ``calibrun`` console script: unknown keys and options, and values
+    the schemas reject, are caught here with the allowed ones and a suggestion, before
+    Hydra makes a run folder."""
+    argv = sys.argv[1:]
+    if "--version" in argv:
+        print(version_line())
+        return
+    problem = None
+    if not any(arg.split("=")[0] in QUERY_FLAGS for arg in argv):
+        try:
+            problem = check_overrides(argv, Path(config_dir()))
+            if problem is None and not any(arg.split("=")[0] in PRINT_FLAGS for arg in argv):
+                problem = check_values(argv, Path(config_dir()))
+        except (HydraException, OmegaConfBaseException):
+            problem = None  # whatever else is wrong, Hydra reports it
     if problem:
         print(f"calibrun: {problem}", file=sys.stderr)
         sys.exit(1)

@@ -8,6 +8,7 @@ import difflib
 import errno
 import inspect
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -91,10 +92,10 @@ def _calibrun(cfg: DictConfig) -> dict | None:
                 cfg.trainer.device = spread_device(hydra_cfg.job.num, torch.cuda.device_count())
         return train.run(cfg, run_dir, snapshot=lambda: save_hydra_snapshot(run_dir, cfg))
     except train.Interrupted as err:
-        log.error("%s", err)
+        log.error("%s Resume with: %s", err, resume_command(sys.argv[1:], cfg.run_name))
         sys.exit(128 + err.signum)  # the shell's code for "killed by this signal"; also ends a sweep
     except KeyboardInterrupt:
-        log.error("Interrupted by SIGINT. Run the same command again to resume.")
+        log.error("Interrupted by SIGINT. Resume with: %s", resume_command(sys.argv[1:], cfg.run_name))
         sys.exit(130)
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
@@ -118,6 +119,13 @@ def _calibrun(cfg: DictConfig) -> dict | None:
     # A failed job of a sweep: the sweep goes on, and calibrun.sweep.SweepSummary lists it
     # at the end (its status.json says why) and sets the exit status.
     return None
+
+
+def resume_command(argv: list[str], run_name: str) -> str:
+    """The command that continues this run or sweep: the same arguments with its run_name
+    fixed, since the default run_name is a timestamp that a new command would renew."""
+    kept = [arg for arg in argv if not arg.startswith("run_name=")]
+    return shlex.join(["calibrun", *kept, f"run_name={run_name}"])
 
 
 def spread_device(job_num: int, gpus: int) -> str:

@@ -323,7 +323,7 @@ class SignalFlag:
         if callable(handler):
             handler(self.received, None)
         saved = "a checkpoint was saved" if self.defer else "nothing needed saving at this point"
-        raise Interrupted(f"Interrupted by {name}; {saved}. Run the same command again to resume.", self.received)
+        raise Interrupted(f"Interrupted by {name}; {saved}, and the run can be resumed.", self.received)
 
 
 @dataclasses.dataclass

@@ -38,6 +38,8 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(run_cli, tm
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143, as if killed by the signal
     assert "Interrupted by SIGTERM" in err and "Interrupted" not in out and "Traceback" not in out + err
+    # The command to resume with fixes the run_name (the default one is a timestamp).
+    assert "Resume with: calibrun " in err and "run_name=cut" in err
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and "resume" in status["error"]
     assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "DONE").exists()

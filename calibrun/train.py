@@ -62,6 +62,14 @@ def write_status(run_dir: Path, state: str, epoch: int | None = None, error: str
     atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "epoch": epoch, "error": error}, indent=2))
 
 
+def _finished_epochs(run_dir: Path) -> int | None:
+    """The ``epoch`` status.json last recorded (None if it records none or is unreadable)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _git_commit() -> str | None:
     for where in (Path(calibrun.__file__).parent, Path.cwd()):
         try:
@@ -464,7 +472,9 @@ def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = No
         except BaseException as err:
             interrupted = interrupt.received is not None or isinstance(err, KeyboardInterrupt)
             message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            write_status(run_dir, "interrupted" if interrupted else "failed", error=message)
+            # The epochs finished before the stop stay on record: a resume starts after them.
+            write_status(run_dir, "interrupted" if interrupted else "failed", epoch=_finished_epochs(run_dir),
+                         error=message)
             raise
         atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return result

@@ -42,6 +42,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(run_cli, tm
     assert "Resume with: calibrun " in err and "run_name=cut" in err
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and "resume" in status["error"]
+    assert status["epoch"] >= 1  # the first epoch was in history.csv before the signal
     assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "DONE").exists()
 
     resumed = run_cli([*ARGS, "run_name=cut"])

@@ -44,12 +44,20 @@ help: ## list the targets
 install: $(BIN)/.installed ## create .venv and install calibrun with its [dev] extra
 
 # No pip cache: torch's CUDA wheels alone are several GB, and a second copy in the cache
-# has filled a CI machine's disk.
+# has filled a CI machine's disk. TORCH_INDEX=cpu installs torch's CPU-only build first
+# (README "Install"), any other value is taken as the index URL to install torch from.
+TORCH_INDEX ?=
+torch_index_url = $(if $(filter cpu,$(TORCH_INDEX)),https://download.pytorch.org/whl/cpu,$(TORCH_INDEX))
+# torch's and torchvision's ranges, as pyproject.toml declares them.
+torch_reqs = $(shell grep -oE '"torch(vision)?[<>=!~][^"]*"' pyproject.toml)
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
-	$(BIN)/pip install --quiet --no-cache-dir -e '.[dev]'
+	@echo "Installing torch$(if $(TORCH_INDEX), from $(torch_index_url), the default CUDA build: about 3 GB to download and 6 GB on disk; TORCH_INDEX=cpu for the CPU-only build). This takes minutes; pip's progress follows."
+	$(if $(TORCH_INDEX),$(BIN)/pip install --no-cache-dir --progress-bar on --index-url $(torch_index_url) $(torch_reqs))
+	$(BIN)/pip install --no-cache-dir --progress-bar on -e '.[dev]'
 	touch $@
+	@echo "Installed. In a new shell, run 'source $(VENV)/bin/activate' to put calibrun on the PATH (or call $(BIN)/calibrun)."
 
 test: install ## the offline CPU test suite (skips `slow` and `gpu` tests)
 	$(BIN)/python -m pytest -q

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-import torch
-
 # The name atomic_open gives its temporary file: .<name>.<pid>.<8 hex>.tmp
 _TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
 
@@ -44,6 +42,9 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def atomic_torch_save(obj: object, path: Path | str) -> None:
+    """``torch.save`` through :func:`atomic_open`."""
+    import torch  # here, so that the command line's config check does not load torch
+
     with atomic_open(path) as fh:
         torch.save(obj, fh)
 

@@ -163,11 +163,31 @@ def validate(cfg: DictConfig) -> DictConfig:
     """Resolve ``cfg`` and check it against the schemas; raise UserError naming the key.
 
     Runs before any work: an unknown key, a wrong type or a missing value stops the run.
+    The keys calibrun defines itself are checked first: their mistakes need no import of
+    the components' modules (and torch), so the command line answers them in a second.
     """
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise UserError(f"Config cannot be resolved: {first_line(err)} (key: {getattr(err, 'full_key', '?')}).") from None
+    own = _merge_checked(_config_schema(raw, components=False), raw)
+    _check_trainer(own.trainer)
+    if own.metrics.n_bins < 1:
+        raise UserError(f"metrics.n_bins must be at least 1, got {own.metrics.n_bins}.")
+    if not 0 <= own.metrics.collapse_margin < 1:
+        raise UserError(f"metrics.collapse_margin must be in [0, 1), got {own.metrics.collapse_margin}.")
+    return _merge_checked(_config_schema(raw, components=True), raw)
+
+
+def _config_schema(raw: dict, components: bool) -> type:
+    """The schema of the whole config; with ``components=False`` the components' sections
+    are left unchecked (Any), so that none of their modules is imported."""
+
+    def section(key: str, node: Any) -> tuple[str, Any, Any]:
+        if components and node is not None:
+            return _schema_field(key, node, key)
+        return key, Any, dataclasses.field(default=None)
+
     calibrators = raw.get("calibrator") or {}
     flat = [name for name, node in calibrators.items() if not isinstance(node, dict)]
     if flat:
@@ -176,22 +196,24 @@ def validate(cfg: DictConfig) -> DictConfig:
                         "with the settings below it (conf/calibrator/temperature.yaml: 'temperature:' then "
                         "'  _target_: ...'), so that several can be chosen at once.")
     calibrator_schema = dataclasses.make_dataclass(
-        "calibrator_schema",
-        [_schema_field(name, node, f"calibrator.{name}") for name, node in calibrators.items()],
-    )
-    schema = dataclasses.make_dataclass(
+        "calibrator_schema", [section(name, node) for name, node in calibrators.items()])
+    return dataclasses.make_dataclass(
         "calibrun_config",
         [
             ("seed", int, dataclasses.field(default=MISSING)),
             ("run_name", str, dataclasses.field(default=MISSING)),
             ("metrics", MetricsConfig, dataclasses.field(default_factory=MetricsConfig)),
-            *(_schema_field(key, raw.get(key), key) for key in COMPONENTS),
-            *(_schema_field(key, raw[key], key) if raw.get(key) is not None else (key, Any, dataclasses.field(default=None))
-              for key in OPTIONAL_COMPONENTS),
+            *(section(key, raw.get(key) or {}) for key in COMPONENTS),
+            *(section(key, raw.get(key)) for key in OPTIONAL_COMPONENTS),
             ("calibrator", calibrator_schema, dataclasses.field(default_factory=calibrator_schema)),
             ("trainer", TrainerConfig, dataclasses.field(default_factory=TrainerConfig)),
         ],
     )
+
+
+def _merge_checked(schema: type, raw: dict) -> DictConfig:
+    """``raw`` merged onto ``schema``, its mistakes (an unknown key, a wrong type, a missing
+    value) raised as one UserError naming the key."""
     base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, raw)
@@ -205,11 +227,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise UserError(f"Invalid value for '{err.full_key}': {first_line(err)}") from None
     if missing:
         raise UserError(f"Config values are missing for: {', '.join(missing)}.")
-    _check_trainer(merged.trainer)
-    if merged.metrics.n_bins < 1:
-        raise UserError(f"metrics.n_bins must be at least 1, got {merged.metrics.n_bins}.")
-    if not 0 <= merged.metrics.collapse_margin < 1:
-        raise UserError(f"metrics.collapse_margin must be in [0, 1), got {merged.metrics.collapse_margin}.")
     return merged
 
 

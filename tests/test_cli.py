@@ -109,6 +109,16 @@ def test_bad_config_is_one_line_before_any_folder(run_cli_process, tmp_path, arg
     assert not (tmp_path / "outputs").exists()
 
 
+def test_calibruns_own_keys_are_checked_without_loading_torch(tmp_path):
+    """A mistake in the trainer's or the top level's keys is answered before torch (1.5 s
+    of a quiet machine's import, several seconds of a loaded one) or any component loads."""
+    script = ("import sys\nfrom calibrun.cli import main\nsys.argv = ['calibrun', 'trainer.lr=-1']\n"
+              "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr[-2000:]
+    assert proc.stderr.startswith("calibrun: Invalid value trainer.lr=-1.0")
+
+
 def test_shell_completion_installs_and_answers(tmp_path):
     """``eval "$(calibrun -sc install=bash)"`` (what --hydra-help advertises) and the query
     the installed completion makes: Hydra's own flags are not read as overrides."""
@@ -127,6 +137,20 @@ def test_version_is_calibruns(run_cli):
 
     proc = run_cli(["--version"])
     assert proc.returncode == 0 and proc.stdout.startswith(f"calibrun {__version__} (Python "), proc.stdout
+
+
+def test_help_is_calibruns_and_names_every_command_and_group(run_cli):
+    """``calibrun --help`` opens with calibrun's summary (not "powered by Hydra"), shows
+    the demo, names every console script pyproject.toml installs and lists every group."""
+    import tomllib
+
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0 and proc.stdout.startswith("calibrun: train an image classifier"), proc.stdout
+    assert "calibrun experiment=demo" in proc.stdout
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert [name for name in scripts if f"\n  {name} " not in proc.stdout] == []
+    groups = [d.name for d in (REPO / "conf").iterdir() if d.is_dir() and d.name != "hydra"]
+    assert [g for g in groups if f"\n{g}: " not in proc.stdout] == []
 
 
 def test_installed_package_finds_its_config_and_samples_from_any_directory(tmp_path):

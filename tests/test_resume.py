@@ -4,12 +4,14 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,30 +27,37 @@ ARGS = [*FAST, "trainer.epochs=4", "trainer.deterministic=true", "trainer.batch_
 
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(run_cli, tmp_path):
     assert run_cli([*ARGS, "run_name=straight"]).returncode == 0
-    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "calibrun", *ARGS, "run_name=cut"], cwd=tmp_path,
+    # Started without run_name: its folder is named by a timestamp.
+    proc = subprocess.Popen([sys.executable, "-m", "calibrun", *ARGS], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    history = run_dir / "history.csv"
+    runs = tmp_path / "outputs" / "runs" / "synthetic" / "ce"
     deadline = time.time() + 300
-    while not (history.exists() and len(history.read_text().splitlines()) >= 2):
+    def interrupted_history() -> list[Path]:
+        return [h for h in runs.glob("*/history.csv") if h.parent.name != "straight"]
+
+    while not any(len(h.read_text().splitlines()) >= 2 for h in interrupted_history()):
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143, as if killed by the signal
     assert "Interrupted by SIGTERM" in err and "Interrupted" not in out and "Traceback" not in out + err
+    (history,) = interrupted_history()
+    run_dir = history.parent
     # The command to resume with fixes the run_name (the default one is a timestamp).
-    assert "Resume with: calibrun " in err and "run_name=cut" in err
+    (printed,) = [line.split("Resume with: ", 1)[1] for line in err.splitlines() if "Resume with: " in line]
+    resume_argv = shlex.split(printed)
+    assert resume_argv[0] == "calibrun" and f"run_name={run_dir.name}" in resume_argv
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and "resume" in status["error"]
     assert status["epoch"] >= 1  # the first epoch was in history.csv before the signal
     assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "DONE").exists()
 
-    resumed = run_cli([*ARGS, "run_name=cut"])
+    resumed = run_cli(resume_argv[1:])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
-    straight = tmp_path / "outputs" / "runs" / "synthetic" / "ce" / "straight"
+    straight = runs / "straight"
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))
     cut_hist, straight_hist = pd.read_csv(history), pd.read_csv(straight / "history.csv")
     cols = ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ece"]

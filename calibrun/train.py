@@ -39,6 +39,7 @@ import calibrun
 from calibrun import UserError
 from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
 from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
+from calibrun.duration import DurationEstimate, run_eta
 from calibrun.data import DeviceLoader, Split
 from calibrun.evaluate import (build_calibrators, calibrate_and_report, describe_components, group_choices,
                                metric_settings)
@@ -363,7 +364,8 @@ def optimizer_step(tr: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     return loss, logits
 
 
-def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalFlag, bar_desc: str | None) -> dict:
+def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalFlag, bar_desc: str | None,
+                estimate: DurationEstimate) -> dict:
     """One pass over the training split, continuing ``progress.partial`` if the epoch was
     interrupted before. On SIGTERM/SIGUSR1 it checkpoints mid-epoch and stops the run.
     Returns the epoch's loss and accuracy, images seen and start time."""
@@ -385,6 +387,7 @@ def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalF
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
+        estimate.batch_done()
         if not batches.disable and step % 20 == 0:
             batches.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)  # one sync per 20 steps
         if batches.disable and time.monotonic() - last_line >= HEARTBEAT_S:
@@ -412,24 +415,23 @@ def validation_scores(tr: Training, n_bins: int) -> dict:
     return {"val_acc": accuracy(probs, labels), "val_ece": ece(probs, labels, n_bins)}
 
 
-def _run_eta(history: list[dict], epochs_left: int) -> str:
-    """`` (run ETA 12:34)`` from the mean time of the epochs done so far, or nothing yet."""
-    if not history:
-        return ""
-    minutes, seconds = divmod(int(epochs_left * sum(h["seconds"] for h in history) / len(history)), 60)
-    return f" (run ETA {minutes}:{seconds:02d})"
-
-
 def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> None:
     """Train from ``progress`` to the last epoch: validate, record and checkpoint each."""
     t = cfg.trainer
+    per_epoch = len(tr.train_loader)
+    device = tr.train_loader.device
+    estimate = DurationEstimate(
+        batches_left=(t.epochs - progress.epoch) * per_epoch - (progress.partial or {}).get("step", 0),
+        batches_per_epoch=per_epoch,
+        synchronize=lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
     with SignalFlag(defer=True) as interrupt, EpochBoard(run_dir, t.tensorboard, progress.epoch) as board:
         for epoch in range(progress.epoch, t.epochs):
-            bar_desc = f"epoch {epoch + 1}/{t.epochs}{_run_eta(progress.history, t.epochs - epoch)}" if t.progress else None
-            result = train_epoch(tr, epoch, progress, interrupt, bar_desc)
+            bar_desc = f"epoch {epoch + 1}/{t.epochs}{run_eta(progress.history, t.epochs - epoch)}" if t.progress else None
+            result = train_epoch(tr, epoch, progress, interrupt, bar_desc, estimate)
             row = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": result["train_loss"],
                    "train_acc": result["train_acc"], **validation_scores(tr, cfg.metrics.n_bins)}
             seconds = time.perf_counter() - result["started"]
+            estimate.epoch_done(seconds, t.epochs - epoch - 1)
             row.update(seconds=round(seconds, 3), images_per_s=round(result["seen"] / seconds, 1))
             tr.best.offer(tr.model, epoch + 1, row["val_acc"], progress.history)
             progress.history.append(row)

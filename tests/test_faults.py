@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 from conftest import FAST
 
-from calibrun import UserError, train
+from calibrun import UserError, duration, train
 from calibrun.runfolder import RunLock
 
 RUN = [*FAST, "calibrator=[temperature]"]
@@ -246,5 +247,38 @@ def test_without_a_progress_bar_the_log_shows_progress_and_each_calibrator(compo
 
 def test_the_progress_bar_names_the_time_left_for_the_whole_run():
     # Two epochs done in 30 s and 32 s on average 31 s; 10 left: 310 s.
-    assert train._run_eta([{"seconds": 30.0}, {"seconds": 32.0}], 10) == " (run ETA 5:10)"
-    assert train._run_eta([], 3) == ""
+    assert duration.run_eta([{"seconds": 30.0}, {"seconds": 32.0}], 10) == " (run ETA 5:10)"
+    assert duration.run_eta([], 3) == ""
+
+
+def test_the_expected_duration_comes_from_the_batches_after_the_warm_up(monkeypatch, caplog):
+    # A clock that advances 1 s per batch after a slow first one (warm-up). The two
+    # warm-up batches are left out; 10 s of timed batches: 1 s per batch. 100 batches
+    # in all, 12 done: 88 s for the 8.8 epochs of 10 batches left.
+    now = [0.0]
+    monkeypatch.setattr(duration.time, "perf_counter", lambda: now[0])
+    synced = []
+    estimate = duration.DurationEstimate(100, 10, synchronize=lambda: synced.append(now[0]))
+    with caplog.at_level(logging.INFO):
+        for batch in range(15):
+            now[0] += 50.0 if batch == 0 else 1.0
+            estimate.batch_done()
+        estimate.epoch_done(30.0, epochs_left=9)  # already reported: not again
+    assert caplog.messages == ["Expected training time: about 88 s more, for 8.8 epoch(s) "
+                               "(1 s per batch over 10 batches; validation adds to it)."]
+    assert synced == [51.0, 61.0]  # the clock is read once the device's queue is done
+
+
+def test_a_run_shorter_than_the_timing_window_estimates_from_its_first_epoch(monkeypatch, caplog):
+    estimate = duration.DurationEstimate(30, 10, synchronize=lambda: None)
+    with caplog.at_level(logging.INFO):
+        estimate.batch_done()
+        estimate.epoch_done(3000.0, epochs_left=2)
+    assert caplog.messages == ["Expected training time: about 1.7 h more, for 2 epoch(s) (the last epoch took 50 min)."]
+
+
+def test_a_run_logs_its_expected_duration(compose_cfg, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(duration, "TIMED_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO):
+        train.run(compose_cfg(RUN), tmp_path / "run")
+    assert "Expected training time: about " in caplog.text and "s per batch over 1 batches" in caplog.text

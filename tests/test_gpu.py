@@ -15,6 +15,7 @@ from test_resume import logits_of, run_interrupted
 from calibrun import train
 from calibrun.config import build_component, validate
 from calibrun.data.augment import jigen_augment
+from calibrun.duration import DurationEstimate
 from calibrun.metrics import accuracy
 
 pytestmark = pytest.mark.gpu
@@ -119,14 +120,17 @@ def sync_warnings_in_an_epoch(compose_cfg, run_dir, train_size: int) -> int:
     cfg = validate(compose_cfg([*CUDA, f"data.train_size={train_size}", "trainer.epochs=2"]))
     tr, _, _ = train.prepare(cfg, run_dir)
     progress = train.Progress()
+    # As in train.fit: the estimate's timing (two synchronisations) ends with the first epoch.
+    estimate = DurationEstimate(2 * len(tr.train_loader), len(tr.train_loader), torch.cuda.synchronize)
     with train.SignalFlag(defer=True) as flag:
-        train.train_epoch(tr, 0, progress, flag, None)
+        train.train_epoch(tr, 0, progress, flag, None, estimate)
+        estimate.epoch_done(0.0, epochs_left=1)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train.train_epoch(tr, 1, progress, flag, None)
+                train.train_epoch(tr, 1, progress, flag, None, estimate)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)

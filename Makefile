@@ -53,7 +53,7 @@ torch_reqs = $(shell grep -oE '"torch(vision)?[<>=!~][^"]*"' pyproject.toml)
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
-	@echo "Installing torch$(if $(TORCH_INDEX), from $(torch_index_url), the default CUDA build: about 3 GB to download and 6 GB on disk; TORCH_INDEX=cpu for the CPU-only build). This takes minutes; pip's progress follows."
+	@echo "Installing calibrun and torch ($(if $(TORCH_INDEX),from $(torch_index_url),the default CUDA build: about 3 GB to download and 6 GB on disk; TORCH_INDEX=cpu for the CPU-only build)). This takes minutes; pip's progress follows."
 	$(if $(TORCH_INDEX),$(BIN)/pip install --no-cache-dir --progress-bar on --index-url $(torch_index_url) $(torch_reqs))
 	$(BIN)/pip install --no-cache-dir --progress-bar on -e '.[dev]'
 	touch $@

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import inspect
 import logging
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,8 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError, samples, sweep
 from calibrun._io import atomic_write_text
-from calibrun.config import first_line
-from calibrun.runfolder import FolderRefused
+from calibrun.config import did_you_mean, first_line, unknown_key_problem
+from calibrun.runfolder import FolderRefused, resume_command
 
 # ${calibrun.sample:cifar10} and ${calibrun.cache:cifar10} locate the image sets bundled
 # with the package and their decode cache (conf/data/*_sample.yaml).
@@ -121,13 +119,6 @@ def _calibrun(cfg: DictConfig) -> dict | None:
     return None
 
 
-def resume_command(argv: list[str], run_name: str) -> str:
-    """The command that continues this run or sweep: the same arguments with its run_name
-    fixed, since the default run_name is a timestamp that a new command would renew."""
-    kept = [arg for arg in argv if not arg.startswith("run_name=")]
-    return shlex.join(["calibrun", *kept, f"run_name={run_name}"])
-
-
 def spread_device(job_num: int, gpus: int) -> str:
     """The GPU of job ``job_num`` of a sweep on a machine with ``gpus`` visible GPUs: jobs
     run side by side (hydra/launcher=joblib) take them in turn instead of all sharing the
@@ -166,11 +157,6 @@ CONFIG_DIR_FLAGS = ("-cd", "--config-dir")
 _ABSENT = object()
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def _group_options(group: str, roots: list[Path]) -> list[str]:
     """The options of config group ``group``: its YAML files in any of the config ``roots``."""
     return sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
@@ -183,24 +169,8 @@ def _option_problem(group: str, values: list[object], roots: list[Path]) -> str 
     for value in values:
         for option in value if isinstance(value, list) else [value]:
             if str(option) not in options and option is not None and str(option) != "null":
-                return (f"{group}={option}: no such option.{_did_you_mean(str(option), options)} "
+                return (f"{group}={option}: no such option.{did_you_mean(str(option), options)} "
                         f"{group} can be: {', '.join(options)}.")
-    return None
-
-
-def _key_problem(key: str, cfg: DictConfig) -> str | None:
-    """A dotted ``key`` that the composed ``cfg`` does not have, with the keys its node has."""
-    node: object = cfg
-    for depth, part in enumerate(key.split(".")):
-        if not isinstance(node, DictConfig):
-            return None  # below a value or a list: Hydra's own checks apply
-        if part not in node:
-            parent = ".".join(key.split(".")[:depth])
-            allowed = sorted(str(k) for k in node.keys() if str(k) != "_target_")
-            where = f" under '{parent}'" if parent else ""
-            return (f"Unknown config key '{key}'.{_did_you_mean(part, allowed)} Allowed keys{where}: "
-                    f"{', '.join(allowed) or 'none'}.")
-        node = node[part]
     return None
 
 
@@ -251,7 +221,7 @@ def check_overrides(argv: list[str], conf: Path) -> str | None:
             if override in groups or override.is_add() or override.is_force_add() or override.is_delete() \
                     or key.startswith("hydra") or override.package is not None:
                 continue
-            problem = _key_problem(key, cfg)
+            problem = unknown_key_problem(key, cfg)
             if problem:
                 return problem + _owners_hint(key, roots, [*search, *first])
     return None
@@ -387,7 +357,7 @@ def calibrate(argv: list[str] | None = None) -> None:
     ``calibrun-calibrate --val VAL --test TEST --out DIR [overrides]``: the same tables,
     figures and fitted calibrators for logits made outside calibrun (.npz or .pt files
     holding 'logits' and 'labels'), in a new run folder DIR that calibrun-report reads."""
-    from calibrun.evaluate import calibrate_external, recalibrate
+    from calibrun.evaluate import calibrate_external, console_table, recalibrate
 
     args = _calibrate_arguments(argv)
     external = args.val is not None
@@ -410,7 +380,7 @@ def calibrate(argv: list[str] | None = None) -> None:
         log.error("Cannot write %s: %s.", err.filename or folder, err.strerror)
         sys.exit(1)
     log.info("%s %s in %s\n%s", "Fitted" if external else "Refitted", ", ".join(["none", *fitted]), folder,
-             table.to_string(index=False))
+             console_table(table))
 
 
 def _calibrate_arguments(argv: list[str] | None) -> argparse.Namespace:

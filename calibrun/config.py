@@ -10,6 +10,7 @@ of its ``_target_``, so a new component needs no schema of its own (docs/design.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import hashlib
 import inspect
@@ -228,6 +229,28 @@ def _merge_checked(schema: type, raw: dict) -> DictConfig:
     if missing:
         raise UserError(f"Config values are missing for: {', '.join(missing)}.")
     return merged
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to a misspelt ``word``, or nothing."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_key_problem(key: str, cfg: DictConfig) -> str | None:
+    """A dotted ``key`` that the composed ``cfg`` does not have, with the keys its node has."""
+    node: object = cfg
+    for depth, part in enumerate(key.split(".")):
+        if not isinstance(node, DictConfig):
+            return None  # below a value or a list: Hydra's own checks apply
+        if part not in node:
+            parent = ".".join(key.split(".")[:depth])
+            allowed = sorted(str(k) for k in node.keys() if str(k) != "_target_")
+            where = f" under '{parent}'" if parent else ""
+            return (f"Unknown config key '{key}'.{did_you_mean(part, allowed)} Allowed keys{where}: "
+                    f"{', '.join(allowed) or 'none'}.")
+        node = node[part]
+    return None
 
 
 def first_line(err: BaseException) -> str:

@@ -37,8 +37,9 @@ def run_eta(history: list[dict], epochs_left: int) -> str:
 
 
 class DurationEstimate:
-    """Logs the expected training time once: from the batches timed after the warm-up,
-    or, if the first epoch ends sooner, from that epoch (validation included).
+    """Logs the expected training time once: from the batches timed after the warm-up
+    in the first epoch, or, if that epoch ends sooner, from the second epoch's time
+    (validation included; the first one's holds the warm-up).
 
     ``synchronize`` waits for the device's queued work (``torch.cuda.synchronize`` on a
     GPU), so that the clock measures computation and not how fast kernels were queued.
@@ -49,12 +50,13 @@ class DurationEstimate:
         self.batches_per_epoch = batches_per_epoch
         self.synchronize = synchronize
         self.batches_seen = 0
+        self.epochs_seen = 0
         self.started: float | None = None
         self.done = False
 
     def batch_done(self) -> None:
         """Called after each training batch."""
-        if self.done:
+        if self.done or self.epochs_seen:
             return
         self.batches_seen += 1
         if self.batches_seen == WARMUP_BATCHES:
@@ -70,9 +72,9 @@ class DurationEstimate:
 
     def epoch_done(self, seconds: float, epochs_left: int) -> None:
         """Called after each epoch with its time, validation included."""
-        if not self.done and epochs_left > 0:
+        self.epochs_seen += 1
+        if not self.done and self.epochs_seen >= 2 and epochs_left > 0:
             self._report(seconds * epochs_left, epochs_left, f"the last epoch took {format_duration(seconds)}")
-        self.done = True
 
     def _report(self, seconds_left: float, epochs_left: float, basis: str) -> None:
         log.info("Expected training time: about %s more, for %s epoch(s) (%s).",

@@ -33,6 +33,7 @@ from calibrun.calibrators import Calibrator, Uncalibrated, looks_like_probabilit
 from calibrun.config import build_component, first_line, validate
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, evaluate
 from calibrun.plots import confidence_histogram, reliability_with_histogram
+from calibrun.runfolder import require_finished_run
 
 # collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold).
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]
@@ -281,13 +282,26 @@ def group_choices(run_dir: Path) -> dict:
     return choices if isinstance(choices, dict) else {}
 
 
+def grouped_by_split(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a metrics table grouped by split, test first (what a reader compares),
+    then val (in-sample for the calibrators), each in the table's calibrator order."""
+    order = {"test": 0, "val": 1}
+    return table.sort_values("split", key=lambda split: split.map(order).fillna(2), kind="stable")
+
+
+def console_table(table: pd.DataFrame) -> str:
+    """A metrics table as the console shows it: test rows first, four decimals (never
+    1.466331e-08), as in metrics.md."""
+    return grouped_by_split(table).to_string(index=False, float_format=lambda value: f"{value:.4f}")
+
+
 def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15,
                      collapse: tuple[float, float] | None = None) -> None:
     """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings, and a
     warning when the model collapsed below ``collapse`` = (threshold, margin)) and
     ``bins.csv``, each written atomically."""
     atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
-    markdown = table.to_markdown(index=False, floatfmt=".4f")
+    markdown = grouped_by_split(table).to_markdown(index=False, floatfmt=".4f")
     atomic_write_text(run_dir / "metrics.md", "\n".join([*run_header(run_dir, n_bins), *collapse_warning(table, collapse),
                                                           markdown]) + "\n")
     atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
@@ -346,11 +360,7 @@ def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd
     run's ``config.yaml`` in line with them and appends the refit to ``calibrations.jsonl``.
     Returns the table and the calibrators refitted.
     """
-    needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz",
-              run_dir / "logits" / "test.npz"]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
+    require_finished_run(run_dir)
     run_cfg = load_run_config(run_dir / "config.yaml")
     metrics = _read_run_table(run_dir / "metrics.csv")
     in_table = [] if metrics is None else [c for c in metrics["calibrator"].unique() if c != "none"]

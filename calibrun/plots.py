@@ -33,6 +33,9 @@ UNDER_COLOUR = "#ff7f0e"
 # Bins with fewer samples than this are faded and labelled with their count.
 SPARSE = 10
 DPI = 150
+# Marker and dash of the i-th curve of a panel (cycled): curves that coincide stay visible.
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+CURVE_DASHES = ("-", "--", "-.", ":")
 
 
 def _save(fig: Figure, path: Path | str) -> None:
@@ -103,11 +106,13 @@ def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
                           zorder=4)
     # Legend handles drawn for the legend: a container's first bar may be faded or absent.
     patch = matplotlib.patches.Patch
-    return [patch(facecolor=ACC_COLOUR, edgecolor="black", label="Accuracy"),
-            patch(facecolor=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", label="Overconfidence gap"),
-            patch(facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", label="Underconfidence gap (in the bar)"),
-            diagonal, patch(facecolor=ACC_COLOUR, alpha=0.3, edgecolor="black",
-                            label=f"< {sparse} samples: faded, n shown")]
+    handles = [patch(facecolor=ACC_COLOUR, edgecolor="black", label="Accuracy"),
+               patch(facecolor=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", label="Overconfidence gap"),
+               patch(facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", label="Underconfidence gap (in the bar)"),
+               diagonal]
+    if (count < sparse).any():  # explained only where a bar is faded
+        handles.append(patch(facecolor=ACC_COLOUR, alpha=0.3, edgecolor="black", label=f"< {sparse} samples: faded, n shown"))
+    return handles
 
 
 def _histogram(ax: Axes, bins: pd.DataFrame) -> None:
@@ -125,9 +130,9 @@ def _histogram(ax: Axes, bins: pd.DataFrame) -> None:
 Panel = tuple[str, pd.DataFrame, float, float]
 
 
-def _grid_figure(panels: list[Panel], ncols: int) -> Figure:
+def _grid_figure(panels: list[Panel], ncols: int, title: str) -> Figure:
     """The figure of :func:`reliability_grid`: per panel a diagram over its histogram,
-    one legend for all at the bottom."""
+    ``title`` above them all, one legend for all at the bottom."""
     if not panels:
         raise ValueError("reliability_grid needs at least one panel")
     if ncols < 1:
@@ -142,24 +147,27 @@ def _grid_figure(panels: list[Panel], ncols: int) -> Figure:
     for i in range(nrows * ncols):
         top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
         if i < len(panels):
-            title, bins, ece, mce = panels[i]
-            handles = reliability_diagram(bins, None, title, ece, mce, ax=top, legend=False)
+            panel_title, bins, ece, mce = panels[i]
+            drawn = reliability_diagram(bins, None, panel_title, ece, mce, ax=top, legend=False)
+            handles = max(handles, drawn, key=len)  # the faded bars' entry if any panel has them
             top.set_xlabel("")
             _histogram(bottom, bins)
         else:
             fig.delaxes(top)
             fig.delaxes(bottom)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(3, ncols + 1), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return fig
 
 
-def reliability_grid(panels: list[Panel], path: Path | str, ncols: int = 3) -> None:
+def reliability_grid(panels: list[Panel], path: Path | str, ncols: int = 3, title: str = "") -> None:
     """Reliability diagrams side by side, one per ``(title, bins, ece, mce)`` panel, each
-    over its confidence histogram.
+    over its confidence histogram; ``title`` says what they all show.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
-    _save(_grid_figure(panels, ncols), path)
+    _save(_grid_figure(panels, ncols, title), path)
 
 
 def confidence_histogram(confidences: np.ndarray, path: Path | str, accuracy: float, mean_confidence: float,
@@ -202,8 +210,13 @@ def _curves_figure(panels: dict[str, list[Curve]], x_name: str, xlabel: str, xsc
         raise ValueError("curves_against needs at least one panel")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (ylabel, curves) in zip(axes.flat, panels.items()):
-        for curve in curves:
-            ax.errorbar(curve.x, curve.y, yerr=curve.yerr, marker="o", capsize=3, label=curve.label)
+        for i, curve in enumerate(curves):
+            # Curves often coincide (vector and matrix scaling, none and temperature in
+            # accuracy): each has its own marker and dash, the later ones smaller and
+            # hollow, so that one drawn over another still shows both.
+            ax.errorbar(curve.x, curve.y, yerr=curve.yerr, capsize=3, label=curve.label,
+                        marker=CURVE_MARKERS[i % len(CURVE_MARKERS)], linestyle=CURVE_DASHES[i % len(CURVE_DASHES)],
+                        markersize=max(3.0, 8.0 - i), markerfacecolor="none" if i % 2 else None)
         values = sorted({float(x) for curve in curves for x in curve.x})
         positive = [x for x in values if x > 0]
         if xscale == "symlog" and positive:
@@ -228,7 +241,7 @@ def _curves_figure(panels: dict[str, list[Curve]], x_name: str, xlabel: str, xsc
 def curves_against(panels: dict[str, list[Curve]], path: Path | str, x_name: str, xlabel: str,
                    xscale: str = "symlog") -> None:
     """Panels side by side, one per ``{y label: curves}`` entry, each curve drawn as
-    points with error bars joined by lines; the legend sits in the first panel.
+    points with error bars joined by lines; one legend for all, below the panels.
 
     ``x_name`` is the short name of the x quantity used in the titles (``λ``), ``xlabel``
     the axis label. ``symlog`` keeps x = 0 on a log-like axis (a λ sweep from 0 to 30).
@@ -243,7 +256,7 @@ def reliability_with_histogram(bins: pd.DataFrame, path: Path | str, title: str 
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
-    _save(_grid_figure([(title, bins, ece, mce)], 1), path)
+    _save(_grid_figure([(title, bins, ece, mce)], 1, title=""), path)
 
 
 def severity_boxes(table: pd.DataFrame, path: Path | str, metrics: Sequence[str] = ("ece", "accuracy"),

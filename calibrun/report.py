@@ -265,9 +265,12 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
                                  zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])])
     # Keys a loss does not have (λ for ce) are NaN; pivoting would drop those rows.
     cells[rows] = cells[rows].astype(object).where(cells[rows].notna(), "–")
-    table = cells.pivot_table(index=rows, columns=pivot, values="cell", aggfunc="first")
+    # Rows in the order the runs give them (none first, as in metrics.md), not sorted.
+    order = list(dict.fromkeys(cells[rows].itertuples(index=False, name=None)))
+    order = [o[0] for o in order] if len(rows) == 1 else order
+    table = cells.pivot_table(index=rows, columns=pivot, values="cell", aggfunc="first").reindex(order)
     # Runs behind each cell (seeds); a row's cells can differ where a run is missing.
-    counts = cells.pivot_table(index=rows, values="n", aggfunc=["min", "max"])
+    counts = cells.pivot_table(index=rows, values="n", aggfunc=["min", "max"]).reindex(order)
     table.insert(0, "n", [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in counts.to_numpy()])
     table["avg"] = cells.pivot_table(index=rows, columns=pivot, values=f"{metric}_mean").mean(axis=1).map(
         lambda v: "" if pd.isna(v) else f"{v:.4f}")
@@ -307,6 +310,11 @@ def group_label(keys: list[str], values: tuple, paper: pd.DataFrame | None) -> s
     return ", ".join(f"{k}={as_written(v)}" for k, v in pairs.items())
 
 
+def count_of(n: int, noun: str) -> str:
+    """``1 run``, ``3 runs``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def as_written(value: object) -> object:
     """A config value as the user wrote it: a column with gaps holds its integers as
     floats (depth 8.0), which print as 8."""
@@ -341,6 +349,13 @@ def distinct_labels(keys: list[str], values: list[tuple], paper: pd.DataFrame | 
     return labels
 
 
+def curve_label(keys: list[str], group: object) -> str:
+    """A curve's legend entry: ``key=value`` for the group's settings (as
+    :func:`group_label`), then its calibrator, the last of ``group``'s values."""
+    *values, calibrator = group if isinstance(group, tuple) else (group,)
+    return ", ".join(part for part in (group_label(keys, tuple(values), None), str(calibrator)) if part)
+
+
 def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curve]:
     """``metric`` (mean ± std over seeds) against λ, one curve per group of the other keys
     and calibrator, with λ ascending."""
@@ -350,9 +365,8 @@ def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curv
     for label, rows in summary.groupby([*others, "calibrator"], dropna=False, sort=False):
         rows = rows.sort_values(lam, key=lambda values: values.astype(float))
         # One seed has no standard deviation: draw no error bar rather than drop the point.
-        curves.append(Curve(label=", ".join(map(str, label if isinstance(label, tuple) else (label,))),
-                            x=rows[lam].astype(float).to_numpy(), y=rows[f"{metric}_mean"].to_numpy(),
-                            yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
+        curves.append(Curve(label=curve_label(others, label), x=rows[lam].astype(float).to_numpy(),
+                            y=rows[f"{metric}_mean"].to_numpy(), yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
     return curves
 
 
@@ -414,7 +428,7 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     if reference is not None and len(summary):
         summary = with_paper(summary, reference)
     heading = [f"# {name}", "", *([caption, ""] if caption else []),
-               f"{len(runs)} runs under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
+               f"{count_of(len(runs), 'run')} under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
     unfinished = runs[runs["state"] != "done"]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.md", "\n".join(heading + report_body(runs, keys, summary, shown, pivot, reference)))
@@ -425,7 +439,9 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
         metric_vs_lam(summary, keys, metric, out / f"{metric}_vs_lam.png")
     if len(metrics) and grid_calibrator in set(metrics["calibrator"]):
         panels = reliability_panels(metrics, keys, grid_calibrator, reference)
-        reliability_grid(panels, out / grid_name, ncols=min(len(panels), 4))
+        shows = "none (the uncalibrated model)" if grid_calibrator == "none" else grid_calibrator
+        reliability_grid(panels, out / grid_name, ncols=min(len(panels), 4),
+                         title=f"Test split, calibrator: {shows}; bins pooled over seeds")
     write_shift_report(runs, keys, out, name, calibrators)
     write_ood_report(runs, keys, out, name, calibrators)
     return summary
@@ -498,9 +514,8 @@ def severity_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list
     curves = []
     for label, rows in summary.groupby([*keys, "calibrator"], dropna=False, sort=False):
         rows = rows.sort_values("severity")
-        curves.append(Curve(label=", ".join(map(str, label if isinstance(label, tuple) else (label,))),
-                            x=rows["severity"].astype(float).to_numpy(), y=rows[f"{metric}_mean"].to_numpy(),
-                            yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
+        curves.append(Curve(label=curve_label(keys, label), x=rows["severity"].astype(float).to_numpy(),
+                            y=rows[f"{metric}_mean"].to_numpy(), yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
     return curves
 
 
@@ -514,7 +529,7 @@ def write_shift_report(runs: pd.DataFrame, keys: list[str], out: Path, name: str
     summary = shift_summary(rows, keys)
     corruptions = ", ".join(sorted(rows["corruption"].unique()))
     lines = [f"# {name}: corrupted test sets", "",
-             f"{rows['run'].nunique()} runs; each cell is the mean over the corruptions ({corruptions}) of each run, "
+             f"{count_of(rows['run'].nunique(), 'run')}; each cell is the mean over the corruptions ({corruptions}) of each run, "
              "then mean ± std over seeds (n runs). Calibrators were fitted on each run's clean validation split.", ""]
     columns = summary.assign(severity=[f"severity {int(s)}" for s in summary["severity"]])
     lines += [block for metric in ("ece", "accuracy") for block in

@@ -38,13 +38,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from calibrun import UserError
 from calibrun._io import atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
-from calibrun.config import Select, build_component, first_line, validate
+from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
 from calibrun.evaluate import build_calibrators, load_logits, load_run_config
 from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import predict
+from calibrun.runfolder import require_finished_run
 
 log = logging.getLogger(__name__)
 
@@ -229,23 +230,8 @@ EVALUATE_HELP = "shift=NAME, ood=NAME, shift.<key>=value, ood.<key>=value, train
 def evaluation_config(run_dir: Path, overrides: list[str], conf_dir: Path) -> DictConfig:
     """The run's own config with the ``shift``/``ood`` the overrides compose (from
     ``conf/shift``, ``conf/ood``) and the device settings they give, validated."""
-    needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz", run_dir / "logits" / "test.npz"]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
-    allowed = ("shift", "ood", "trainer.device", "trainer.eval_batch_size")
-    for text in overrides:
-        key = text.split("=", 1)[0].lstrip("+~")
-        if "=" not in text or not any(key == a or key.startswith(f"{a}.") for a in allowed):
-            raise UserError(f"calibrun-evaluate cannot apply {text!r}: it takes {EVALUATE_HELP}.")
-        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-        if key in ("shift", "ood") and text.split("=", 1)[1] not in options:
-            raise UserError(f"{text}: no such option; {key} can be {', '.join(options) or '(none installed)'}.")
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-            composed = compose(config_name="config", overrides=overrides)
-    except HydraException as err:
-        raise UserError(f"calibrun-evaluate: {first_line(err)}") from None
+    require_finished_run(run_dir)
+    composed = _compose_evaluation(overrides, conf_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     with open_dict(cfg):
         for key in ("shift", "ood"):
@@ -256,6 +242,30 @@ def evaluation_config(run_dir: Path, overrides: list[str], conf_dir: Path) -> Di
     if not (cfg.get("shift") or cfg.get("ood")):
         raise UserError("calibrun-evaluate needs shift=NAME and/or ood=NAME (see conf/shift and conf/ood).")
     return validate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+
+
+def _compose_evaluation(overrides: list[str], conf_dir: Path) -> DictConfig:
+    """calibrun's config composed with the ``shift``/``ood``/device ``overrides`` that
+    calibrun-evaluate takes; a mistake in them is one UserError with a suggestion."""
+    allowed = ("shift", "ood", "trainer.device", "trainer.eval_batch_size")
+    keys = [text.split("=", 1)[0].lstrip("+~") for text in overrides]
+    for text, key in zip(overrides, keys):
+        if "=" not in text or not any(key == a or key.startswith(f"{a}.") for a in allowed):
+            raise UserError(f"calibrun-evaluate cannot apply {text!r}: it takes {EVALUATE_HELP}.")
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        value = text.split("=", 1)[1]
+        if key in ("shift", "ood") and value not in options:
+            raise UserError(f"{text}: no such option.{did_you_mean(value, options)} "
+                            f"{key} can be {', '.join(options) or '(none installed)'}.")
+    with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+        try:
+            return compose(config_name="config", overrides=overrides)
+        except HydraException as err:
+            # Which key is unknown, and its near miss, in the config the group choices compose.
+            groups = [text for text, key in zip(overrides, keys) if key in ("shift", "ood")]
+            chosen = compose(config_name="config", overrides=groups)
+            problem = next(filter(None, (unknown_key_problem(key, chosen) for key in keys)), None)
+            raise UserError(f"calibrun-evaluate: {problem or first_line(err)}") from None
 
 
 def trained_predictor(run_dir: Path, cfg: DictConfig) -> Predictor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -96,3 +97,26 @@ def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
             if all(d.startswith(("calibrator.", "metrics.")) for d in differences) else "")
     raise FolderRefused(f"{run_dir} holds a {state} run of another config ({shown}); nothing was changed there."
                     f"{hint} Use another run_name for a new experiment.")
+
+
+def require_finished_run(run_dir: Path) -> None:
+    """Raise a UserError unless ``run_dir`` holds a finished run (``DONE``, its config and
+    its saved validation and test logits), which calibrun-calibrate and calibrun-evaluate
+    start from; a path that does not exist is said to be so."""
+    if not run_dir.exists():
+        raise UserError(f"{run_dir} does not exist. Give a run folder (outputs/runs/<data>/<loss>/<run_name>) "
+                        "or, for logits of your own, --val VAL.npz --test TEST.npz --out DIR.")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder.")
+    needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz",
+              run_dir / "logits" / "test.npz"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
+
+
+def resume_command(argv: list[str], run_name: str) -> str:
+    """The command that continues this run or sweep: the same arguments with its run_name
+    fixed, since the default run_name is a timestamp that a new command would renew."""
+    kept = [arg for arg in argv if not arg.startswith("run_name=")]
+    return shlex.join(["calibrun", *kept, f"run_name={run_name}"])

@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from calibrun.runfolder import resume_command
+
 
 # Jobs this process refused or saw fail before they wrote a status.json (a folder holding
 # another config, say): (run folder, message). Launchers that run jobs in this process
@@ -51,6 +53,7 @@ class SweepSummary(Callback):
         # Printed, not logged: after the last job, logging is still that job's set-up.
         for folder, state, error in unfinished:
             print(f"{state} job {folder}: {error}", file=sys.stderr)
-        print(f"{len(unfinished)} job(s) of the sweep did not finish; run the same command again to resume them.",
-              file=sys.stderr)
+        # The default run_name is a timestamp: the same command again would start afresh.
+        print(f"{len(unfinished)} job(s) of the sweep did not finish. Resume them (the finished ones are "
+              f"skipped) with: {resume_command(sys.argv[1:], str(config.run_name))}", file=sys.stderr)
         sys.exit(1)

@@ -41,8 +41,8 @@ from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remo
 from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
 from calibrun.duration import DurationEstimate, run_eta
 from calibrun.data import DeviceLoader, Split
-from calibrun.evaluate import (build_calibrators, calibrate_and_report, describe_components, group_choices,
-                               metric_settings)
+from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_table, describe_components,
+                               group_choices, metric_settings)
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
@@ -554,7 +554,7 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     evaluate_beyond_test(run_dir, cfg, Predictor(tr.forward, test_loader.transform, test_loader.device,
                                                  cfg.trainer.eval_batch_size, test_loader.channels_last))
     write_status(run_dir, "done", epoch=cfg.trainer.epochs)
-    log.info("Results in %s\n%s", run_dir.resolve(), table.to_string(index=False))
+    log.info("Results in %s\n%s", run_dir.resolve(), console_table(table))
     return table.to_dict("records")
 
 

@@ -17,7 +17,8 @@ from calibrun import UserError, cli
 from calibrun.calibrators import HistogramBinning, MatrixScaling, PlattScaling, TemperatureScaling
 from calibrun.config import validate
 from calibrun.cli import config_dir
-from calibrun.evaluate import build_calibrators, calibrate_and_report, recalibrate, refit_config
+from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_table, grouped_by_split, recalibrate,
+                               refit_config)
 from calibrun.metrics import evaluate
 
 
@@ -250,6 +251,7 @@ def write_logits(path, logits, labels):
     ("again", "already holds the results of these logits"),
     ("half", "--val, --test and --out go together"),
     ("both", "not both"),
+    ("no_run", "does not exist. Give a run folder"),
 ])
 def test_external_logits_mistakes_are_one_line_errors(tmp_path, capsys, caplog, case, message):
     torch = pytest.importorskip("torch")
@@ -286,6 +288,8 @@ def test_external_logits_mistakes_are_one_line_errors(tmp_path, capsys, caplog, 
         args = ["--val", val, "--out", str(out)]
     elif case == "both":
         args = [str(tmp_path), "--val", val, "--test", test, "--out", str(out)]
+    elif case == "no_run":
+        args = [str(tmp_path / "outputs" / "typo")]
     capsys.readouterr()
     caplog.clear()
     # In this process (a new one per case costs seconds of imports); the test below checks
@@ -313,3 +317,15 @@ def test_results_go_to_stdout_and_errors_alone_to_stderr(tmp_path):
     assert report.returncode == 0 and report.stderr == "" and "| calibrator" in report.stdout
     again = calibrate_process(["--val", val, "--test", test, "--out", str(tmp_path / "run")], cwd=tmp_path)
     assert again.returncode == 1 and again.stdout == "" and "already holds" in again.stderr
+
+
+def test_tables_show_the_test_rows_first_in_four_decimals():
+    """metrics.md and the console group the rows by split, test first, and never switch
+    to scientific notation (a calibrated OE of 1.5e-08)."""
+    table = pd.DataFrame({"split": ["val", "test", "val", "test"], "calibrator": ["none", "none", "platt", "platt"],
+                          "accuracy": [0.5, 0.52, 0.5, 0.52], "oe": [0.01, 0.02, 1.466331e-08, 0.003]})
+    shown = console_table(table).splitlines()
+    assert [line.split()[:2] for line in shown[1:]] == [["test", "none"], ["test", "platt"], ["val", "none"],
+                                                        ["val", "platt"]]
+    assert "e-08" not in "\n".join(shown) and shown[4].split()[-1] == "0.0000"
+    assert grouped_by_split(table)["split"].tolist() == ["test", "test", "val", "val"]

@@ -135,13 +135,16 @@ def test_sigterm_stops_a_sweep_and_the_first_job_resumes_to_the_uninterrupted_re
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
 def test_a_sweep_with_a_failing_job_ends_with_a_summary_not_a_traceback(run_cli_process, tmp_path, launcher):
     """model.depth=9 is not 6n+2: that job fails, the other finishes, the sweep lists it and exits 1."""
-    proc = run_cli_process(["-m", *RUN, "trainer.epochs=1", "model.depth=8,9", "run_name=s", *launcher])
+    proc = run_cli_process(["-m", *RUN, "trainer.epochs=1", "model.depth=8,9", *launcher])
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "1 job(s) of the sweep did not finish" in proc.stderr
+    # Started without run_name (a timestamp): the resume command fixes the sweep's.
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    assert (f"1 job(s) of the sweep did not finish. Resume them (the finished ones are skipped) with: "
+            f"calibrun -m ") in proc.stderr and f" run_name={sweep.name}\n" in proc.stderr, proc.stderr[-3000:]
     summary = [line for line in proc.stderr.splitlines() if "model.depth=9" in line and " job " in line]
     assert summary and "6n+2" in summary[0], proc.stderr[-3000:]
-    assert list((tmp_path / "outputs" / "multirun" / "s").glob("*model.depth=8*/DONE"))
+    assert list(sweep.glob("*model.depth=8*/DONE"))
 
 
 def test_a_folder_that_cannot_be_written_gives_one_line(run_cli, tmp_path, monkeypatch):
@@ -269,11 +272,14 @@ def test_the_expected_duration_comes_from_the_batches_after_the_warm_up(monkeypa
     assert synced == [51.0, 61.0]  # the clock is read once the device's queue is done
 
 
-def test_a_run_shorter_than_the_timing_window_estimates_from_its_first_epoch(monkeypatch, caplog):
-    estimate = duration.DurationEstimate(30, 10, synchronize=lambda: None)
+def test_epochs_shorter_than_the_timing_window_estimate_from_the_second_epoch(caplog):
+    # The first epoch holds the warm-up: the second one's time is the estimate's basis.
+    estimate = duration.DurationEstimate(40, 10, synchronize=lambda: None)
     with caplog.at_level(logging.INFO):
-        estimate.batch_done()
-        estimate.epoch_done(3000.0, epochs_left=2)
+        for epochs_left, seconds in ((3, 9000.0), (2, 3000.0), (1, 3000.0)):
+            for _ in range(3):
+                estimate.batch_done()
+            estimate.epoch_done(seconds, epochs_left)
     assert caplog.messages == ["Expected training time: about 1.7 h more, for 2 epoch(s) (the last epoch took 50 min)."]
 
 

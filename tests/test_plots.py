@@ -192,7 +192,7 @@ def test_confidence_histogram_rejects_bad_input(tmp_path: Path, conf: np.ndarray
                                                          (5, 2, (3, 2))])
 def test_grid_has_one_diagram_and_one_histogram_per_panel(n_panels: int, ncols: int, shape: tuple[int, int]) -> None:
     panels = [(f"calibrator {i}", make_bins(15, empty=(i,)), 0.01 * i, 0.1 * i) for i in range(n_panels)]
-    fig = plots._grid_figure(panels, ncols)
+    fig = plots._grid_figure(panels, ncols, title="")
     assert len(fig.axes) == 2 * n_panels
     rows, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
     assert (rows // 2, cols) == shape  # a diagram row and a histogram row per row of panels
@@ -238,6 +238,33 @@ def test_curves_against_draws_the_given_numbers(tmp_path: Path, monkeypatch) -> 
     (legend,) = figures[0].legends
     assert [t.get_text() for t in legend.get_texts()] == ["ce, none", "gap_cap, none"]
     assert ece_ax.get_legend() is None and acc_ax.get_legend() is None
+
+
+def test_curves_that_coincide_stay_distinguishable(tmp_path: Path, monkeypatch) -> None:
+    """Vector and matrix scaling often give the same ECE: each curve has its own marker
+    and dash, so one drawn over another does not hide it."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    same = [Curve(name, [0.0, 1.0, 10.0], [0.1, 0.05, 0.02], [0.0] * 3) for name in ("none", "temperature", "vector", "matrix")]
+    curves_against({"ece": same}, tmp_path / "c.png", x_name="λ", xlabel="λ")
+    lines = [container[0] for container in figures[0].axes[0].containers]
+    styles = {(line.get_marker(), line.get_linestyle()) for line in lines}
+    assert len(styles) == len(same)
+
+
+def test_the_faded_bin_entry_is_in_the_legend_only_when_a_bin_is_faded() -> None:
+    full = make_bins(5, empty=())  # 10 to 50 samples per bin: none below SPARSE
+    sparse = full.assign(count=[3, 20, 30, 40, 50])
+    for bins, faded in ((full, False), (sparse, True)):
+        fig, ax = plt.subplots()
+        handles = reliability_diagram(bins, None, ax=ax, sparse=10)
+        assert any("faded" in h.get_label() for h in handles) is faded
+        plt.close(fig)
+    grid = plots._grid_figure([("a", sparse, 0.1, 0.2), ("b", full, 0.1, 0.2)], 2, title="calibrator: none")
+    (legend,) = grid.legends
+    assert any("faded" in t.get_text() for t in legend.get_texts())  # one panel has a faded bar
+    assert grid.get_suptitle() == "calibrator: none"
+    plt.close(grid)
 
 
 def test_curves_against_writes_png(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_lam_curves_sort_numerically_and_keep_single_seed_points():
         "ece_std": [0.03, np.nan, 0.02, np.nan],
     })
     gap_cap, nts = lam_curves(summary, ["loss", "loss.lam"], "ece")
-    assert gap_cap.label == "gap_cap, none" and nts.label == "nts, none"
+    assert gap_cap.label == "loss=gap_cap, none" and nts.label == "loss=nts, none"
     np.testing.assert_allclose(gap_cap.x, [0.5, 2.0, 10.0])
     np.testing.assert_allclose(gap_cap.y, [0.1, 0.2, 0.3])
     np.testing.assert_allclose(gap_cap.yerr, [0.0, 0.02, 0.03])
@@ -173,7 +173,7 @@ def test_caption_is_written_under_the_title(tmp_path):
     report([*common, "--name", "without"])
     assert (tmp_path / "out" / "with.md").read_text().splitlines()[:4] == ["# with", "", caption, ""]
     without = (tmp_path / "out" / "without.md").read_text()
-    assert caption not in without and without.splitlines()[2].startswith("1 runs under")
+    assert caption not in without and without.splitlines()[2].startswith("1 run under")
 
 
 def _params_runs(root):
@@ -233,7 +233,7 @@ def _shift_rows(base: float, seed: int) -> pd.DataFrame:
     return pd.DataFrame([
         {"corruption": c, "severity": s, "calibrator": cal, **dict.fromkeys(METRIC_NAMES, 0.5),
          "ece": base + 0.1 * s + (0.02 if c == "b" else 0) + 0.01 * seed, "accuracy": 0.9 - 0.1 * s, "n": 100}
-        for c in ("a", "b") for s in (1, 2) for cal in ("none", "temperature")])
+        for c in ("a", "b") for s in (1, 2) for cal in ("none", "histogram", "temperature")])
 
 
 def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
@@ -260,6 +260,10 @@ def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
                                                                   "severity 2", "avg"]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 1, none")]
     assert cells[0] == ["1, none", "2", "0.1150 ± 0.0071", "0.2150 ± 0.0071", "0.1650"]  # the ece table
+    ece_table = text.split("### ece")[1].split("###")[0]
+    rows = [line.strip("|").split("|")[0].strip() for line in ece_table.splitlines() if line.startswith("| 1, ")]
+    assert rows == ["1, none", "1, histogram", "1, temperature"]  # the runs' order, none first: not sorted
+    assert "4 runs; each cell" in text
     assert (tmp_path / "out" / "report_shift_ece.png").is_file()
     ood = pd.read_csv(tmp_path / "out" / "report_ood.csv")
     assert ood["n"].tolist() == [2, 2] and ood["auroc_mean"].tolist() == pytest.approx([0.85, 0.85])

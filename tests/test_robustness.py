@@ -3,6 +3,8 @@ agree with the model run directly, nothing is refitted, and finished work is ski
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -165,6 +167,8 @@ def test_ood_rows_equal_the_detection_metrics_of_the_calibrated_scores(trained):
         (["data.root=/x"], "cannot apply 'data.root=/x'"),
         ([], "needs shift=NAME and/or ood=NAME"),
         (["shift=nope"], "shift"),
+        (["ood=svnh"], "ood=svnh: no such option. Did you mean 'svhn'?"),
+        (["ood=svhn", "ood.rot=/x"], "Unknown config key 'ood.rot'. Did you mean 'root'?"),
     ],
 )
 def test_evaluate_cli_errors_are_one_line(trained, caplog, args, message):
@@ -176,9 +180,11 @@ def test_evaluate_cli_errors_are_one_line(trained, caplog, args, message):
     assert message in error and "\n" not in error
 
 
-def test_evaluate_refuses_an_unfinished_folder(tmp_path):
+def test_evaluate_refuses_an_unfinished_folder_and_names_one_that_does_not_exist(tmp_path):
     with pytest.raises(UserError, match="not a finished calibrun run"):
-        evaluation_config(tmp_path, ["ood=svhn"], __import__("pathlib").Path(config_dir()))
+        evaluation_config(tmp_path, ["ood=svhn"], Path(config_dir()))
+    with pytest.raises(UserError, match="typo does not exist"):
+        evaluation_config(tmp_path / "typo", ["ood=svhn"], Path(config_dir()))
 
 
 def test_shift_and_ood_at_the_end_of_training_then_calibrun_evaluate_adds_more(run_cli, tmp_path, monkeypatch):

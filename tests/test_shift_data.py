@@ -130,3 +130,23 @@ def test_every_shift_and_ood_config_builds(path, tmp_path, monkeypatch):
     built = instantiate(node)
     assert built.name == path.stem
     assert hasattr(built, "sets") or hasattr(built, "split")
+
+
+@pytest.mark.parametrize("path", sorted(Path(config_dir()).glob("shift/*.yaml")) + sorted(Path(config_dir()).glob("ood/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_missing_evaluation_set_is_not_fetched_unasked_and_the_advice_names_its_keys(path, tmp_path, monkeypatch):
+    """Offline, with nothing in the data folder: an error that names the keys of the
+    ``shift``/``ood`` section the user sets (not the training data's ``data.*``)."""
+    monkeypatch.setenv("CALIBRUN_DATA", str(tmp_path))
+    built = instantiate(OmegaConf.load(path))
+    with pytest.raises(UserError) as err:
+        list(built.sets()) if hasattr(built, "sets") else built.split()
+    message, section = str(err.value), path.parent.name
+    assert f"{section}." in message and "download=true" in message, message
+    assert "data.root" not in message and "data.download" not in message, message
+    assert "download failed" not in message  # download is false by default: nothing was fetched
+
+
+def test_missing_cifar10_offline_points_at_the_bundled_sample(tmp_path):
+    with pytest.raises(UserError, match="data=cifar10_sample, a sample of real CIFAR10 images bundled"):
+        CIFAR(root=str(tmp_path), download=False).splits()

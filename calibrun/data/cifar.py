@@ -32,6 +32,9 @@ class CIFAR(CropFlipDataset):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
     crop_pad = 4
+    # The config section this dataset was built from, named in its messages
+    # (calibrun.data.OtherTestSet sets ood.dataset).
+    config_key = "data"
 
     def __init__(
         self,
@@ -90,18 +93,21 @@ class CIFAR(CropFlipDataset):
 
     def _missing_message(self, dataset_cls: type, err: BaseException) -> str:
         """What to download and where to put it, when the official release is missing."""
-        root = self.root.resolve()
+        root, key = self.root.resolve(), self.config_key
         folder = root / dataset_cls.base_folder
-        reason = f"the download failed ({err})" if self.download else "data.download=false"
+        reason = f"the download failed ({err})" if self.download else f"{key}.download=false"
+        # The bundled sample is a stand-in for the training data only, not for an OOD set.
+        sample = (f" To try calibrun offline without it: data={self.name}_sample, a sample of real "
+                  f"{self.name.upper()} images bundled with calibrun." if key == "data" and self.name == "cifar10" else "")
         return (
             f"{self.name.upper()} was not found in {folder} and {reason}. "
-            f"Either run with network access and data.download=true, which fetches "
+            f"Either run with network access and {key}.download=true, which fetches "
             f"{dataset_cls.url} into {root} and checks its MD5; or download that archive "
-            f"yourself, put it in {root} and run once with data.download=true to check and "
-            f"extract it (no network needed then); or point data.root (or the CALIBRUN_DATA "
+            f"yourself, put it in {root} and run once with {key}.download=true to check and "
+            f"extract it (no network needed then); or point {key}.root (or the CALIBRUN_DATA "
             f"environment variable) at a folder that already holds {dataset_cls.base_folder}. "
-            f"Images in class folders work too: data.format=folder with "
-            f"data.root/train/<class>/* and data.root/test/<class>/*."
+            f"Images in class folders work too: {key}.format=folder with "
+            f"{key}.root/train/<class>/* and {key}.root/test/<class>/*.{sample}"
         )
 
     def _load_packed(self) -> tuple[torch.Tensor, ...]:
@@ -117,14 +123,14 @@ class CIFAR(CropFlipDataset):
         for d in (train_dir, test_dir):
             if not d.is_dir():
                 raise UserError(
-                    f"data.format=folder expects {d.resolve()} with one sub-folder per class "
-                    f"(data.root/train/<class>/*, data.root/test/<class>/*)."
+                    f"{self.config_key}.format=folder expects {d.resolve()} with one sub-folder per class "
+                    f"({self.config_key}.root/train/<class>/*, {self.config_key}.root/test/<class>/*)."
                 )
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         self.classes = classes  # the class names, for messages about the data
         if len(classes) != self.num_classes:
             raise UserError(
-                f"{train_dir.resolve()} has {len(classes)} class folders but data.num_classes={self.num_classes}."
+                f"{train_dir.resolve()} has {len(classes)} class folders but {self.config_key}.num_classes={self.num_classes}."
             )
         files = {
             split: list_images(self.root / split, classes, unknown_classes="not in the training set")

@@ -78,6 +78,7 @@ class OtherTestSet:
 
     def __init__(self, dataset: ImageDataset, name: str, subset: int | None = None, subset_seed: int = 0) -> None:
         self.dataset, self.name, self.subset, self.subset_seed = dataset, name, subset, subset_seed
+        dataset.config_key = "ood.dataset"  # the keys its messages name, as a user sets them
 
     def split(self) -> Split:
         """The dataset's test images (optionally a stratified subset)."""

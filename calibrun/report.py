@@ -297,9 +297,9 @@ def _read_bins(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["calibrator", "bin", "lo", "hi", "count", "conf", "acc"])
 
 
-def group_label(keys: list[str], values: tuple, paper: pd.DataFrame | None) -> str:
+def group_label(keys: list[str], values: tuple, paper: pd.DataFrame | None, shown: list[str] | None = None) -> str:
     """A group's name: the paper's row name (``label`` in its CSV) when exactly one row
-    matches the group, else ``key=value`` for the keys the group has."""
+    matches the group, else ``key=value`` for the keys the group has (of ``shown``, if given)."""
     pairs = {k: v for k, v in zip(keys, values) if not pd.isna(v)}
     if paper is not None and "label" in paper:
         common = [c for c in paper.columns if c in keys]
@@ -307,7 +307,20 @@ def group_label(keys: list[str], values: tuple, paper: pd.DataFrame | None) -> s
             if common else paper.iloc[0:0]
         if len(match) == 1:
             return str(match["label"].iloc[0])
-    return ", ".join(f"{k}={as_written(v)}" for k, v in pairs.items())
+    return ", ".join(f"{k}={as_written(v)}" for k, v in pairs.items() if shown is None or k in shown)
+
+
+def telling_keys(keys: list[str], values: list[tuple]) -> list[str]:
+    """The keys that tell the groups apart by their values. A key that only some groups
+    have, all with one value (a trained model's width beside logits made elsewhere), is
+    left out of their names, unless the names would then no longer differ."""
+    if len(values) < 2:
+        return keys  # one group: its name is its setting
+    telling = [k for j, k in enumerate(keys) if len({str(v[j]) for v in values if not pd.isna(v[j])}) > 1]
+
+    def named(keep: list[str]) -> set[tuple]:
+        return {tuple(str(v[j]) for j, k in enumerate(keys) if k in keep) for v in values}
+    return telling if len(named(telling)) == len(named(keys)) else keys
 
 
 def count_of(n: int, noun: str) -> str:
@@ -339,7 +352,8 @@ def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str,
 def distinct_labels(keys: list[str], values: list[tuple], paper: pd.DataFrame | None) -> list[str]:
     """:func:`group_label` of each group; groups that share a paper row's name (two λ
     readings of capped CE + gap) get the settings that tell them apart after it."""
-    labels = [group_label(keys, v, paper) for v in values]
+    shown = telling_keys(keys, values)
+    labels = [group_label(keys, v, paper, shown) for v in values]
     for label in {x for x in labels if labels.count(x) > 1}:
         same = [i for i, x in enumerate(labels) if x == label]
         differ = [j for j, _ in enumerate(keys) if len({str(values[i][j]) for i in same}) > 1]
@@ -349,11 +363,16 @@ def distinct_labels(keys: list[str], values: list[tuple], paper: pd.DataFrame | 
     return labels
 
 
-def curve_label(keys: list[str], group: object) -> str:
-    """A curve's legend entry: ``key=value`` for the group's settings (as
+def _as_tuple(group: object) -> tuple:
+    """A pandas group key as a tuple (one key gives a scalar in some versions)."""
+    return group if isinstance(group, tuple) else (group,)
+
+
+def curve_label(keys: list[str], group: object, shown: list[str]) -> str:
+    """A curve's legend entry: ``key=value`` for the group's ``shown`` settings (as
     :func:`group_label`), then its calibrator, the last of ``group``'s values."""
-    *values, calibrator = group if isinstance(group, tuple) else (group,)
-    return ", ".join(part for part in (group_label(keys, tuple(values), None), str(calibrator)) if part)
+    *values, calibrator = _as_tuple(group)
+    return ", ".join(part for part in (group_label(keys, tuple(values), None, shown), str(calibrator)) if part)
 
 
 def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curve]:
@@ -362,10 +381,12 @@ def lam_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curv
     lam = next(k for k in keys if k.endswith(".lam"))
     others = [k for k in keys if k != lam]
     curves = []
-    for label, rows in summary.groupby([*others, "calibrator"], dropna=False, sort=False):
+    groups = list(summary.groupby([*others, "calibrator"], dropna=False, sort=False))
+    shown = telling_keys(others, [_as_tuple(group)[:-1] for group, _ in groups])
+    for label, rows in groups:
         rows = rows.sort_values(lam, key=lambda values: values.astype(float))
         # One seed has no standard deviation: draw no error bar rather than drop the point.
-        curves.append(Curve(label=curve_label(others, label), x=rows[lam].astype(float).to_numpy(),
+        curves.append(Curve(label=curve_label(others, label, shown), x=rows[lam].astype(float).to_numpy(),
                             y=rows[f"{metric}_mean"].to_numpy(), yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
     return curves
 
@@ -512,9 +533,11 @@ def shift_summary(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def severity_curves(summary: pd.DataFrame, keys: list[str], metric: str) -> list[Curve]:
     """``metric`` (mean ± std over seeds) against severity, one curve per group and calibrator."""
     curves = []
-    for label, rows in summary.groupby([*keys, "calibrator"], dropna=False, sort=False):
+    groups = list(summary.groupby([*keys, "calibrator"], dropna=False, sort=False))
+    shown = telling_keys(keys, [_as_tuple(group)[:-1] for group, _ in groups])
+    for label, rows in groups:
         rows = rows.sort_values("severity")
-        curves.append(Curve(label=curve_label(keys, label), x=rows["severity"].astype(float).to_numpy(),
+        curves.append(Curve(label=curve_label(keys, label, shown), x=rows["severity"].astype(float).to_numpy(),
                             y=rows[f"{metric}_mean"].to_numpy(), yerr=rows[f"{metric}_std"].fillna(0).to_numpy()))
     return curves
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import FAST
 
-from calibrun import UserError
+from calibrun import UserError, report
 from calibrun.config import NON_EXPERIMENT_KEYS
 from calibrun.metrics import METRIC_NAMES
 from calibrun.report import aggregate, collect, lam_curves, write_report
@@ -425,3 +425,15 @@ def test_groups_sharing_a_paper_row_name_get_the_settings_that_tell_them_apart()
     values = [("ce", np.nan, np.nan), ("gap_cap", 10.0, 0), ("gap_cap", 10.0, 4), ("gap", 10.0, 0)]
     assert distinct_labels(keys, values, load_paper("table1")) == [
         "CE", "capped CE + gap: loss.warmup_epochs=0", "capped CE + gap: loss.warmup_epochs=4", "CE + gap"]
+
+
+def test_names_leave_out_keys_that_only_some_groups_have_with_one_value():
+    """Logits made elsewhere beside a trained ResNet: the ResNet's width and depth tell
+    nothing apart; where leaving them out would merge two names, they stay."""
+    nan = float("nan")
+    mixed = [("resnet110", 16.0, 8.0), ("external", nan, nan)]
+    assert report.telling_keys(["model", "model.width", "model.depth"], mixed) == ["model"]
+    assert report.distinct_labels(["model", "model.width", "model.depth"], mixed, None) == [
+        "model=resnet110", "model=external"]
+    only_presence = [("gap", nan), ("gap", 1.0)]
+    assert report.telling_keys(["loss", "loss.lam"], only_presence) == ["loss", "loss.lam"]

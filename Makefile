@@ -68,7 +68,7 @@ test-slow: install ## the slow tests too (multiruns, non-editable install)
 test-gpu: install ## tests that need CUDA
 	$(BIN)/python -m pytest -q -m gpu
 
-demo: install ## a real run offline: the bundled CIFAR-10 sample, ResNet-8, all calibrators (about 3 min on 2 cores)
+demo: install ## a real run offline: the bundled CIFAR-10 sample, ResNet-8, all calibrators (about 2 min on 2 idle cores)
 	$(BIN)/calibrun experiment=demo $(data_args) $(epochs_arg) run_name=demo $(ARGS)
 	@echo "Table:   outputs/runs/$(or $(DATA),cifar10_sample)/ce/demo/metrics.md"
 	@echo "Figures: outputs/runs/$(or $(DATA),cifar10_sample)/ce/demo/figures/"

@@ -44,6 +44,7 @@ from calibrun import train  # noqa: E402
 from calibrun.cli import config_dir  # noqa: E402
 from calibrun.config import build_component, validate  # noqa: E402
 from calibrun.data import CIFAR, PACS, Split  # noqa: E402
+from calibrun.duration import DurationEstimate  # noqa: E402
 
 # name: (the calibrun overrides that pick the model, the data it trains on)
 SETUPS = {
@@ -122,8 +123,11 @@ def calibrun_times(cfg: DictConfig, repeats: int, run_dir: Path) -> list[float]:
     """calibrun's own training epoch (``train.train_epoch``), built by ``train.prepare``."""
     tr, _, _ = train.prepare(cfg, run_dir)
     progress = train.Progress()
+    # Nothing left to estimate: the benchmark times the epochs itself, without the
+    # estimate's two synchronisations.
+    no_estimate = DurationEstimate(batches_left=0, batches_per_epoch=len(tr.train_loader), synchronize=lambda: None)
     with train.SignalFlag(defer=True) as flag:
-        return timed_epochs(lambda epoch: train.train_epoch(tr, epoch, progress, flag, None), repeats,
+        return timed_epochs(lambda epoch: train.train_epoch(tr, epoch, progress, flag, None, no_estimate), repeats,
                             tr.train_loader.device)
 
 

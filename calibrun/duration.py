@@ -52,7 +52,7 @@ class DurationEstimate:
         self.batches_seen = 0
         self.epochs_seen = 0
         self.started: float | None = None
-        self.done = False
+        self.done = batches_left <= 0  # nothing left to train, nothing to estimate
 
     def batch_done(self) -> None:
         """Called after each training batch."""

@@ -44,7 +44,7 @@ from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
 from calibrun.evaluate import build_calibrators, load_logits, load_run_config
 from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
-from calibrun.predict import predict
+from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.runfolder import require_finished_run
 
 log = logging.getLogger(__name__)
@@ -271,9 +271,6 @@ def _compose_evaluation(overrides: list[str], conf_dir: Path) -> DictConfig:
 def trained_predictor(run_dir: Path, cfg: DictConfig) -> Predictor:
     """The run's model with the weights it was evaluated with (``best.pt`` under
     ``trainer.select=best_val``, else ``last.pt``), on ``trainer.device``."""
-    # Imported here: calibrun.train imports this module for its end-of-run evaluation.
-    from calibrun.train import load_checkpoint, resolve_device
-
     device = resolve_device(cfg.trainer.device)
     name = "best.pt" if cfg.trainer.select == Select.best_val else "last.pt"
     path = run_dir / "checkpoints" / name

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import platform
 import random
 import signal
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 import calibrun
 from calibrun import UserError
 from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
-from calibrun.config import Select, build_component, config_fingerprint, first_line, validate
+from calibrun.config import Select, build_component, config_fingerprint, validate
 from calibrun.duration import DurationEstimate, run_eta
 from calibrun.data import DeviceLoader, Split
 from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_table, describe_components,
@@ -46,7 +45,7 @@ from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
-from calibrun.predict import predict
+from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.robustness import Predictor, evaluate_beyond_test
 from calibrun.runfolder import RunLock, check_same_experiment
 from calibrun.tensorboard import EpochBoard, require_tensorboard
@@ -104,15 +103,6 @@ def environment(device: torch.device, seed: int) -> dict:
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "argv": sys.argv,
     }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu.")
-    return device
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -189,21 +179,6 @@ class Progress:
     epoch: int = 0
     history: list[dict] = dataclasses.field(default_factory=list)
     partial: dict | None = None
-
-
-def load_checkpoint(path: Path, device: torch.device, keys: tuple[str, ...] = ("model",)) -> dict:
-    """The checkpoint at ``path``, which must hold ``keys``; a damaged one is a UserError
-    naming the file."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as err:
-        raise UserError(f"Checkpoint {path} is unreadable ({first_line(err)}); delete it to start the run "
-                        "again.") from None
-    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise UserError(f"Checkpoint {path} lacks {', '.join(missing)}: it is not a complete calibrun checkpoint; "
-                        "delete it to start the run again.")
-    return state
 
 
 # Seconds between progress lines in the log when no progress bar is shown.

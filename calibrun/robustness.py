@@ -37,11 +37,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from calibrun import UserError
 from calibrun._io import atomic_write_text
-from calibrun.calibrators import Calibrator, Uncalibrated
+from calibrun.calibrators import Calibrator
 from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
-from calibrun.evaluate import build_calibrators, load_logits, load_run_config
+from calibrun.evaluate import load_calibrators, load_logits, load_run_config
 from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
@@ -71,17 +71,12 @@ class Predictor:
         return logits.cpu().numpy(), labels.cpu().numpy()
 
 
-def fitted_calibrators(run_dir: Path, section: DictConfig) -> dict[str, Calibrator]:
-    """``none`` and the run's calibrators, fitted on the run's ``logits/val.npz``."""
-    z, y = load_logits(run_dir / "logits" / "val.npz")
-    return {name: c.fit(z, y) for name, c in {"none": Uncalibrated(), **build_calibrators(section)}.items()}
-
-
 def evaluate_beyond_test(run_dir: Path, cfg: DictConfig, predictor: Predictor) -> None:
     """The shift and OOD evaluations the config names (``shift``, ``ood``), if any."""
     if not (cfg.get("shift") or cfg.get("ood")):
         return
-    calibrators = fitted_calibrators(run_dir, cfg.calibrator)
+    # As the run fitted them on its validation split (calibrators.json): nothing is refitted.
+    calibrators = load_calibrators(run_dir)
     if cfg.get("shift"):
         shift = build_component(cfg.shift, "shift")
         if shift.num_classes != cfg.data.num_classes:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import FAST
 
 from calibrun import UserError
@@ -16,16 +19,11 @@ from calibrun.cli import config_dir, evaluate
 from calibrun.config import build_component, validate
 from calibrun.data import Split
 from calibrun.detection import SCORES, detection_metrics
-from calibrun.evaluate import load_logits
+from calibrun.calibrators import Calibrator, Uncalibrated
+from calibrun.evaluate import build_calibrators, load_calibrators, load_logits
 from calibrun.metrics import METRIC_NAMES
 from calibrun.metrics import evaluate as metrics_evaluate
-from calibrun.robustness import (
-    evaluate_ood,
-    evaluate_shift,
-    evaluation_config,
-    fitted_calibrators,
-    trained_predictor,
-)
+from calibrun.robustness import evaluate_beyond_test, evaluate_ood, evaluate_shift, evaluation_config, trained_predictor
 from calibrun.train import run
 
 CALIBRATORS = "calibrator=[temperature,isotonic]"
@@ -81,6 +79,13 @@ class FakeOOD:
                      torch.zeros(200, dtype=torch.long), torch.arange(200))
 
 
+def refitted_calibrators(run_dir, cfg) -> dict[str, Calibrator]:
+    """``none`` and the run's calibrators fitted again on its ``logits/val.npz``: what
+    the shift/OOD evaluation used before it loaded ``calibrators.json``."""
+    z, y = load_logits(run_dir / "logits" / "val.npz")
+    return {name: c.fit(z, y) for name, c in {"none": Uncalibrated(), **build_calibrators(cfg.calibrator)}.items()}
+
+
 def _direct_probs(run_dir, cfg, images: torch.Tensor, calibrator: str) -> np.ndarray:
     """The model run on ``images`` in one batch, then the calibrator fitted on val."""
     data = build_component(cfg.data, "data")
@@ -88,14 +93,37 @@ def _direct_probs(run_dir, cfg, images: torch.Tensor, calibrator: str) -> np.nda
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
     with torch.no_grad():
         logits = model.eval()(data.eval_transform(images)).numpy()
-    return fitted_calibrators(run_dir, cfg.calibrator)[calibrator].predict_proba(logits)
+    return refitted_calibrators(run_dir, cfg)[calibrator].predict_proba(logits)
+
+
+def _calibrator_classes(base: type = Calibrator) -> list[type]:
+    return [cls for sub in base.__subclasses__() for cls in (sub, *_calibrator_classes(sub))]
+
+
+def test_the_evaluation_loads_the_fitted_calibrators_and_fits_none(trained, tmp_path, monkeypatch):
+    """calibrun-evaluate applies calibrators.json: no calibrator is fitted, and its rows
+    equal those of calibrators fitted again on val (the earlier behaviour) to 1e-12."""
+    run_dir, cfg = trained
+    refitted = refitted_calibrators(run_dir, cfg)
+    before = evaluate_ood(shutil.copytree(run_dir, tmp_path / "refit"), FakeOOD(), trained_predictor(run_dir, cfg),
+                          refitted, cfg.metrics.n_bins)
+    for cls in _calibrator_classes():
+        monkeypatch.setattr(cls, "fit", lambda *args, **kwargs: pytest.fail("a calibrator was fitted"))
+    used = {}
+    monkeypatch.setattr("calibrun.robustness.evaluate_ood", lambda *args: used.update(args[3]))
+    with_ood = OmegaConf.merge(cfg, {"ood": OmegaConf.load(Path(config_dir()) / "ood" / "svhn.yaml")})
+    evaluate_beyond_test(run_dir, with_ood, trained_predictor(run_dir, cfg))
+    assert set(used) == set(refitted)
+    after = evaluate_ood(shutil.copytree(run_dir, tmp_path / "loaded"), FakeOOD(), trained_predictor(run_dir, cfg),
+                         used, cfg.metrics.n_bins)
+    pd.testing.assert_frame_equal(after, before, check_exact=False, atol=1e-12, rtol=0)
 
 
 def test_a_shift_row_equals_the_metrics_of_the_model_run_directly(trained):
     run_dir, cfg = trained
     shift = FakeCorruptions(build_component(cfg.data, "data").splits()["test"])
     table = evaluate_shift(run_dir, shift, trained_predictor(run_dir, cfg),
-                           fitted_calibrators(run_dir, cfg.calibrator), cfg.metrics.n_bins)
+                           load_calibrators(run_dir), cfg.metrics.n_bins)
     assert list(table.columns) == ["corruption", "severity", "calibrator", *METRIC_NAMES, "n"]
     assert len(table) == 2 * 2 * 3  # corruptions x severities x {none, temperature, isotonic}
     on_disk = pd.read_csv(run_dir / "shift" / "metrics.csv")
@@ -114,7 +142,7 @@ def test_a_shift_row_equals_the_metrics_of_the_model_run_directly(trained):
 def test_shift_never_refits_and_skips_what_is_written(trained):
     run_dir, cfg = trained
     test = build_component(cfg.data, "data").splits()["test"]
-    calibrators = fitted_calibrators(run_dir, cfg.calibrator)
+    calibrators = load_calibrators(run_dir)
     temperature = calibrators["temperature"].temperature
     predictor = trained_predictor(run_dir, cfg)
     first = evaluate_shift(run_dir, FakeCorruptions(test), predictor, calibrators, cfg.metrics.n_bins)
@@ -146,7 +174,7 @@ def test_pooled_bins_give_the_ece_of_the_pooled_images():
 
 def test_ood_rows_equal_the_detection_metrics_of_the_calibrated_scores(trained):
     run_dir, cfg = trained
-    calibrators = fitted_calibrators(run_dir, cfg.calibrator)
+    calibrators = load_calibrators(run_dir)
     table = evaluate_ood(run_dir, FakeOOD(), trained_predictor(run_dir, cfg), calibrators, cfg.metrics.n_bins)
     assert list(table.columns) == ["dataset", "score", "calibrator", "auroc", "aupr_in", "aupr_out", "fpr95", "n"]
     assert set(table["score"]) == set(SCORES) and set(table["calibrator"]) == {"none", "temperature", "isotonic"}

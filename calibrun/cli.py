@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from calibrun import UserError, samples, sweep
 from calibrun._io import atomic_write_text
 from calibrun.config import did_you_mean, first_line, unknown_key_problem
-from calibrun.runfolder import FolderRefused, resume_command
+from calibrun.runfolder import METRICS, FolderRefused, resume_command
 
 # ${calibrun.sample:cifar10} and ${calibrun.cache:cifar10} locate the image sets bundled
 # with the package and their decode cache (conf/data/*_sample.yaml).
@@ -428,7 +428,7 @@ def evaluate(argv: list[str] | None = None) -> None:
     except (UserError, HydraException, OmegaConfBaseException) as err:
         log.error("%s", "; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
         sys.exit(1)
-    written = [p for p in (args.run_dir / "shift" / "metrics.csv", args.run_dir / "ood" / "metrics.csv") if p.is_file()]
+    written = [p for p in (args.run_dir / "shift" / METRICS, args.run_dir / "ood" / METRICS) if p.is_file()]
     log.info("Results: %s", ", ".join(map(str, written)))
 
 

@@ -33,17 +33,14 @@ from calibrun.calibrators import Calibrator, Uncalibrated, looks_like_probabilit
 from calibrun.config import build_component, first_line, validate
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, evaluate
 from calibrun.plots import confidence_histogram, reliability_with_histogram
-from calibrun.runfolder import require_finished_run
+from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, logits_file, mark_done,
+                                require_finished_run, write_status)
 
 # collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold).
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
 # One JSON object per calibrun-calibrate call, appended in the run folder.
 CALIBRATION_LOG = "calibrations.jsonl"
-# The fitted parameters of each calibrator, keyed by its name (Calibrator.params()).
-CALIBRATOR_PARAMS = "calibrators.json"
-# Where the logits of a folder made by ``calibrun-calibrate --val --test --out`` came from.
-EXTERNAL_SOURCE = "source.json"
 log = logging.getLogger(__name__)
 OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.n_bins=M"
 
@@ -136,7 +133,7 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     accuracy is below :func:`~calibrun.metrics.collapse_threshold` is marked ``collapsed``
     and metrics.md says so above the table. Returns the table.
     """
-    splits = {split: load_logits(run_dir / "logits" / f"{split}.npz") for split in ("val", "test")}
+    splits = {split: load_logits(logits_file(run_dir, split)) for split in ("val", "test")}
     rows, bins, params = [], [], {}
     threshold = collapse_threshold(splits["test"][0].shape[1], collapse_margin)
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
@@ -149,8 +146,8 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
             rows.append({"split": split, "calibrator": name, **scores, "collapsed": scores["accuracy"] < threshold})
             if split == "test":
                 bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scores, n_bins))
-    table = _keep_others(run_dir / "metrics.csv", pd.DataFrame(rows, columns=METRIC_COLUMNS))
-    write_run_tables(run_dir, table, _keep_others(run_dir / "bins.csv", pd.concat(bins)[BIN_COLUMNS]), n_bins,
+    table = _keep_others(run_dir / METRICS, pd.DataFrame(rows, columns=METRIC_COLUMNS))
+    write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(bins)[BIN_COLUMNS]), n_bins,
                      (threshold, collapse_margin))
     write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
     return table
@@ -212,7 +209,7 @@ def run_header(run_dir: Path, n_bins: int) -> list[str]:
     subsets, seed, bins; read from the run's ``config.yaml`` (nothing if there is none)."""
     if (run_dir / EXTERNAL_SOURCE).is_file():
         return _external_header(run_dir, n_bins)
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     try:
         cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -300,11 +297,11 @@ def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_b
     """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings, and a
     warning when the model collapsed below ``collapse`` = (threshold, margin)) and
     ``bins.csv``, each written atomically."""
-    atomic_write_text(run_dir / "metrics.csv", table.to_csv(index=False))
+    atomic_write_text(run_dir / METRICS, table.to_csv(index=False))
     markdown = grouped_by_split(table).to_markdown(index=False, floatfmt=".4f")
     atomic_write_text(run_dir / "metrics.md", "\n".join([*run_header(run_dir, n_bins), *collapse_warning(table, collapse),
                                                           markdown]) + "\n")
-    atomic_write_text(run_dir / "bins.csv", bins.to_csv(index=False))
+    atomic_write_text(run_dir / BINS, bins.to_csv(index=False))
 
 
 def collapse_warning(table: pd.DataFrame, collapse: tuple[float, float] | None) -> list[str]:
@@ -336,7 +333,7 @@ def load_calibrators(run_dir: Path) -> dict[str, Calibrator]:
         params = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"Cannot read {path}: {err}") from None
-    section = load_run_config(run_dir / "config.yaml").get("calibrator") or {}
+    section = load_run_config(run_dir / CONFIG).get("calibrator") or {}
     missing = [name for name in params if name != "none" and name not in section]
     if missing:
         raise UserError(f"{run_dir / 'config.yaml'} has no calibrator.{missing[0]} for the entry in {path}.")
@@ -361,8 +358,8 @@ def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd
     Returns the table and the calibrators refitted.
     """
     require_finished_run(run_dir)
-    run_cfg = load_run_config(run_dir / "config.yaml")
-    metrics = _read_run_table(run_dir / "metrics.csv")
+    run_cfg = load_run_config(run_dir / CONFIG)
+    metrics = _read_run_table(run_dir / METRICS)
     in_table = [] if metrics is None else [c for c in metrics["calibrator"].unique() if c != "none"]
     cfg = refit_config(run_cfg, overrides, in_table, conf_dir)
     table = calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), **metric_settings(cfg))
@@ -452,7 +449,7 @@ def _record_refit(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig, overrides
     kept = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
     run_cfg.calibrator = {**kept, **refitted}
     OmegaConf.update(run_cfg, "metrics.n_bins", cfg.metrics.n_bins, merge=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(run_cfg))
+    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(run_cfg))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides,
              "refitted": list(refitted), "n_bins": cfg.metrics.n_bins, "calibrator": refitted}
     with open(run_dir / CALIBRATION_LOG, "a") as fh:
@@ -483,16 +480,16 @@ def calibrate_external(val: Path, test: Path, out: Path, overrides: list[str], c
         defaults = compose(config_name="config")
     cfg = refit_config(defaults, overrides, [], conf_dir)
     for split, (logits, labels) in splits.items():
-        with atomic_open(out / "logits" / f"{split}.npz") as fh:
+        with atomic_open(logits_file(out, split)) as fh:
             np.savez(fh, logits=logits, labels=labels)
     # What the folder was made with; "model" is a name here, where trained runs have a section.
     run_cfg = {"model": name, "seed": seed, "calibrator": OmegaConf.to_container(cfg.calibrator),
                "metrics": OmegaConf.to_container(cfg.metrics)}
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_cfg)))
+    atomic_write_text(out / CONFIG, OmegaConf.to_yaml(OmegaConf.create(run_cfg)))
     atomic_write_text(out / EXTERNAL_SOURCE, json.dumps(source, indent=2) + "\n")
     table = calibrate_and_report(out, build_calibrators(cfg.calibrator), **metric_settings(cfg))
-    atomic_write_text(out / "status.json", json.dumps({"state": "done", "epoch": None, "error": None}, indent=2))
-    atomic_write_text(out / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    write_status(out, "done")
+    mark_done(out)
     return table, list(cfg.calibrator)
 
 

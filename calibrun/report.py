@@ -24,9 +24,9 @@ from calibrun import UserError
 from calibrun._io import atomic_write_text
 from calibrun.config import is_non_experiment_key
 from calibrun.detection import DETECTION_METRICS
-from calibrun.evaluate import CALIBRATOR_PARAMS, EXTERNAL_SOURCE
 from calibrun.metrics import METRIC_NAMES, pool_bins
 from calibrun.plots import Curve, curves_against, reliability_grid
+from calibrun.runfolder import BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, STATUS, is_done
 
 PAPERS = Path(__file__).resolve().parent / "papers"
 log = logging.getLogger(__name__)
@@ -81,14 +81,14 @@ def _read_file(path: Path, parse, kind: type) -> object:
 def describe_run(run_dir: Path) -> dict[str, object]:
     """The run's state, its config choices (data, model, loss, ...) and flattened config."""
     status = {"state": "unknown", "error": None}
-    if (run_dir / "status.json").is_file():
-        status.update(_read_file(run_dir / "status.json", json.loads, dict))
-    config_file = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else run_dir / ".hydra" / "config.yaml"
+    if (run_dir / STATUS).is_file():
+        status.update(_read_file(run_dir / STATUS, json.loads, dict))
+    config_file = run_dir / CONFIG if (run_dir / CONFIG).is_file() else run_dir / ".hydra" / CONFIG
     config = _read_file(config_file, yaml.safe_load, dict) if config_file.is_file() else {}
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     hydra = _read_file(hydra_file, yaml.safe_load, dict) if hydra_file.is_file() else {}
     choices = (hydra.get("hydra") or {}).get("runtime", {}).get("choices", {}) if isinstance(hydra.get("hydra"), dict) else {}
-    state = "done" if (run_dir / "DONE").is_file() else status["state"]
+    state = "done" if is_done(run_dir) else status["state"]
     info: dict[str, object] = {"run": str(run_dir), "state": state, "error": status.get("error"),
                                "seed": config.get("seed")}
     info.update({k: v for k, v in (choices or {}).items() if k in ("data", "model", "loss", "experiment") and v})
@@ -183,8 +183,8 @@ def _read_run(run_dir: Path) -> dict[str, object]:
     parameters (``_params``); a run with an unreadable file comes back as ``broken``."""
     try:
         info = describe_run(run_dir)
-        if info["state"] == "done" and (run_dir / "metrics.csv").is_file():
-            info["_metrics"] = _read_table(run_dir / "metrics.csv", ("split", "calibrator", *METRIC_NAMES))
+        if info["state"] == "done" and (run_dir / METRICS).is_file():
+            info["_metrics"] = _read_table(run_dir / METRICS, ("split", "calibrator", *METRIC_NAMES))
             info["_params"] = calibrator_params(run_dir)
         return info
     except BrokenRun as err:
@@ -342,7 +342,7 @@ def reliability_panels(metrics: pd.DataFrame, keys: list[str], calibrator: str,
     groups = list(chosen.groupby(keys, dropna=False, sort=False)) if keys else [((), chosen)]
     values = [group if isinstance(group, tuple) else (group,) for group, _ in groups]
     for title, (_, rows) in zip(distinct_labels(keys, values, paper), groups):
-        bins = pd.concat([_read_bins(Path(r) / "bins.csv") for r in rows["run"]])
+        bins = pd.concat([_read_bins(Path(r) / BINS) for r in rows["run"]])
         pooled, _, _ = pool_bins(bins[bins["calibrator"] == calibrator])
         title = "\n".join(textwrap.wrap(title or calibrator, 45))
         panels.append((title, pooled, rows["ece"].mean(), rows["mce"].mean()))
@@ -511,7 +511,7 @@ def collect_part(runs: pd.DataFrame, keys: list[str], part: str, calibrators: li
     written by ``calibrun.robustness``), with the run, its seed and its group keys."""
     frames = []
     for _, run in runs[runs["state"] == "done"].iterrows():
-        path = Path(str(run["run"])) / part / "metrics.csv"
+        path = Path(str(run["run"])) / part / METRICS
         if path.is_file():
             try:
                 rows = _read_table(path, ("calibrator",))

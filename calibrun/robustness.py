@@ -45,7 +45,7 @@ from calibrun.evaluate import load_calibrators, load_logits, load_run_config
 from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
-from calibrun.runfolder import require_finished_run
+from calibrun.runfolder import BINS, CONFIG, METRICS, logits_file, require_finished_run
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrato
     """Every (corruption, severity) block of ``shift.sets()`` not yet in ``shift/metrics.csv``."""
     out = run_dir / "shift"
     table, bins = _previous(out, _state(calibrators, n_bins),
-                            {"metrics.csv": SHIFT_COLUMNS, "bins.csv": SHIFT_BIN_COLUMNS})
+                            {METRICS: SHIFT_COLUMNS, BINS: SHIFT_BIN_COLUMNS})
     done = set(zip(table["corruption"], table["severity"].astype(int)))
     images, seconds = 0, 0.0
     for corruption, severity, split in shift.sets():
@@ -149,15 +149,15 @@ def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrato
         new_rows, new_bins = _score_block(z, y, calibrators, n_bins, {"corruption": corruption, "severity": severity})
         table = pd.concat([table, new_rows[SHIFT_COLUMNS]], ignore_index=True)
         bins = pd.concat([bins, new_bins[SHIFT_BIN_COLUMNS]], ignore_index=True)
-        atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
-        atomic_write_text(out / "bins.csv", bins.to_csv(index=False))
+        atomic_write_text(out / METRICS, table.to_csv(index=False))
+        atomic_write_text(out / BINS, bins.to_csv(index=False))
         ece = new_rows.set_index("calibrator")["ece"]
         log.info("shift %s severity %d: accuracy %.4f, ECE %s", corruption, severity, new_rows["accuracy"].iloc[0],
                  ", ".join(f"{name} {value:.4f}" for name, value in ece.items()))
     if images:
         log.info("shift: %d images in %.1f s (%.0f images/s)", images, seconds, images / max(seconds, 1e-9))
     else:
-        log.info("shift: every block asked for is already in %s", out / "metrics.csv")
+        log.info("shift: every block asked for is already in %s", out / METRICS)
     if len(table):
         shift_figures(out / "figures", table, bins, _clean_rows(run_dir))
     return table
@@ -166,7 +166,7 @@ def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrato
 def _clean_rows(run_dir: Path) -> pd.DataFrame | None:
     """The run's own test rows (the uncorrupted reference), if its table is readable."""
     try:
-        metrics = pd.read_csv(run_dir / "metrics.csv")
+        metrics = pd.read_csv(run_dir / METRICS)
     except (OSError, ValueError, pd.errors.ParserError):
         return None
     return metrics[metrics["split"] == "test"]
@@ -192,11 +192,11 @@ def evaluate_ood(run_dir: Path, ood: object, predictor: Predictor, calibrators: 
     in-distribution and ``ood.split()`` as out-of-distribution; skipped if ``ood/metrics.csv``
     already holds the set."""
     out = run_dir / "ood"
-    (table,) = _previous(out, _state(calibrators, n_bins), {"metrics.csv": OOD_COLUMNS})
+    (table,) = _previous(out, _state(calibrators, n_bins), {METRICS: OOD_COLUMNS})
     if ood.name in set(table["dataset"]):
-        log.info("ood %s: already in %s", ood.name, out / "metrics.csv")
+        log.info("ood %s: already in %s", ood.name, out / METRICS)
         return table
-    z_in, _ = load_logits(run_dir / "logits" / "test.npz")
+    z_in, _ = load_logits(logits_file(run_dir, "test"))
     z_out, _ = predictor.logits(ood.split())
     rows = []
     for name, calibrator in calibrators.items():
@@ -210,7 +210,7 @@ def evaluate_ood(run_dir: Path, ood: object, predictor: Predictor, calibrators: 
                          title=f"calibrator {name}: AUROC of the max probability {auroc:.3f}")
     new = pd.DataFrame(rows)[OOD_COLUMNS]
     table = pd.concat([table, new], ignore_index=True) if len(table) else new
-    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+    atomic_write_text(out / METRICS, table.to_csv(index=False))
     best = new[new["score"] == "msp"].set_index("calibrator")["auroc"]
     log.info("ood %s (%d images): AUROC of the max probability %s", ood.name, len(z_out),
              ", ".join(f"{name} {value:.4f}" for name, value in best.items()))
@@ -227,7 +227,7 @@ def evaluation_config(run_dir: Path, overrides: list[str], conf_dir: Path) -> Di
     ``conf/shift``, ``conf/ood``) and the device settings they give, validated."""
     require_finished_run(run_dir)
     composed = _compose_evaluation(overrides, conf_dir)
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / CONFIG)
     with open_dict(cfg):
         for key in ("shift", "ood"):
             cfg[key] = composed.get(key) or cfg.get(key)

@@ -21,9 +21,18 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from calibrun import UserError
+from calibrun._io import atomic_write_text
 from calibrun.config import is_non_experiment_key
 
 LOCK_FILE = ".lock"
+# The files of a run folder that more than one module reads or writes (docs/design.md §7).
+DONE = "DONE"
+STATUS = "status.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+BINS = "bins.csv"
+CALIBRATOR_PARAMS = "calibrators.json"
+EXTERNAL_SOURCE = "source.json"  # where logits made outside calibrun came from
 
 
 class FolderRefused(UserError):
@@ -69,7 +78,7 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 def experiment_differences(run_dir: Path, cfg: DictConfig) -> list[str]:
     """``key: old -> new`` for every experiment key in which ``cfg`` differs from the
     config the folder's run was started with (none if the folder holds no run yet)."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.is_file():
         return []
     try:
@@ -91,7 +100,7 @@ def check_same_experiment(run_dir: Path, cfg: DictConfig) -> None:
     differences = experiment_differences(run_dir, cfg)
     if not differences:
         return
-    state = "finished" if (run_dir / "DONE").exists() else "started"
+    state = "finished" if is_done(run_dir) else "started"
     shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
     hint = (" Calibrator and metrics settings of a finished run change with calibrun-calibrate RUN_DIR ...;"
             if all(d.startswith(("calibrator.", "metrics.")) for d in differences) else "")
@@ -108,8 +117,7 @@ def require_finished_run(run_dir: Path) -> None:
                         "or, for logits of your own, --val VAL.npz --test TEST.npz --out DIR.")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a run folder.")
-    needed = [run_dir / "DONE", run_dir / "config.yaml", run_dir / "logits" / "val.npz",
-              run_dir / "logits" / "test.npz"]
+    needed = [run_dir / DONE, run_dir / CONFIG, logits_file(run_dir, "val"), logits_file(run_dir, "test")]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"{run_dir} is not a finished calibrun run (missing: {', '.join(missing)}).")
@@ -120,3 +128,31 @@ def resume_command(argv: list[str], run_name: str) -> str:
     fixed, since the default run_name is a timestamp that a new command would renew."""
     kept = [arg for arg in argv if not arg.startswith("run_name=")]
     return shlex.join(["calibrun", *kept, f"run_name={run_name}"])
+
+
+def logits_file(run_dir: Path, split: str) -> Path:
+    """The saved logits and labels of ``split`` (val, test) of the run in ``run_dir``."""
+    return run_dir / "logits" / f"{split}.npz"
+
+
+def write_status(run_dir: Path, state: str, epoch: int | None = None, error: str | None = None) -> None:
+    """``status.json``: running, done, failed or interrupted, the last finished epoch, the error."""
+    atomic_write_text(run_dir / STATUS, json.dumps({"state": state, "epoch": epoch, "error": error}, indent=2))
+
+
+def recorded_epoch(run_dir: Path) -> int | None:
+    """The ``epoch`` status.json last recorded (None if it records none or is unreadable)."""
+    try:
+        return json.loads((run_dir / STATUS).read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_done(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` finished (its ``DONE`` marker, written last)."""
+    return (run_dir / DONE).is_file()
+
+
+def mark_done(run_dir: Path) -> None:
+    """Write ``DONE`` (the time), the last file a finished run gets."""
+    atomic_write_text(run_dir / DONE, time.strftime("%Y-%m-%d %H:%M:%S\n"))

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from calibrun.runfolder import resume_command
+from calibrun.runfolder import STATUS, resume_command
 
 
 # Jobs this process refused or saw fail before they wrote a status.json (a folder holding
@@ -36,7 +36,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         unfinished = []
-        for status_file in sorted(Path(str(config.hydra.sweep.dir)).glob("**/status.json")):
+        for status_file in sorted(Path(str(config.hydra.sweep.dir)).glob(f"**/{STATUS}")):
             if status_file.stat().st_mtime < self.start - 1:
                 continue  # a job of an earlier sweep into the same folder
             try:

@@ -47,7 +47,8 @@ from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
 from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.robustness import Predictor, evaluate_beyond_test
-from calibrun.runfolder import RunLock, check_same_experiment
+from calibrun.runfolder import (CONFIG, RunLock, check_same_experiment, is_done, logits_file, mark_done,
+                                recorded_epoch, write_status)
 from calibrun.tensorboard import EpochBoard, require_tensorboard
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,6 @@ HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ece
 
 
 # --------------------------------------------------------------------------- run folder helpers
-
-
-def write_status(run_dir: Path, state: str, epoch: int | None = None, error: str | None = None) -> None:
-    atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "epoch": epoch, "error": error}, indent=2))
-
-
-def _finished_epochs(run_dir: Path) -> int | None:
-    """The ``epoch`` status.json last recorded (None if it records none or is unreadable)."""
-    try:
-        return json.loads((run_dir / "status.json").read_text()).get("epoch")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _git_commit() -> str | None:
@@ -435,7 +424,7 @@ def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = No
     cfg = validate(cfg)
     with RunLock(run_dir), SignalFlag() as interrupt:
         check_same_experiment(run_dir, cfg)
-        if (run_dir / "DONE").exists():
+        if is_done(run_dir):
             log.info("%s holds DONE with the same config: nothing to do.", run_dir)
             return None
         if snapshot is not None:
@@ -450,10 +439,10 @@ def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = No
             interrupted = interrupt.received is not None or isinstance(err, KeyboardInterrupt)
             message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             # The epochs finished before the stop stay on record: a resume starts after them.
-            write_status(run_dir, "interrupted" if interrupted else "failed", epoch=_finished_epochs(run_dir),
+            write_status(run_dir, "interrupted" if interrupted else "failed", epoch=recorded_epoch(run_dir),
                          error=message)
             raise
-        atomic_write_text(run_dir / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        mark_done(run_dir)
     return result
 
 
@@ -487,7 +476,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     device = resolve_device(t.device)
     require_tensorboard(t.tensorboard)
     seed_everything(cfg.seed, t.deterministic)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg))
     atomic_write_text(run_dir / "env.json", json.dumps(environment(device, cfg.seed), indent=2))
     data, model, loss_fn, calibrators = build(cfg)
     amp = t.amp and device.type == "cuda"
@@ -523,7 +512,7 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     draw_training_curves(run_dir, progress.history, cfg)
     for split, loader in tr.eval_loaders.items():
         logits, labels = predict(tr.forward, loader)
-        save_logits(run_dir / "logits" / f"{split}.npz", logits, labels, splits[split].index)
+        save_logits(logits_file(run_dir, split), logits, labels, splits[split].index)
     table = calibrate_and_report(run_dir, calibrators, **metric_settings(cfg))
     test_loader = tr.eval_loaders["test"]
     evaluate_beyond_test(run_dir, cfg, Predictor(tr.forward, test_loader.transform, test_loader.device,

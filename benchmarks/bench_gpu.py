@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import ArrayDataset  # noqa: E402
 
 from calibrun import train  # noqa: E402
-from calibrun.cli import config_dir  # noqa: E402
+from calibrun.compose import config_dir  # noqa: E402
 from calibrun.config import build_component, validate  # noqa: E402
 from calibrun.data import CIFAR, PACS, Split  # noqa: E402
 from calibrun.duration import DurationEstimate  # noqa: E402

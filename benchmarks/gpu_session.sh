@@ -39,7 +39,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, say how long, remem
 
 install() {  # the machine's Python has torch but not Hydra: the carried wheels, then calibrun
     if [ -d .whl ]; then "$PY" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl || exit 1; fi
-    "$PY" -c "import calibrun.cli" 2>/dev/null \
+    "$PY" -c "import calibrun.commands.calibrun" 2>/dev/null \
         || "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
     # The Makefile's targets use $(BIN): the folder of this Python stands in for .venv/bin.
     BIN=$(dirname "$PY"); touch "$BIN/.installed"

@@ -1,5 +1,5 @@
 """``python -m calibrun`` is the ``calibrun`` command."""
 
-from calibrun.cli import main
+from calibrun.commands.calibrun import main
 
 main()

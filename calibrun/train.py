@@ -1,7 +1,7 @@
 """The run: build the parts, fit, checkpoint, resume, collect logits.
 
-This module and ``cli.py`` are the only ones that see the config object (its schemas
-and validation live in ``config.py``). Components are built with
+The config object reaches this module from the ``calibrun`` command (its schemas and
+validation live in ``config.py``; docs/design.md §1 lists who else sees it). Components are built with
 ``hydra.utils.instantiate`` from their ``_target_`` entries; the loop calls the same
 hooks on every loss and never asks which loss or calibrator it runs (docs/design.md §7).
 """

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from calibrun.cli import config_dir, main
+from calibrun.commands.calibrun import main
+from calibrun.compose import config_dir
 from calibrun.samples import sample_root
 
 REPO = Path(__file__).resolve().parent.parent

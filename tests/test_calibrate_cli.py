@@ -13,10 +13,12 @@ import yaml
 from conftest import FAST
 from omegaconf import OmegaConf
 
-from calibrun import UserError, cli
+from calibrun import UserError
+from calibrun.commands.calibrate import calibrate as calibrate_command
+from calibrun.commands.report import report as report_command
 from calibrun.calibrators import HistogramBinning, MatrixScaling, PlattScaling, TemperatureScaling
 from calibrun.config import validate
-from calibrun.cli import config_dir
+from calibrun.compose import config_dir
 from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_table, grouped_by_split, recalibrate,
                                refit_config)
 from calibrun.metrics import evaluate
@@ -24,12 +26,12 @@ from calibrun.metrics import evaluate
 
 def calibrate(args):
     """``calibrun-calibrate ARGS`` in this process (a failure raises SystemExit)."""
-    cli.calibrate(args)
+    calibrate_command(args)
 
 
 def calibrate_process(args, cwd):
     """``calibrun-calibrate ARGS`` in a new process, for its exit status and stderr."""
-    return subprocess.run([sys.executable, "-c", "from calibrun.cli import calibrate; calibrate()", *args],
+    return subprocess.run([sys.executable, "-c", "from calibrun.commands.calibrate import calibrate; calibrate()", *args],
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -202,7 +204,7 @@ def test_external_logits_give_the_same_tables_as_the_run_that_made_them(run_cli,
     assert "my_net, logits made outside calibrun" in header and str(run_dir / "logits" / "val.npz") in header
 
     capfd.readouterr()
-    cli.report([str(run_dir), str(out), "--out", str(tmp_path / "rep"), "--calibrators", "none,temperature"])
+    report_command([str(run_dir), str(out), "--out", str(tmp_path / "rep"), "--calibrators", "none,temperature"])
     table = pd.read_csv(tmp_path / "rep" / "report.csv")
     assert set(table["model"]) == {"resnet110", "my_net"}
     mine = table[table["model"] == "my_net"].set_index("calibrator")
@@ -295,7 +297,7 @@ def test_external_logits_mistakes_are_one_line_errors(tmp_path, capsys, caplog, 
     # In this process (a new one per case costs seconds of imports); the test below checks
     # that a refused command's error reaches stderr alone, as one line, in a new process.
     with pytest.raises(SystemExit) as exit_:
-        cli.calibrate(args or ["--val", val, "--test", test, "--out", str(out), "calibrator=[temperature]"])
+        calibrate_command(args or ["--val", val, "--test", test, "--out", str(out), "calibrator=[temperature]"])
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     said = "\n".join(errors) + capsys.readouterr().err
     assert exit_.value.code in (1, 2) and message in said, said[-2000:]
@@ -312,7 +314,7 @@ def test_results_go_to_stdout_and_errors_alone_to_stderr(tmp_path):
     made = calibrate_process(["--val", val, "--test", test, "--out", str(tmp_path / "run"), "calibrator=[temperature]"],
                              cwd=tmp_path)
     assert made.returncode == 0 and made.stderr == "" and "temperature" in made.stdout
-    report = subprocess.run([sys.executable, "-c", "from calibrun.cli import report; report()", str(tmp_path / "run")],
+    report = subprocess.run([sys.executable, "-c", "from calibrun.commands.report import report; report()", str(tmp_path / "run")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0 and report.stderr == "" and "| calibrator" in report.stdout
     again = calibrate_process(["--val", val, "--test", test, "--out", str(tmp_path / "run")], cwd=tmp_path)

@@ -112,7 +112,7 @@ def test_bad_config_is_one_line_before_any_folder(run_cli_process, tmp_path, arg
 def test_calibruns_own_keys_are_checked_without_loading_torch(tmp_path):
     """A mistake in the trainer's or the top level's keys is answered before torch (1.5 s
     of a quiet machine's import, several seconds of a loaded one) or any component loads."""
-    script = ("import sys\nfrom calibrun.cli import main\nsys.argv = ['calibrun', 'trainer.lr=-1']\n"
+    script = ("import sys\nfrom calibrun.commands.calibrun import main\nsys.argv = ['calibrun', 'trainer.lr=-1']\n"
               "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr[-2000:]
@@ -173,7 +173,7 @@ def test_installed_package_finds_its_config_and_samples_from_any_directory(tmp_p
     elsewhere.mkdir()
     code = ("import calibrun, sys; print(calibrun.__file__); "
             "sys.argv[1:] = ['data=cifar10_sample', '--cfg', 'job', '--resolve']; "
-            "from calibrun.cli import main; main()")
+            "from calibrun.commands.calibrun import main; main()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
                           env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
                           timeout=300)

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from calibrun import UserError
-from calibrun.cli import config_dir
+from calibrun.compose import config_dir
 from calibrun.config import NON_EXPERIMENT_KEYS, validate
 from calibrun.data import ImageDataset
 from calibrun.optim import lr_factor

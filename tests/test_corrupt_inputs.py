@@ -31,7 +31,7 @@ def interrupted(tmp_path_factory, compose_cfg_module):
 def compose_cfg_module():
     from hydra import compose, initialize_config_dir
 
-    from calibrun.cli import config_dir
+    from calibrun.compose import config_dir
 
     def _compose(overrides):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from calibrun import UserError
 from calibrun.data import CIFAR, PACS, DeviceLoader, Split, Synthetic, make_splits, random_crop_flip
-from calibrun.data.packed import main as pack_main
+from calibrun.commands.pack import main as pack_main
 
 
 def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ def readable_offline(name: str) -> bool:
     on a fresh clone, whose construction alone is checked."""
     from hydra import compose, initialize_config_dir
 
-    from calibrun.cli import config_dir
+    from calibrun.compose import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         data = compose(config_name="config", overrides=[f"data={name}"]).data

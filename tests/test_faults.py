@@ -230,7 +230,8 @@ def test_unknown_keys_and_options_list_the_allowed_ones(run_cli, override, expec
 
 
 def test_group_and_hydra_overrides_that_exist_pass_the_check():
-    from calibrun.cli import check_overrides, config_dir
+    from calibrun.compose import config_dir
+    from calibrun.overrides import check_overrides
 
     conf = Path(config_dir())
     assert check_overrides(["-m", "experiment=table1_gap", "loss.lam=0.1,1", "seed=0,1",

@@ -27,7 +27,7 @@ def test_joblib_launcher_runs_a_two_job_sweep(run_cli, tmp_path):
 @pytest.mark.parametrize("job, gpus, device", [(0, 1, "cuda"), (5, 1, "cuda"), (0, 4, "cuda:0"), (6, 4, "cuda:2"),
                                                (3, 2, "cuda:1")])
 def test_parallel_sweep_jobs_take_the_gpus_in_turn(job, gpus, device):
-    from calibrun.cli import spread_device
+    from calibrun.commands.calibrun import spread_device
 
     assert spread_device(job, gpus) == device
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from calibrun import UserError
-from calibrun.cli import config_dir
+from calibrun.compose import config_dir
 from calibrun.losses import (
     CrossEntropy,
     EntropyRegularized,

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 from torchvision.models import resnet18 as tv_resnet18
 
-from calibrun.cli import config_dir
+from calibrun.compose import config_dir
 from calibrun.config import build_component, validate
 from calibrun.models import ZeroPadShortcut, cifar_resnet, resnet18
 

@@ -20,7 +20,7 @@ SWEEP = ["-m", "loss=gap_cap", "loss.lam=0,1,10", "seed=0,1", *FAST, "trainer.ep
 
 
 def report_cli(args, cwd):
-    return subprocess.run([sys.executable, "-c", "from calibrun.cli import report; report()", *args],
+    return subprocess.run([sys.executable, "-c", "from calibrun.commands.report import report; report()", *args],
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -164,7 +164,7 @@ def test_unknown_metric_names_the_option(tmp_path, option, kwargs):
 
 
 def test_caption_is_written_under_the_title(tmp_path):
-    from calibrun.cli import report
+    from calibrun.commands.report import report
 
     fake_run(tmp_path / "runs" / "r0", {"seed": 0, "loss": {"lam": 10.0}}, 0.1)
     caption = "Paper's network (gapcap_net), λ = 10: the mean-CE reading."
@@ -296,7 +296,7 @@ def test_a_broken_run_is_listed_and_the_others_reported(tmp_path, file, content)
      (["--table-metrics", "foo"], "'foo' in --table-metrics")],
 )
 def test_report_options_naming_nothing_are_refused(tmp_path, caplog, option, message):
-    from calibrun.cli import report
+    from calibrun.commands.report import report
 
     for i, lam in enumerate((1.0, 10.0)):
         fake_run(tmp_path / "runs" / f"r{i}", {"seed": 0, "loss": {"lam": lam}}, 0.1, params={"temperature": {"T": 1.5}})
@@ -309,7 +309,7 @@ def test_report_options_naming_nothing_are_refused(tmp_path, caplog, option, mes
 
 def test_an_unwritable_out_folder_is_one_line(tmp_path, caplog, monkeypatch):
     from calibrun import report as report_lib
-    from calibrun.cli import report
+    from calibrun.commands.report import report
 
     fake_run(tmp_path / "runs" / "r0", {"seed": 0}, 0.1)
 

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from conftest import FAST
 
 from calibrun import UserError
-from calibrun.cli import config_dir, evaluate
+from calibrun.commands.evaluate import evaluate
+from calibrun.compose import config_dir
 from calibrun.config import build_component, validate
 from calibrun.data import Split
 from calibrun.detection import SCORES, detection_metrics

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from shift_files import corrupt, sample_test_images, tar_of, write_cifar_c, write_svhn_mat
 
 from calibrun import UserError
-from calibrun.cli import config_dir
+from calibrun.compose import config_dir
 from calibrun.data import CIFAR, SVHN, CorruptedCIFAR, OtherTestSet
 
 N = 40  # images per severity block in the test-made release

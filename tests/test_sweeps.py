@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import FAST
 
-from calibrun.cli import config_dir
+from calibrun.compose import config_dir
 
 LOSS_DIR = Path(config_dir()) / "loss"
 # Every loss a user can pick: the YAML files of conf/loss.

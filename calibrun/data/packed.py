@@ -15,10 +15,8 @@ Pack a folder laid out as ``root/train/<class>/*`` and ``root/test/<class>/*`` w
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import sys
 import zipfile
 from pathlib import Path
 
@@ -113,20 +111,4 @@ def load_packed(path: Path, cache_dir: Path, num_classes: int) -> tuple[list[str
     cache_file = cache_dir / f"packed-{digest}.pt"
     # The image bytes are read only when the cache must be built.
     return classes, cached_tensors(cache_file, len(SPLITS), lambda: decode_packed(read_packed(path), path))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``calibrun-pack ROOT OUT.npz``: pack an image folder."""
-    parser = argparse.ArgumentParser(prog="calibrun-pack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="folder with train/<class>/* and test/<class>/*")
-    parser.add_argument("out", type=Path, help="the packed file to write (.npz)")
-    args = parser.parse_args(argv)
-    try:
-        counts = pack_folder(args.root, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    size = args.out.stat().st_size / 2**20
-    print(f"Packed {counts['train']} train and {counts['test']} test images into {args.out} ({size:.1f} MiB).")
-    return 0
 

@@ -12,20 +12,18 @@ import importlib
 __version__ = "0.1.0"
 
 # The public API: each name and the module it lives in (loaded on first access).
-# ``scores`` is calibrun.metrics.evaluate (every metric at once): ``calibrun.evaluate`` is
-# the module that evaluates runs.
-_ALIASES = {"scores": ("calibrun.metrics", "evaluate")}
+# ``scores`` computes every metric at once.
 _PUBLIC = {
     **dict.fromkeys(["accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier",
-                     "bin_stats", "METRIC_NAMES"], "calibrun.metrics"),
+                     "bin_stats", "scores", "METRIC_NAMES"], "calibrun.metrics"),
     **dict.fromkeys(["Calibrator", "Uncalibrated", "TemperatureScaling", "VectorScaling", "MatrixScaling",
                      "PlattScaling", "HistogramBinning", "IsotonicCalibration"], "calibrun.calibrators"),
     **dict.fromkeys(["reliability_diagram", "reliability_with_histogram", "reliability_grid",
                      "confidence_histogram"], "calibrun.plots"),
     "detection_metrics": "calibrun.detection",
-    "load_calibrators": "calibrun.evaluate",
+    "load_calibrators": "calibrun.calibration",
 }
-__all__ = ["UserError", "__version__", *_PUBLIC, *_ALIASES]
+__all__ = ["UserError", "__version__", *_PUBLIC]
 
 
 class UserError(Exception):
@@ -36,9 +34,6 @@ class UserError(Exception):
 
 
 def __getattr__(name: str) -> object:
-    if name in _ALIASES:
-        module, attribute = _ALIASES[name]
-        return getattr(importlib.import_module(module), attribute)
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'calibrun' has no attribute {name!r}")

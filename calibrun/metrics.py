@@ -8,7 +8,7 @@ Equal-width bins are right-closed, B_m = ((m-1)/M, m/M], with 0 also in B_1, so 
 confidence in [0, 1] lands in exactly one bin and a value equal to m/M lands in B_m.
 All binned metrics, the reliability diagram and histogram binning
 (``calibrun.calibrators``) go through :func:`equal_width_index`, so they always agree on
-which sample sits in which bin. :data:`METRIC_NAMES` names what :func:`evaluate` returns,
+which sample sits in which bin. :data:`METRIC_NAMES` names what :func:`scores` returns,
 in the column order of ``metrics.csv``.
 """
 
@@ -243,7 +243,7 @@ def brier(probs: ArrayLike, labels: ArrayLike) -> float:
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
 
 
-# The metrics of ``evaluate`` in the column order of metrics.csv and the sweep reports;
+# The metrics of ``scores`` in the column order of metrics.csv and the sweep reports;
 # each is called as f(probs, labels, n_bins), the unbinned ones ignoring n_bins.
 _METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
     "accuracy": lambda p, y, n_bins: accuracy(p, y),
@@ -276,7 +276,7 @@ def collapse_threshold(num_classes: int, margin: float = DEFAULT_COLLAPSE_MARGIN
     return chance + margin * (1.0 - chance)
 
 
-def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, float | int]:
+def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, float | int]:
     """All metrics at once, keyed by :data:`METRIC_NAMES` (``accuracy, ece, mce, ada_ece,
     classwise_ece, oe, nll, brier``) in that order, then ``n``, the number of samples.
 

@@ -3,7 +3,7 @@
 Finds the run folders below the given paths, groups the finished ones by the config keys
 that differ between them (leaving out ``calibrun.config.NON_EXPERIMENT_KEYS``, the seed
 and the calibrator settings) and the calibrator, and writes mean ± std over seeds. The
-per-run tables it reads are written by ``calibrun.evaluate``; the figures are drawn by
+per-run tables it reads are written by ``calibrun.calibration``; the figures are drawn by
 ``calibrun.plots`` from the numbers computed here. Scalar fitted parameters of the
 calibrators (``calibrators.json``: temperature scaling's T, say) are reported beside the
 metrics as ``<calibrator>.<name>`` columns, filled on that calibrator's rows only.

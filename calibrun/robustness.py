@@ -41,8 +41,8 @@ from calibrun.calibrators import Calibrator
 from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
-from calibrun.evaluate import load_calibrators, load_logits, load_run_config
-from calibrun.metrics import METRIC_NAMES, bin_stats, evaluate, pool_bins
+from calibrun.calibration import load_calibrators, load_logits, load_run_config
+from calibrun.metrics import METRIC_NAMES, bin_stats, scores, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.runfolder import BINS, CONFIG, METRICS, logits_file, require_finished_run
@@ -127,7 +127,7 @@ def _score_block(z: np.ndarray, y: np.ndarray, calibrators: dict[str, Calibrator
     rows, bins = [], []
     for name, calibrator in calibrators.items():
         probs = calibrator.predict_proba(z)
-        rows.append({**key, "calibrator": name, **evaluate(probs, y, n_bins)})
+        rows.append({**key, "calibrator": name, **scores(probs, y, n_bins)})
         bins.append(bin_stats(probs, y, n_bins).assign(**key, calibrator=name))
     return pd.DataFrame(rows), pd.concat(bins, ignore_index=True)
 

@@ -40,7 +40,7 @@ from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remo
 from calibrun.config import Select, build_component, config_fingerprint, validate
 from calibrun.duration import DurationEstimate, run_eta
 from calibrun.data import DeviceLoader, Split
-from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_table, describe_components,
+from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, describe_components,
                                group_choices, metric_settings)
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece

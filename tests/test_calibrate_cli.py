@@ -19,9 +19,9 @@ from calibrun.commands.report import report as report_command
 from calibrun.calibrators import HistogramBinning, MatrixScaling, PlattScaling, TemperatureScaling
 from calibrun.config import validate
 from calibrun.compose import config_dir
-from calibrun.evaluate import (build_calibrators, calibrate_and_report, console_table, grouped_by_split, recalibrate,
+from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, grouped_by_split, recalibrate,
                                refit_config)
-from calibrun.metrics import evaluate
+from calibrun.metrics import scores
 
 
 def calibrate(args):
@@ -44,7 +44,7 @@ def expected_test_scores(run_dir, calibrator, n_bins) -> dict:
     """The test row of ``calibrator`` computed here from the saved logits, not by the CLI."""
     with np.load(run_dir / "logits" / "val.npz") as val, np.load(run_dir / "logits" / "test.npz") as test:
         probs = calibrator.fit(val["logits"], val["labels"]).predict_proba(test["logits"])
-        return evaluate(probs, test["labels"], n_bins)
+        return scores(probs, test["labels"], n_bins)
 
 
 def log_entries(run_dir) -> list[dict]:

@@ -24,7 +24,7 @@ from calibrun.calibrators import (
 )
 from calibrun import UserError
 from calibrun.config import validate
-from calibrun.evaluate import build_calibrators, calibrate_and_report, load_logits
+from calibrun.calibration import build_calibrators, calibrate_and_report, load_logits
 from calibrun.metrics import ece, nll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -459,8 +459,8 @@ def test_calibrators_json_holds_the_fitted_parameters_and_keeps_the_others(tmp_p
 def test_a_finished_runs_calibrators_load_and_reproduce_its_test_rows_without_refitting(compose_cfg, tmp_path):
     from conftest import FAST
 
-    from calibrun.evaluate import load_calibrators
-    from calibrun.metrics import evaluate as metrics_evaluate
+    from calibrun.calibration import load_calibrators
+    from calibrun.metrics import scores as metrics_evaluate
     from calibrun.train import run
 
     run(validate(compose_cfg(FAST)), tmp_path / "run")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import CIFAR_SAMPLE, FAST, REPO, only_run_dir
 
-from calibrun.metrics import evaluate
+from calibrun.metrics import scores
 
 METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n", "collapsed"]
 CALIBRATORS = ["none", "temperature", "vector", "matrix", "platt", "histogram", "isotonic"]
@@ -45,7 +45,7 @@ def check_run_folder(run_dir, n_test):
     probs = np.exp(z - z.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     row = metrics[(metrics.split == "test") & (metrics.calibrator == "none")].iloc[0]
-    assert row.ece == pytest.approx(evaluate(probs, y)["ece"], abs=1e-6)
+    assert row.ece == pytest.approx(scores(probs, y)["ece"], abs=1e-6)
     return metrics, history
 
 

@@ -15,7 +15,7 @@ from calibrun.metrics import (
     brier,
     classwise_ece,
     ece,
-    evaluate,
+    scores,
     mce,
     nll,
     overconfidence_error,
@@ -57,7 +57,7 @@ def test_ece_mce_match_torchmetrics(seed: int, scale: float) -> None:
     probs, labels = probs[torch.from_numpy(keep)], labels[keep]
     target = torch.from_numpy(labels)
 
-    ours = evaluate(probs, labels, n_bins=n_bins)
+    ours = scores(probs, labels, n_bins=n_bins)
     expected_ece = multiclass_calibration_error(probs, target, num_classes=10, n_bins=n_bins, norm="l1")
     expected_mce = multiclass_calibration_error(probs, target, num_classes=10, n_bins=n_bins, norm="max")
 
@@ -113,7 +113,7 @@ def test_zero_probability_is_binned_in_classwise_ece() -> None:
 def test_single_sample() -> None:
     probs = np.array([[0.2, 0.8]])
     labels = np.array([0])
-    result = evaluate(probs, labels)
+    result = scores(probs, labels)
     # conf 0.8, wrong: every gap is |0 - 0.8|; 14 of the 15 adaptive groups are empty.
     assert result["accuracy"] == 0.0
     assert result["ece"] == pytest.approx(0.8)
@@ -184,8 +184,8 @@ def test_nll_stays_finite_when_true_class_has_zero_probability() -> None:
 
 def test_torch_and_numpy_inputs_agree() -> None:
     probs, labels = _random_probs(seed=5, n=300, k=5, scale=3.0)
-    from_torch = evaluate(probs, torch.from_numpy(labels))
-    from_numpy = evaluate(probs.numpy(), labels)
+    from_torch = scores(probs, torch.from_numpy(labels))
+    from_numpy = scores(probs.numpy(), labels)
     assert from_torch == pytest.approx(from_numpy)
     assert list(from_torch) == ["accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n"]
     assert all(type(v) is float for key, v in from_torch.items() if key != "n")
@@ -194,13 +194,13 @@ def test_torch_and_numpy_inputs_agree() -> None:
 
 @pytest.mark.filterwarnings("error")
 def test_no_warnings_with_empty_bins_and_zero_probabilities() -> None:
-    evaluate(HAND_PROBS, HAND_LABELS, n_bins=50)
+    scores(HAND_PROBS, HAND_LABELS, n_bins=50)
 
 
 def test_logits_are_rejected() -> None:
     logits = np.random.default_rng(0).normal(size=(8, 4)) * 3
     with pytest.raises(ValueError, match="probabilities \\(not logits\\)"):
-        evaluate(logits, np.zeros(8, dtype=int))
+        scores(logits, np.zeros(8, dtype=int))
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_logits_are_rejected() -> None:
 )
 def test_invalid_inputs_raise(probs: np.ndarray, labels: np.ndarray, n_bins: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        evaluate(probs, labels, n_bins=n_bins)
+        scores(probs, labels, n_bins=n_bins)
 
 
 # --- 5. bin_stats table ------------------------------------------------------------------

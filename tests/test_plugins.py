@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from calibrun.metrics import evaluate
+from calibrun.metrics import scores
 
 PACKAGE = '''
 import torch
@@ -125,7 +125,7 @@ def test_a_loss_model_and_calibrator_from_the_users_package_train_one_epoch(run_
     probs = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     row = metrics[(metrics.split == "test") & (metrics.calibrator == "fixed")].iloc[0]
-    assert row["ece"] == pytest.approx(evaluate(probs, y, 15)["ece"], abs=1e-9)
+    assert row["ece"] == pytest.approx(scores(probs, y, 15)["ece"], abs=1e-9)
     assert (run_dir / "figures" / "reliability_fixed.png").is_file()
     assert yaml.safe_load((run_dir / "calibrators.json").read_text())["fixed"] == {"T": 2.0}
 

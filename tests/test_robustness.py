@@ -21,9 +21,9 @@ from calibrun.config import build_component, validate
 from calibrun.data import Split
 from calibrun.detection import SCORES, detection_metrics
 from calibrun.calibrators import Calibrator, Uncalibrated
-from calibrun.evaluate import build_calibrators, load_calibrators, load_logits
+from calibrun.calibration import build_calibrators, load_calibrators, load_logits
 from calibrun.metrics import METRIC_NAMES
-from calibrun.metrics import evaluate as metrics_evaluate
+from calibrun.metrics import scores as metrics_evaluate
 from calibrun.robustness import evaluate_beyond_test, evaluate_ood, evaluate_shift, evaluation_config, trained_predictor
 from calibrun.train import run
 

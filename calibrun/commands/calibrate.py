@@ -25,7 +25,7 @@ def calibrate(argv: list[str] | None = None) -> None:
     ``calibrun-calibrate --val VAL --test TEST --out DIR [overrides]``: the same tables,
     figures and fitted calibrators for logits made outside calibrun (.npz or .pt files
     holding 'logits' and 'labels'), in a new run folder DIR that calibrun-report reads."""
-    from calibrun.evaluate import calibrate_external, console_table, recalibrate
+    from calibrun.calibration import calibrate_external, console_table, recalibrate
 
     args = _calibrate_arguments(argv)
     external = args.val is not None

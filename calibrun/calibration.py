@@ -31,7 +31,7 @@ from calibrun import UserError
 from calibrun._io import atomic_open, atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated, looks_like_probabilities
 from calibrun.config import build_component, first_line, validate
-from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, evaluate
+from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
 from calibrun.plots import confidence_histogram, reliability_with_histogram
 from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, logits_file, mark_done,
                                 require_finished_run, write_status)
@@ -142,10 +142,10 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
         log.info("Fitted %s on %d validation logits in %.1f s", name, len(splits["val"][1]), time.perf_counter() - started)
         for split, (z, y) in splits.items():
             probs = calibrator.predict_proba(z)
-            scores = evaluate(probs, y, n_bins)
-            rows.append({"split": split, "calibrator": name, **scores, "collapsed": scores["accuracy"] < threshold})
+            scored = scores(probs, y, n_bins)
+            rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < threshold})
             if split == "test":
-                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scores, n_bins))
+                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins))
     table = _keep_others(run_dir / METRICS, pd.DataFrame(rows, columns=METRIC_COLUMNS))
     write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(bins)[BIN_COLUMNS]), n_bins,
                      (threshold, collapse_margin))

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError
-from calibrun._io import atomic_open, atomic_write_text
-from calibrun.calibrators import Calibrator, Uncalibrated, looks_like_probabilities
+from calibrun._io import atomic_write_text
+from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.config import build_component, first_line, validate
+from calibrun.logits import load_logits, save_logits
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
 from calibrun.plots import confidence_histogram, reliability_with_histogram
 from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, logits_file, mark_done,
@@ -46,72 +45,6 @@ OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metric
 
 
 # --------------------------------------------------------------------------- tables and figures
-
-
-def load_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The ``logits`` (N×K floats) and ``labels`` (N integers) saved in ``path``: an
-    ``.npz`` (a run's ``logits/<split>.npz``) or a ``.pt`` file holding a dict with the same
-    two keys (tensors or arrays)."""
-    logits, labels = _read_pt(path) if path.suffix == ".pt" else _read_npz(path)
-    if logits.ndim != 2 or not np.issubdtype(logits.dtype, np.floating) or not np.isfinite(logits).all():
-        raise UserError(f"{path}: 'logits' must be a finite float N×K array, got {logits.dtype} {logits.shape}.")
-    _check_labels(path, labels, *logits.shape)
-    if looks_like_probabilities(logits):
-        raise UserError(f"{path}: 'logits' look like probabilities (every row in [0, 1], summing to 1); "
-                        "save the logits, or np.log of the probabilities.")
-    return logits, labels
-
-
-def _check_labels(path: Path, labels: np.ndarray, n: int, classes: int) -> None:
-    """Labels that index the logits' rows and classes; the message says which part is off."""
-    wanted = f"'labels' must be {n} integers in 0..{classes - 1} (one per row of 'logits')"
-    if labels.shape != (n,):
-        raise UserError(f"{path}: {wanted}; they have shape {labels.shape}.")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: {wanted}; they are {labels.dtype}.")
-    if n and (labels.min() < 0 or labels.max() >= classes):
-        raise UserError(f"{path}: {wanted}; they run from {labels.min()} to {labels.max()}.")
-
-
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    how = "np.savez(path, logits=z, labels=y)"
-    if path.is_file() and not zipfile.is_zipfile(path):
-        single = " holds one array (.npy)" if path.suffix == ".npy" else " is not an .npz archive (damaged, or another file)"
-        raise UserError(f"Cannot read logits from {path}: it{single}; save logits and labels together: {how}.")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [key for key in ("logits", "labels") if key not in f.files]
-            if missing:
-                held = ", ".join(map(repr, f.files)) or "no arrays"
-                raise UserError(f"Cannot read logits from {path}: it holds {held} and lacks "
-                                f"{', '.join(map(repr, missing))} ({how}).")
-            return f["logits"], f["labels"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a "
-                        "logits file (an .npz with 'logits' and 'labels' arrays).") from None
-
-
-def _read_pt(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    try:
-        # weights_only: a logits file must never run code on loading.
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise UserError(f"Cannot read logits from {path} ({first_line(err)}); it is damaged or not a "
-                        "torch.save'd dict.") from None
-    missing = [key for key in ("logits", "labels") if not isinstance(saved, dict) or key not in saved]
-    if missing:
-        raise UserError(f"{path} must hold a dict with 'logits' and 'labels' (torch.save({{'logits': z, "
-                        f"'labels': y}}, path)); it lacks {', '.join(map(repr, missing))}.")
-
-    def array(value: object) -> np.ndarray:
-        if isinstance(value, torch.Tensor):
-            # numpy has no bfloat16: low-precision logits are widened, as calibrun's own are.
-            return (value.float() if value.is_floating_point() else value).detach().cpu().numpy()
-        return np.asarray(value)
-
-    return array(saved["logits"]), array(saved["labels"])
 
 
 def metric_settings(cfg: DictConfig) -> dict[str, float]:
@@ -480,8 +413,7 @@ def calibrate_external(val: Path, test: Path, out: Path, overrides: list[str], c
         defaults = compose(config_name="config")
     cfg = refit_config(defaults, overrides, [], conf_dir)
     for split, (logits, labels) in splits.items():
-        with atomic_open(logits_file(out, split)) as fh:
-            np.savez(fh, logits=logits, labels=labels)
+        save_logits(logits_file(out, split), logits, labels)
     # What the folder was made with; "model" is a name here, where trained runs have a section.
     run_cfg = {"model": name, "seed": seed, "calibrator": OmegaConf.to_container(cfg.calibrator),
                "metrics": OmegaConf.to_container(cfg.metrics)}

@@ -41,7 +41,8 @@ from calibrun.calibrators import Calibrator
 from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
-from calibrun.calibration import load_calibrators, load_logits, load_run_config
+from calibrun.calibration import load_calibrators, load_run_config
+from calibrun.logits import load_logits
 from calibrun.metrics import METRIC_NAMES, bin_stats, scores, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device

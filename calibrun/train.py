@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 
 import calibrun
 from calibrun import UserError
-from calibrun._io import atomic_open, atomic_torch_save, atomic_write_text, remove_stale_temp_files
+from calibrun._io import atomic_torch_save, atomic_write_text, remove_stale_temp_files
 from calibrun.config import Select, build_component, config_fingerprint, validate
 from calibrun.duration import DurationEstimate, run_eta
 from calibrun.data import DeviceLoader, Split
 from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, describe_components,
                                group_choices, metric_settings)
+from calibrun.logits import save_logits
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
@@ -512,7 +513,8 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     draw_training_curves(run_dir, progress.history, cfg)
     for split, loader in tr.eval_loaders.items():
         logits, labels = predict(tr.forward, loader)
-        save_logits(logits_file(run_dir, split), logits, labels, splits[split].index)
+        save_logits(logits_file(run_dir, split), logits.cpu().numpy(), labels.cpu().numpy(),
+                    splits[split].index.cpu().numpy())
     table = calibrate_and_report(run_dir, calibrators, **metric_settings(cfg))
     test_loader = tr.eval_loaders["test"]
     evaluate_beyond_test(run_dir, cfg, Predictor(tr.forward, test_loader.transform, test_loader.device,
@@ -532,9 +534,3 @@ def draw_training_curves(run_dir: Path, history: list[dict], cfg: DictConfig) ->
     title = (f"{run_dir.name}: data={described['data']}, loss={described['loss']}, seed {cfg.seed}\n"
              f"model={described['model']}")
     training_curves(table, run_dir / "figures" / "training_curves.png", title=title, selected_epoch=selected)
-
-
-def save_logits(path: Path, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
-    with atomic_open(path) as fh:
-        np.savez(fh, logits=logits.cpu().numpy().astype(np.float32), labels=labels.cpu().numpy().astype(np.int64),
-                 index=index.cpu().numpy().astype(np.int64))

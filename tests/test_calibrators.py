@@ -24,7 +24,8 @@ from calibrun.calibrators import (
 )
 from calibrun import UserError
 from calibrun.config import validate
-from calibrun.calibration import build_calibrators, calibrate_and_report, load_logits
+from calibrun.calibration import build_calibrators, calibrate_and_report
+from calibrun.logits import load_logits
 from calibrun.metrics import ece, nll
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from conftest import CIFAR_SAMPLE, FAST
 from calibrun import UserError, train
 from calibrun.config import validate
 from calibrun.data import CIFAR
-from calibrun.calibration import load_logits
+from calibrun.logits import load_logits
 
 RUN = [*FAST, "calibrator=[temperature]"]
 

@@ -21,7 +21,8 @@ from calibrun.config import build_component, validate
 from calibrun.data import Split
 from calibrun.detection import SCORES, detection_metrics
 from calibrun.calibrators import Calibrator, Uncalibrated
-from calibrun.calibration import build_calibrators, load_calibrators, load_logits
+from calibrun.calibration import build_calibrators, load_calibrators
+from calibrun.logits import load_logits
 from calibrun.metrics import METRIC_NAMES
 from calibrun.metrics import scores as metrics_evaluate
 from calibrun.robustness import evaluate_beyond_test, evaluate_ood, evaluate_shift, evaluation_config, trained_predictor

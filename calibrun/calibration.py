@@ -23,7 +23,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError
 from calibrun._io import atomic_write_text
@@ -32,8 +31,8 @@ from calibrun.config import build_component, first_line, validate
 from calibrun.logits import load_logits, save_logits
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
 from calibrun.plots import confidence_histogram, reliability_with_histogram
-from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, logits_file, mark_done,
-                                require_finished_run, write_status)
+from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, group_choices, logits_file,
+                                mark_done, require_finished_run, run_config, write_status)
 
 # collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold).
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]
@@ -201,17 +200,6 @@ def _external_header(run_dir: Path, n_bins: int) -> list[str]:
     ]
 
 
-def group_choices(run_dir: Path) -> dict:
-    """The config group options the run was composed from (``data: cifar10_sample``, ...),
-    from ``.hydra/hydra.yaml``; empty when there is none (a run made through the API)."""
-    try:
-        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())
-        choices = hydra["hydra"]["runtime"]["choices"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return {}
-    return choices if isinstance(choices, dict) else {}
-
-
 def grouped_by_split(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of a metrics table grouped by split, test first (what a reader compares),
     then val (in-sample for the calibrators), each in the table's calibrator order."""
@@ -266,7 +254,7 @@ def load_calibrators(run_dir: Path) -> dict[str, Calibrator]:
         params = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"Cannot read {path}: {err}") from None
-    section = load_run_config(run_dir / CONFIG).get("calibrator") or {}
+    section = run_config(run_dir).get("calibrator") or {}
     missing = [name for name in params if name != "none" and name not in section]
     if missing:
         raise UserError(f"{run_dir / 'config.yaml'} has no calibrator.{missing[0]} for the entry in {path}.")
@@ -291,23 +279,13 @@ def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd
     Returns the table and the calibrators refitted.
     """
     require_finished_run(run_dir)
-    run_cfg = load_run_config(run_dir / CONFIG)
+    run_cfg = run_config(run_dir)
     metrics = _read_run_table(run_dir / METRICS)
     in_table = [] if metrics is None else [c for c in metrics["calibrator"].unique() if c != "none"]
     cfg = refit_config(run_cfg, overrides, in_table, conf_dir)
     table = calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), **metric_settings(cfg))
     _record_refit(run_dir, run_cfg, cfg, overrides)
     return table, list(cfg.calibrator)
-
-
-def load_run_config(path: Path) -> DictConfig:
-    try:
-        cfg = OmegaConf.load(path)
-    except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
-        raise UserError(f"Cannot read {path}: {first_line(err)}") from None
-    if not isinstance(cfg, DictConfig):
-        raise UserError(f"{path} does not hold a config mapping.")
-    return cfg
 
 
 def refit_config(run_cfg: DictConfig, overrides: list[str], in_table: list[str], conf_dir: Path) -> DictConfig:

@@ -26,9 +26,12 @@ from calibrun.config import is_non_experiment_key
 from calibrun.detection import DETECTION_METRICS
 from calibrun.metrics import METRIC_NAMES, pool_bins
 from calibrun.plots import Curve, curves_against, reliability_grid
-from calibrun.runfolder import BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, STATUS, is_done
+from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, STATUS, BrokenFile,
+                                group_choices, is_done, read_run_file, read_run_table)
 
 PAPERS = Path(__file__).resolve().parent / "papers"
+# The metrics a report's table shows unless --table-metrics says otherwise.
+TABLE_METRICS = ("accuracy", "ece", "mce", "nll", "brier")
 log = logging.getLogger(__name__)
 # Settings named in a report's "Same for all runs" line when no group differs in them
 # (model.depth too: model=resnet110 with model.depth=56 is a ResNet-56).
@@ -62,50 +65,20 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: str(node) if isinstance(node, list) else node}
 
 
-class BrokenRun(UserError):
-    """A file of a run folder cannot be read: the run is listed as broken, never dropped,
-    and the others are reported."""
-
-
-def _read_file(path: Path, parse, kind: type) -> object:
-    """``parse(text)`` of ``path``, checked to be a ``kind``; a BrokenRun naming the file."""
-    try:
-        value = parse(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        raise BrokenRun(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if not isinstance(value, kind):
-        raise BrokenRun(f"{path}: expected a {kind.__name__}, found {type(value).__name__}")
-    return value
-
-
 def describe_run(run_dir: Path) -> dict[str, object]:
     """The run's state, its config choices (data, model, loss, ...) and flattened config."""
     status = {"state": "unknown", "error": None}
     if (run_dir / STATUS).is_file():
-        status.update(_read_file(run_dir / STATUS, json.loads, dict))
+        status.update(read_run_file(run_dir / STATUS, json.loads, dict))
     config_file = run_dir / CONFIG if (run_dir / CONFIG).is_file() else run_dir / ".hydra" / CONFIG
-    config = _read_file(config_file, yaml.safe_load, dict) if config_file.is_file() else {}
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    hydra = _read_file(hydra_file, yaml.safe_load, dict) if hydra_file.is_file() else {}
-    choices = (hydra.get("hydra") or {}).get("runtime", {}).get("choices", {}) if isinstance(hydra.get("hydra"), dict) else {}
+    config = read_run_file(config_file, yaml.safe_load, dict) if config_file.is_file() else {}
+    choices = group_choices(run_dir)
     state = "done" if is_done(run_dir) else status["state"]
     info: dict[str, object] = {"run": str(run_dir), "state": state, "error": status.get("error"),
                                "seed": config.get("seed")}
     info.update({k: v for k, v in (choices or {}).items() if k in ("data", "model", "loss", "experiment") and v})
     info.update({k: v for k, v in _flatten(config).items() if splits_groups(k) and not k.endswith("_target_")})
     return info
-
-
-def _read_table(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A CSV of a finished run that must have ``columns``; a BrokenRun naming it otherwise."""
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        raise BrokenRun(f"{path}: {str(err).splitlines()[0]}") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise BrokenRun(f"{path}: lacks the column(s) {', '.join(missing)}")
-    return table
 
 
 def calibrator_params(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -115,7 +88,7 @@ def calibrator_params(run_dir: Path) -> dict[str, dict[str, float]]:
     path = run_dir / CALIBRATOR_PARAMS
     if not path.is_file():
         return {}
-    params = _read_file(path, json.loads, dict)
+    params = read_run_file(path, json.loads, dict)
     return {name: {f"{name}.{key}": float(value) for key, value in fitted.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
             for name, fitted in params.items() if isinstance(fitted, dict)}
@@ -184,10 +157,10 @@ def _read_run(run_dir: Path) -> dict[str, object]:
     try:
         info = describe_run(run_dir)
         if info["state"] == "done" and (run_dir / METRICS).is_file():
-            info["_metrics"] = _read_table(run_dir / METRICS, ("split", "calibrator", *METRIC_NAMES))
+            info["_metrics"] = read_run_table(run_dir / METRICS, ("split", "calibrator", *METRIC_NAMES))
             info["_params"] = calibrator_params(run_dir)
         return info
-    except BrokenRun as err:
+    except BrokenFile as err:
         log.warning("Broken run folder, listed but not reported: %s", err)
         return {"run": str(run_dir), "state": "broken", "error": str(err), "seed": None}
 
@@ -291,8 +264,8 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
 def _read_bins(path: Path) -> pd.DataFrame:
     """A run's reliability bins; an unreadable file costs that run's bins, with a warning."""
     try:
-        return _read_table(path, ("calibrator", "bin", "lo", "hi", "count", "conf", "acc"))
-    except BrokenRun as err:
+        return read_run_table(path, ("calibrator", "bin", "lo", "hi", "count", "conf", "acc"))
+    except BrokenFile as err:
         log.warning("Leaving out of the reliability grid: %s", err)
         return pd.DataFrame(columns=["calibrator", "bin", "lo", "hi", "count", "conf", "acc"])
 
@@ -434,7 +407,7 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds), an
     ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams.
     ``caption`` goes under the title of ``<name>.md`` (the setting a reader must know)."""
-    shown = table_metrics or ["accuracy", "ece", "mce", "nll", "brier"]
+    shown = table_metrics or list(TABLE_METRICS)
     _check_metrics([metric], "--metric")
     _check_metrics(shown, "--table-metrics")
     metrics, runs, keys = collect(paths)
@@ -514,8 +487,8 @@ def collect_part(runs: pd.DataFrame, keys: list[str], part: str, calibrators: li
         path = Path(str(run["run"])) / part / METRICS
         if path.is_file():
             try:
-                rows = _read_table(path, ("calibrator",))
-            except BrokenRun as err:
+                rows = read_run_table(path, ("calibrator",))
+            except BrokenFile as err:
                 log.warning("Leaving out of the %s report: %s", part, err)
                 continue
             frames.append(rows.assign(run=run["run"], seed=run["seed"], **{k: run.get(k) for k in keys}))

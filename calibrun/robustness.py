@@ -41,12 +41,12 @@ from calibrun.calibrators import Calibrator
 from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
-from calibrun.calibration import load_calibrators, load_run_config
+from calibrun.calibration import load_calibrators
 from calibrun.logits import load_logits
 from calibrun.metrics import METRIC_NAMES, bin_stats, scores, pool_bins
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
-from calibrun.runfolder import BINS, CONFIG, METRICS, logits_file, require_finished_run
+from calibrun.runfolder import BINS, METRICS, logits_file, require_finished_run, run_config
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def evaluation_config(run_dir: Path, overrides: list[str], conf_dir: Path) -> Di
     ``conf/shift``, ``conf/ood``) and the device settings they give, validated."""
     require_finished_run(run_dir)
     composed = _compose_evaluation(overrides, conf_dir)
-    cfg = load_run_config(run_dir / CONFIG)
+    cfg = run_config(run_dir)
     with open_dict(cfg):
         for key in ("shift", "ood"):
             cfg[key] = composed.get(key) or cfg.get(key)

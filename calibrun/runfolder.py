@@ -14,8 +14,10 @@ import shlex
 import socket
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+import pandas as pd
 import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
@@ -156,3 +158,49 @@ def is_done(run_dir: Path) -> bool:
 def mark_done(run_dir: Path) -> None:
     """Write ``DONE`` (the time), the last file a finished run gets."""
     atomic_write_text(run_dir / DONE, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+
+class BrokenFile(UserError):
+    """A file of a run folder that cannot be read, or holds the wrong kind of value: named
+    in one line. A command stops on it; the report lists the run as broken and goes on."""
+
+
+def read_run_file(path: Path, parse: Callable[[str], Any], kind: type) -> Any:
+    """``parse(text)`` of ``path`` (json.loads, yaml.safe_load), checked to be a ``kind``."""
+    try:
+        value = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise BrokenFile(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if not isinstance(value, kind):
+        raise BrokenFile(f"{path}: expected a {kind.__name__}, found {type(value).__name__}")
+    return value
+
+
+def read_run_table(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV of a run folder that must have ``columns``."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise BrokenFile(f"{path}: {str(err).splitlines()[0]}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise BrokenFile(f"{path}: lacks the column(s) {', '.join(missing)}")
+    return table
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    """The config the run in ``run_dir`` was made with (its ``config.yaml``)."""
+    return OmegaConf.create(read_run_file(run_dir / CONFIG, yaml.safe_load, dict))
+
+
+def group_choices(run_dir: Path) -> dict:
+    """The config group options the run was composed from (``data: cifar10_sample``, ...),
+    from ``.hydra/hydra.yaml``; empty when there is none (a run made through the API or
+    logits made elsewhere)."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    hydra = read_run_file(path, yaml.safe_load, dict).get("hydra")
+    runtime = hydra.get("runtime") if isinstance(hydra, dict) else None
+    choices = runtime.get("choices") if isinstance(runtime, dict) else None
+    return choices if isinstance(choices, dict) else {}

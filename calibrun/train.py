@@ -37,19 +37,19 @@ from tqdm.auto import tqdm
 import calibrun
 from calibrun import UserError
 from calibrun._io import atomic_torch_save, atomic_write_text, remove_stale_temp_files
-from calibrun.config import Select, build_component, config_fingerprint, validate
-from calibrun.duration import DurationEstimate, run_eta
-from calibrun.data import DeviceLoader, Split
 from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, describe_components,
-                               group_choices, metric_settings)
+                                  metric_settings)
+from calibrun.config import Select, build_component, config_fingerprint, validate
+from calibrun.data import DeviceLoader, Split
+from calibrun.duration import DurationEstimate, run_eta
 from calibrun.logits import save_logits
 from calibrun.losses import Loss, as_loss
 from calibrun.metrics import accuracy, ece
 from calibrun.plots import training_curves
 from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.robustness import Predictor, evaluate_beyond_test
-from calibrun.runfolder import (CONFIG, RunLock, check_same_experiment, is_done, logits_file, mark_done,
-                                recorded_epoch, write_status)
+from calibrun.runfolder import (CONFIG, RunLock, check_same_experiment, group_choices, is_done, logits_file,
+                                mark_done, recorded_epoch, write_status)
 from calibrun.tensorboard import EpochBoard, require_tensorboard
 
 log = logging.getLogger(__name__)

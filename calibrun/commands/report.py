@@ -28,7 +28,7 @@ def report(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper", help="published numbers to show beside ours: table1, pacs, ls, or a CSV path")
     parser.add_argument("--grid-calibrator", default="none", help="calibrator drawn in the reliability grid")
     parser.add_argument("--grid-name", default="reliability_grid.png")
-    parser.add_argument("--table-metrics", default="accuracy,ece,mce,nll,brier",
+    parser.add_argument("--table-metrics", default=",".join(report_lib.TABLE_METRICS),
                         help="comma-separated metrics and scalar fitted parameters (e.g. temperature.T) to show")
     parser.add_argument("--pivot", help="config key spread across the columns, e.g. data.target")
     parser.add_argument("--caption", help="text written under the table's title, e.g. the setting it was run in")

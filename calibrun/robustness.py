@@ -43,7 +43,7 @@ from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
 from calibrun.calibration import load_calibrators
 from calibrun.logits import load_logits
-from calibrun.metrics import METRIC_NAMES, bin_stats, scores, pool_bins
+from calibrun.metrics import METRIC_NAMES, bin_stats, pool_bins, scores
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.runfolder import BINS, METRICS, logits_file, require_finished_run, run_config

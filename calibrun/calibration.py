@@ -32,7 +32,7 @@ from calibrun.logits import load_logits, save_logits
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
 from calibrun.plots import confidence_histogram, reliability_with_histogram
 from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, group_choices, logits_file,
-                                mark_done, require_finished_run, run_config, write_status)
+                                mark_done, read_run_table, require_finished_run, run_config, write_status)
 
 # collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold).
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]
@@ -101,16 +101,9 @@ def _test_bins_and_figures(figures: Path, name: str, probs: np.ndarray, labels: 
 
 
 def _read_run_table(path: Path) -> pd.DataFrame | None:
-    """A run's ``metrics.csv`` or ``bins.csv``, None if it has none yet."""
-    if not path.exists():
-        return None
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise UserError(f"Cannot read {path}: {err}") from None
-    if "calibrator" not in table:
-        raise UserError(f"{path} has no 'calibrator' column; delete it to write a new one.")
-    return table
+    """A run's ``metrics.csv`` or ``bins.csv``, None if it has none yet; a broken one stops
+    the command, named in one line (delete it to write a new one)."""
+    return read_run_table(path, ("calibrator",)) if path.exists() else None
 
 
 def _keep_others(path: Path, new: pd.DataFrame) -> pd.DataFrame:

@@ -46,7 +46,8 @@ from calibrun.logits import load_logits
 from calibrun.metrics import METRIC_NAMES, bin_stats, pool_bins, scores
 from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
-from calibrun.runfolder import BINS, METRICS, logits_file, require_finished_run, run_config
+from calibrun.runfolder import (BINS, METRICS, BrokenFile, logits_file, read_run_table, require_finished_run,
+                                run_config)
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,16 @@ def evaluate_beyond_test(run_dir: Path, cfg: DictConfig, predictor: Predictor) -
 
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
-    """A results table written earlier, or an empty one; unreadable means start again."""
+    """A results table written earlier, or an empty one. A broken one is named in one
+    line and computed again: these tables are a cache of what the run's weights give."""
     if path.is_file():
         try:
-            table = pd.read_csv(path)
+            table = read_run_table(path, tuple(columns))
             if list(table.columns) == columns:
                 return table
-        except (OSError, ValueError, pd.errors.ParserError):
-            pass
-        log.warning("%s is unreadable or has other columns; computing it again.", path)
+            log.warning("%s has other columns than %s; computing it again.", path, ", ".join(columns))
+        except BrokenFile as err:
+            log.warning("%s; computing it again.", err)
     return pd.DataFrame(columns=columns)
 
 

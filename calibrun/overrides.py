@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError
-from calibrun.config import did_you_mean, unknown_key_problem
+from calibrun.config import did_you_mean, unknown_key_problem, validate
 
 
 # Command-line flags that replace calibrun's primary config: the pre-check cannot know it.
@@ -58,16 +58,24 @@ def _added_config_dirs(argv: list[str], overrides: list) -> list[Path] | None:
     return [d.resolve() for d in dirs]
 
 
+def _parsed_overrides(argv: list[str]) -> list | None:
+    """Hydra's parse of the overrides in ``argv``; None when the pre-check cannot judge
+    them (a flag that replaces calibrun's config, or a syntax error Hydra will report)."""
+    if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
+        return None
+    try:
+        return OverridesParser.create().parse_overrides(_override_texts(argv))
+    except HydraException:
+        return None  # a syntax error: Hydra's message says where
+
+
 def check_overrides(argv: list[str], conf: Path) -> str | None:
     """The first command-line override that names no config group option or no config key,
     said the way a user can act on; None when all exist (Hydra then composes as usual).
     Options and keys from folders added with ``--config-dir`` or ``hydra.searchpath`` count."""
-    if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
+    overrides = _parsed_overrides(argv)
+    if overrides is None:
         return None
-    try:
-        overrides = OverridesParser.create().parse_overrides(_override_texts(argv))
-    except HydraException:
-        return None  # a syntax error: Hydra's message says where
     added = _added_config_dirs(argv, overrides)
     if added is None:
         return None
@@ -159,14 +167,9 @@ def check_values(argv: list[str], conf: Path) -> str | None:
     """The first config the schemas reject (a wrong type, a value out of range, an added
     key no component takes), composed as the run would be: one line before any folder is
     made, instead of an error logged from inside a new run folder."""
-    from calibrun.config import validate
-
-    if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
+    overrides = _parsed_overrides(argv)
+    if overrides is None:
         return None
-    try:
-        overrides = OverridesParser.create().parse_overrides(_override_texts(argv))
-    except HydraException:
-        return None  # a syntax error: Hydra's message says where
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         for variant in _value_variants(overrides):
             try:

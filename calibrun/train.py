@@ -1,9 +1,10 @@
 """The run: build the parts, fit, checkpoint, resume, collect logits.
 
 The config object reaches this module from the ``calibrun`` command (its schemas and
-validation live in ``config.py``; docs/design.md §1 lists who else sees it). Components are built with
-``hydra.utils.instantiate`` from their ``_target_`` entries; the loop calls the same
-hooks on every loss and never asks which loss or calibrator it runs (docs/design.md §7).
+validation live in ``config.py``; docs/design.md §1 lists who else sees it). Components
+are built with ``hydra.utils.instantiate`` from their ``_target_`` entries; the loop
+calls the same hooks on every loss and never asks which loss or calibrator it runs
+(docs/design.md §7).
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ import importlib
 __version__ = "0.1.0"
 
 # The public API: each name and the module it lives in (loaded on first access).
-# ``scores`` computes every metric at once.
+# ``scores`` computes every metric at once, with bootstrap intervals on request.
 _PUBLIC = {
-    **dict.fromkeys(["accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier",
-                     "bin_stats", "scores", "METRIC_NAMES"], "calibrun.metrics"),
+    **dict.fromkeys(["accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "overconfidence_error",
+                     "debiased_l2_ce", "smooth_ece", "nll", "brier", "bin_stats", "METRIC_NAMES"], "calibrun.metrics"),
+    "scores": "calibrun.bootstrap",
     **dict.fromkeys(["Calibrator", "Uncalibrated", "TemperatureScaling", "VectorScaling", "MatrixScaling",
                      "PlattScaling", "HistogramBinning", "IsotonicCalibration"], "calibrun.calibrators"),
     **dict.fromkeys(["reliability_diagram", "reliability_with_histogram", "reliability_grid",

@@ -24,19 +24,26 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from calibrun import UserError
+from calibrun import UserError, bootstrap
 from calibrun._io import atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.config import build_component, first_line, validate
 from calibrun.logits import load_logits, save_logits
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
+from calibrun.metrics import metric as metric_of
 from calibrun.plots import confidence_histogram, reliability_with_histogram
-from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE, METRICS, group_choices, logits_file,
-                                mark_done, read_run_table, require_finished_run, run_config, write_status)
+from calibrun.bootstrap import interval_names
+from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, DIFFERENCES, EXTERNAL_SOURCE, METRICS, group_choices,
+                                logits_file, mark_done, read_run_table, require_finished_run, run_config, write_status)
 
-# collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold).
-METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]
-BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
+# collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold);
+# <metric>_lo and <metric>_hi: the metric's bootstrap interval (calibrun.bootstrap), empty with intervals off.
+METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed", *interval_names()]
+BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc", "acc_lo", "acc_hi"]
+DIFFERENCE_COLUMNS = ["split", "calibrator", "baseline", "metric", "difference", "lo", "hi", "better", "worse"]
+# The metrics whose significant improvement over none metrics.md marks with MARK.
+MARKED_METRICS = ("ece", "nll")
+MARK = "*"
 # One JSON object per calibrun-calibrate call, appended in the run folder.
 CALIBRATION_LOG = "calibrations.jsonl"
 log = logging.getLogger(__name__)
@@ -46,28 +53,38 @@ OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metric
 # --------------------------------------------------------------------------- tables and figures
 
 
-def metric_settings(cfg: DictConfig) -> dict[str, float]:
+def metric_settings(cfg: DictConfig) -> dict[str, object]:
     """The ``metrics.*`` settings :func:`calibrate_and_report` takes, from a run's config (a
-    run made before ``metrics.collapse_margin`` existed gets its default)."""
-    return {"n_bins": cfg.metrics.n_bins,
-            "collapse_margin": OmegaConf.select(cfg, "metrics.collapse_margin", default=DEFAULT_COLLAPSE_MARGIN)}
+    run made before a setting existed gets its default)."""
+    def setting(key: str, default: object) -> object:
+        return OmegaConf.select(cfg, f"metrics.{key}", default=default)
+
+    defaults = bootstrap.Settings()
+    intervals = bootstrap.Settings(setting("resamples", defaults.resamples), setting("level", defaults.level),
+                                   setting("bootstrap_seed", defaults.seed), setting("interval", defaults.interval))
+    return {"n_bins": cfg.metrics.n_bins, "collapse_margin": setting("collapse_margin", DEFAULT_COLLAPSE_MARGIN),
+            "intervals": intervals if setting("intervals", True) else None}
 
 
 def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15,
-                         collapse_margin: float = DEFAULT_COLLAPSE_MARGIN) -> pd.DataFrame:
+                         collapse_margin: float = DEFAULT_COLLAPSE_MARGIN,
+                         intervals: bootstrap.Settings | None = bootstrap.Settings()) -> pd.DataFrame:
     """Fit each calibrator on the val logits, evaluate on val and test, write the tables
     and the fitted parameters (``calibrators.json``).
 
     ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
-    calibrators are in-sample; the test rows are the ones to compare. Rows, bins and
-    parameters of calibrators already in the run folder but not given here are kept, so
-    a refit of a subset (``calibrun-calibrate``) does not erase the others. A row whose
-    accuracy is below :func:`~calibrun.metrics.collapse_threshold` is marked ``collapsed``
-    and metrics.md says so above the table. Returns the table.
+    calibrators are in-sample; the test rows are the ones to compare. With ``intervals``
+    every metric gets its bootstrap interval and every calibrator its paired difference to
+    ``none`` on the same resamples (``differences.csv``). Rows, bins and parameters of
+    calibrators already in the run folder but not given here are kept, so a refit of a
+    subset (``calibrun-calibrate``) does not erase the others. A row whose accuracy is
+    below :func:`~calibrun.metrics.collapse_threshold` is marked ``collapsed`` and
+    metrics.md says so above the table. Returns the table.
     """
     splits = {split: load_logits(logits_file(run_dir, split)) for split in ("val", "test")}
-    rows, bins, params = [], [], {}
+    rows, bins, params, differences = [], [], {}, []
     threshold = collapse_threshold(splits["test"][0].shape[1], collapse_margin)
+    resampled: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {split: {} for split in splits}
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
         started = time.perf_counter()
         params[name] = calibrator.fit(*splits["val"]).params()
@@ -75,21 +92,46 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
         for split, (z, y) in splits.items():
             probs = calibrator.predict_proba(z)
             scored = scores(probs, y, n_bins)
-            rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < threshold})
+            rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < threshold,
+                         **_intervals(resampled[split], name, probs, y, scored, n_bins, intervals)})
             if split == "test":
-                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins))
+                level = bootstrap.Settings().level if intervals is None else intervals.level
+                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins, level))
+    if intervals is not None:
+        differences = [{"split": split, **row} for split, by_name in resampled.items()
+                       for row in bootstrap.paired_differences({k: v[0] for k, v in by_name.items()},
+                                                               {k: v[1] for k, v in by_name.items()},
+                                                               "none", intervals)]
     table = _keep_others(run_dir / METRICS, pd.DataFrame(rows, columns=METRIC_COLUMNS))
+    paired = _keep_others(run_dir / DIFFERENCES, pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS))
     write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(bins)[BIN_COLUMNS]), n_bins,
-                     (threshold, collapse_margin))
+                     (threshold, collapse_margin), paired, intervals)
     write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
     return table
 
 
+def _intervals(resampled: dict[str, tuple[np.ndarray, np.ndarray]], name: str, probs: np.ndarray,
+               labels: np.ndarray, scored: dict[str, float], n_bins: int,
+               settings: bootstrap.Settings | None) -> dict[str, float]:
+    """The interval columns of one row (none without ``settings``); keeps the resampled
+    values in ``resampled[name]`` for the paired differences."""
+    if settings is None:
+        return {}
+    started = time.perf_counter()
+    values = bootstrap.resampled(probs, labels, n_bins, settings)
+    point = np.array([scored[name] for name in METRIC_NAMES])
+    resampled[name] = (point, values)
+    log.info("Bootstrap intervals of %s (%d resamples of %d images) in %.1f s", name, settings.resamples,
+             len(labels), time.perf_counter() - started)
+    return bootstrap.interval_columns(values, point, settings)
+
+
 def _test_bins_and_figures(figures: Path, name: str, probs: np.ndarray, labels: np.ndarray,
-                           scores: dict[str, float], n_bins: int) -> pd.DataFrame:
-    """The test-set reliability bins of calibrator ``name``; draws its reliability diagram
-    (and for ``none`` the confidence histogram) from the same numbers on the way."""
-    stats = bin_stats(probs, labels, n_bins)
+                           scores: dict[str, float], n_bins: int, level: float) -> pd.DataFrame:
+    """The test-set reliability bins of calibrator ``name``, with the Wilson interval of
+    each bin's accuracy at ``level``; draws its reliability diagram (and for ``none`` the
+    confidence histogram) from the same numbers on the way."""
+    stats = bin_stats(probs, labels, n_bins, level)
     label = "none (uncalibrated)" if name == "none" else name
     reliability_with_histogram(stats, figures / f"reliability_{name}.png", title=f"{label}, test split",
                                ece=scores["ece"], mce=scores["mce"])
@@ -202,20 +244,73 @@ def grouped_by_split(table: pd.DataFrame) -> pd.DataFrame:
 
 def console_table(table: pd.DataFrame) -> str:
     """A metrics table as the console shows it: test rows first, four decimals (never
-    1.466331e-08), as in metrics.md."""
-    return grouped_by_split(table).to_string(index=False, float_format=lambda value: f"{value:.4f}")
+    1.466331e-08), the point values only (metrics.md has the intervals)."""
+    shown = grouped_by_split(table).drop(columns=[c for c in interval_names() if c in table])
+    return shown.to_string(index=False, float_format=lambda value: f"{value:.4f}")
 
 
 def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15,
-                     collapse: tuple[float, float] | None = None) -> None:
-    """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings, and a
-    warning when the model collapsed below ``collapse`` = (threshold, margin)) and
-    ``bins.csv``, each written atomically."""
+                     collapse: tuple[float, float] | None = None, differences: pd.DataFrame | None = None,
+                     intervals: bootstrap.Settings | None = None) -> None:
+    """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings, a warning
+    when the model collapsed below ``collapse`` = (threshold, margin), each value with its
+    interval and the significant improvements over none marked), ``bins.csv`` and
+    ``differences.csv``, each written atomically."""
+    differences = pd.DataFrame(columns=DIFFERENCE_COLUMNS) if differences is None else differences
     atomic_write_text(run_dir / METRICS, table.to_csv(index=False))
-    markdown = grouped_by_split(table).to_markdown(index=False, floatfmt=".4f")
-    atomic_write_text(run_dir / "metrics.md", "\n".join([*run_header(run_dir, n_bins), *collapse_warning(table, collapse),
-                                                          markdown]) + "\n")
+    lines = [*run_header(run_dir, n_bins), *collapse_warning(table, collapse), *improvement_lines(differences),
+             markdown_table(table, differences), "", *legend(intervals)]
+    atomic_write_text(run_dir / "metrics.md", "\n".join(lines) + "\n")
     atomic_write_text(run_dir / BINS, bins.to_csv(index=False))
+    atomic_write_text(run_dir / DIFFERENCES, differences.to_csv(index=False))
+
+
+def _marked(differences: pd.DataFrame) -> set[tuple[str, str, str]]:
+    """(split, calibrator, metric) of the significant improvements over none that metrics.md marks."""
+    better = differences[differences["better"].astype(bool) & differences["metric"].isin(MARKED_METRICS)]
+    return set(better[["split", "calibrator", "metric"]].itertuples(index=False, name=None))
+
+
+def markdown_table(table: pd.DataFrame, differences: pd.DataFrame) -> str:
+    """The metrics table of metrics.md: ``value [lo, hi]`` where the row has an interval,
+    :data:`MARK` after an ECE or NLL that improves significantly on none's."""
+    marked = _marked(differences)
+    shown = grouped_by_split(table)[["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]].astype(object)
+    for metric in METRIC_NAMES:
+        cells = []
+        for _, row in grouped_by_split(table).iterrows():
+            lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+            cell = f"{row[metric]:.4f}" if pd.isna(lo) or pd.isna(hi) else f"{row[metric]:.4f} [{lo:.4f}, {hi:.4f}]"
+            cells.append(cell + (MARK if (row["split"], row["calibrator"], metric) in marked else ""))
+        shown[metric] = cells
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def improvement_lines(differences: pd.DataFrame) -> list[str]:
+    """One line per marked metric naming the calibrators that improve it significantly on
+    the test split (none when the run has no paired differences)."""
+    if not len(differences):
+        return []
+    lines = []
+    for metric in MARKED_METRICS:
+        test = differences[(differences["split"] == "test") & (differences["metric"] == metric)]
+        better = test.loc[test["better"].astype(bool), "calibrator"].tolist()
+        worse = test.loc[test["worse"].astype(bool), "calibrator"].tolist()
+        lines.append(f"- Test {metric.upper()}: significantly lower than none's with {', '.join(better) or 'no calibrator'}"
+                     + (f"; significantly higher with {', '.join(worse)}" if worse else "")
+                     + f" (of {len(test)}).")
+    return [*lines, ""]
+
+
+def legend(intervals: bootstrap.Settings | None) -> list[str]:
+    """What the columns and brackets of metrics.md mean."""
+    how = ("Brackets: the bootstrap interval of the run's earlier settings" if intervals is None else
+           f"Brackets: the {intervals.level:.0%} {intervals.interval} bootstrap interval over {intervals.resamples} "
+           f"resamples of the evaluated images (metrics.interval; percentile for debiased_l2_ce, which corrects its own "
+           f"bias; metrics.bootstrap_seed={intervals.seed})")
+    columns = "; ".join(f"{name}: {metric_of(name).header}" for name in METRIC_NAMES)
+    return [f"{how}; {MARK} after ECE or NLL: lower than none's on the same resamples, the interval of the "
+            "difference below 0 (differences.csv has every metric's).", "", f"Columns: {columns}."]
 
 
 def collapse_warning(table: pd.DataFrame, collapse: tuple[float, float] | None) -> list[str]:

@@ -96,8 +96,14 @@ class TrainerConfig:
 @dataclasses.dataclass
 class MetricsConfig:
     n_bins: int = MISSING
-    # Absent from runs made before it existed; calibrun.metrics.DEFAULT_COLLAPSE_MARGIN then.
+    # Absent from runs made before they existed: these defaults then (calibrun.metrics,
+    # calibrun.bootstrap.Settings).
     collapse_margin: float = 0.25
+    intervals: bool = True
+    resamples: int = 1000
+    level: float = 0.95
+    bootstrap_seed: int = 0
+    interval: str = "basic"
 
 
 def _schema_type(hint: Any) -> Any:
@@ -160,6 +166,20 @@ def _schema_field(name: str, node: Any, key: str) -> tuple[str, type, Any]:
     return name, schema, dataclasses.field(default_factory=schema)
 
 
+# metrics.interval: how calibrun.bootstrap turns resampled values into an interval.
+BOOTSTRAP_INTERVALS = ("basic", "percentile")
+
+
+def check_bootstrap(resamples: object, level: object, interval: object) -> None:
+    """UserError naming the ``metrics.*`` bootstrap setting that is out of range."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 2:
+        raise UserError(f"metrics.resamples must be an integer of at least 2, got {resamples!r}.")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise UserError(f"metrics.level must be in (0, 1), e.g. 0.95, got {level!r}.")
+    if interval not in BOOTSTRAP_INTERVALS:
+        raise UserError(f"metrics.interval must be one of {', '.join(BOOTSTRAP_INTERVALS)}, got {interval!r}.")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Resolve ``cfg`` and check it against the schemas; raise UserError naming the key.
 
@@ -177,6 +197,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise UserError(f"metrics.n_bins must be at least 1, got {own.metrics.n_bins}.")
     if not 0 <= own.metrics.collapse_margin < 1:
         raise UserError(f"metrics.collapse_margin must be in [0, 1), got {own.metrics.collapse_margin}.")
+    check_bootstrap(own.metrics.resamples, own.metrics.level, own.metrics.interval)
     return _merge_checked(_config_schema(raw, components=True), raw)
 
 

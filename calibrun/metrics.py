@@ -14,14 +14,17 @@ in the column order of ``metrics.csv``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse, stats
 
 from calibrun import UserError
+from calibrun.smooth import smooth_ece_weighted
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -133,17 +136,35 @@ def _weighted_gap(bins: Bins) -> float:
     return float(np.sum(weight * np.abs(acc - conf)))
 
 
-def bin_stats(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> pd.DataFrame:
+def wilson_interval(hits: np.ndarray, count: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval of each bin's accuracy ``hits / count`` at ``level`` (NaN
+    for an empty bin); ``hits`` are rounded to whole samples.
+
+    References: Wilson (1927), "Probable inference, the law of succession, and statistical
+    inference"; Brown, Cai & DasGupta (2001), "Interval Estimation for a Binomial
+    Proportion" (why Wilson's rather than the normal approximation on small bins).
+    """
+    lo, hi = np.full(len(count), np.nan), np.full(len(count), np.nan)
+    for m, (k, n) in enumerate(zip(np.rint(hits).astype(np.int64), np.asarray(count, dtype=np.int64))):
+        if n > 0:
+            ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+            lo[m], hi[m] = ci.low, ci.high
+    return lo, hi
+
+
+def bin_stats(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, level: float = 0.95) -> pd.DataFrame:
     """Top-label reliability table over ``n_bins`` equal-width bins.
 
     Columns: ``bin`` (1..M), ``lo``, ``hi`` (bin edges), ``count`` (int), ``conf`` and
-    ``acc`` (mean confidence and accuracy of the bin, NaN for an empty bin).
+    ``acc`` (mean confidence and accuracy of the bin, NaN for an empty bin), ``acc_lo``
+    and ``acc_hi`` (the Wilson interval of the bin's accuracy at ``level``).
 
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
     bins = equal_width_bins(*_top_label(p, y), n_bins)
     edges = _bin_edges(n_bins)
+    acc_lo, acc_hi = wilson_interval(np.nan_to_num(bins.acc) * bins.count, bins.count, level)
     return pd.DataFrame(
         {
             "bin": np.arange(1, n_bins + 1),
@@ -152,14 +173,207 @@ def bin_stats(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> pd.DataF
             "count": bins.count.astype(np.int64),
             "conf": bins.conf,
             "acc": bins.acc,
+            "acc_lo": acc_lo,
+            "acc_hi": acc_hi,
         }
     )
+
+
+# --------------------------------------------------------------------------- weighted forms
+# Every metric below is computed for a batch of sample weights at once: ``w`` (B × n) holds
+# one row per weighting of the n samples: ones for the sample itself (:func:`_once`),
+# multinomial counts for a bootstrap resample (``calibrun.bootstrap``), which gives the
+# metric of the resampled images without resampling them. Sums over bins become sparse
+# products, so a thousand resamples cost a few passes over the data.
+
+
+def _once(n: int) -> np.ndarray:
+    """The weights of the sample itself: every sample counted once."""
+    return np.ones((1, n))
+
+
+def _weighted_sums(w: np.ndarray, sample: np.ndarray, group: np.ndarray, values: np.ndarray,
+                   n_groups: int) -> np.ndarray:
+    """Σ over entries e in group g of ``w[b, sample[e]] * values[e, c]``: (B, n_groups, c).
+
+    ``sample[e]`` is the sample (column of ``w``) behind entry e; an entry per sample for
+    top-label bins, an entry per sample and class for classwise ones."""
+    c = values.shape[1]
+    cols = (group[:, None] * c + np.arange(c)).ravel()
+    matrix = sparse.csr_matrix((values.ravel(), (np.repeat(sample, c), cols)), shape=(w.shape[1], n_groups * c))
+    return np.asarray((matrix.T @ w.T).T).reshape(len(w), n_groups, c)
+
+
+class _SortedPrefix(NamedTuple):
+    """Top-label confidences in ascending order and, per row of the weights, running sums
+    over them of the weight (``count``), weighted confidence and weighted hits (B × n)."""
+
+    conf: np.ndarray
+    hit: np.ndarray
+    count: np.ndarray
+    conf_sum: np.ndarray
+    hit_sum: np.ndarray
+
+
+class Weighted:
+    """Validated probabilities ``p`` (N × K) and labels ``y`` under the sample weights
+    ``w`` (B × n), with the bins of ``n_bins``; keeps what several metrics share."""
+
+    def __init__(self, p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray):
+        self.p, self.y, self.n_bins, self.w = p, y, n_bins, w
+        self.total = w.sum(axis=1)
+
+    @functools.cached_property
+    def top_label(self) -> tuple[np.ndarray, np.ndarray]:
+        return _top_label(self.p, self.y)
+
+    @functools.cached_property
+    def top_label_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Weighted count, confidence sum and hit sum of each equal-width bin, each (B, M)."""
+        conf, hit = self.top_label
+        n = len(conf)
+        sums = _weighted_sums(self.w, np.arange(n), equal_width_index(conf, self.n_bins),
+                              np.column_stack([np.ones(n), conf, hit]), self.n_bins)
+        return sums[..., 0], sums[..., 1], sums[..., 2]
+
+    @functools.cached_property
+    def sorted_prefix(self) -> _SortedPrefix:
+        conf, hit = self.top_label
+        # Stable: ties keep the samples' order, as an argsort of the resampled images would.
+        order = np.argsort(conf, kind="stable")
+        conf, hit, w = conf[order], hit[order], self.w[:, order]
+        return _SortedPrefix(conf, hit, np.cumsum(w, axis=1), np.cumsum(w * conf, axis=1), np.cumsum(w * hit, axis=1))
+
+
+def _ece_weighted(s: Weighted) -> np.ndarray:
+    # |B_m|/n · |acc − conf| = |Σ hit − Σ conf| / n: no division by a bin's count.
+    _, conf, hit = s.top_label_bins
+    return np.abs(hit - conf).sum(axis=1) / s.total
+
+
+def _mce_weighted(s: Weighted) -> np.ndarray:
+    count, conf, hit = s.top_label_bins
+    gap = np.divide(np.abs(hit - conf), count, out=np.zeros_like(count), where=count > 0)
+    return gap.max(axis=1)
+
+
+def _oe_weighted(s: Weighted) -> np.ndarray:
+    count, conf, hit = s.top_label_bins
+    over = np.divide(conf * np.maximum(conf - hit, 0.0), count, out=np.zeros_like(count), where=count > 0)
+    return over.sum(axis=1) / s.total
+
+
+def _classwise_ece_weighted(s: Weighted) -> np.ndarray:
+    p, y, n_bins, w = s.p, s.y, s.n_bins, s.w
+    n, k = p.shape
+    index = equal_width_index(p, n_bins)
+    group = index + n_bins * np.arange(k)
+    # Most (sample, class) pairs sit in one bin per class (p_ik near 0): that bin's sums are
+    # the class's totals (two dense products) minus the other bins' (a sparse one).
+    dominant = np.bincount(group.ravel(), minlength=k * n_bins).reshape(k, n_bins).argmax(axis=1)
+    rows, cols = np.nonzero(index != dominant)
+    onehot = (y[:, None] == np.arange(k)).astype(np.float64)
+    sums = _weighted_sums(w, rows, group[rows, cols], np.column_stack([p[rows, cols], onehot[rows, cols]]),
+                          k * n_bins).reshape(len(w), k, n_bins, 2)
+    totals = np.stack([w @ p, w @ onehot], axis=-1)
+    sums[:, np.arange(k), dominant] = totals - sums.sum(axis=2)
+    per_class = np.abs(sums[..., 1] - sums[..., 0]).sum(axis=2) / s.total[:, None]
+    return per_class.mean(axis=1)
+
+
+def _item_at(count: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Per row, the sorted sample whose copies hold 0-based ``position`` (B, m) of the
+    row's sequence in which sample i appears ``w[b, i]`` times."""
+    rows, n = count.shape
+    # One search over all rows: offsetting row b by b·(total + 1) keeps the whole array sorted.
+    offset = (np.arange(rows) * (count[:, -1].max() + 1))[:, None]
+    found = np.searchsorted((count + offset).ravel(), (position + offset).ravel(), side="right")
+    return found.reshape(position.shape) - (np.arange(rows) * n)[:, None]
+
+
+def _prefix_up_to(prefix: _SortedPrefix, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of confidence and hits over the first ``position`` (B, m) elements of each
+    row's sequence, a sample's copies split where a position falls among them."""
+    n = prefix.count.shape[1]
+    item = _item_at(prefix.count, position)
+    before = np.clip(item - 1, 0, n - 1)
+    counted = np.where(item > 0, np.take_along_axis(prefix.count, before, axis=1), 0.0)
+    partial = np.where(item < n, position - counted, 0.0)
+    inside = np.clip(item, 0, n - 1)
+    return tuple(np.where(item > 0, np.take_along_axis(total, before, axis=1), 0.0) + partial * values[inside]
+                 for total, values in ((prefix.conf_sum, prefix.conf), (prefix.hit_sum, prefix.hit)))
+
+
+def _equal_mass_starts(total: np.ndarray, n_bins: int) -> np.ndarray:
+    """Where each of ``n_bins`` groups starts in sequences of ``total`` elements (B, M+1),
+    as np.array_split cuts them: the first total % M groups one element longer."""
+    size, longer = np.divmod(total.astype(np.int64), n_bins)
+    j = np.arange(n_bins + 1)
+    return (j * size[:, None] + np.minimum(j, longer[:, None])).astype(np.float64)
+
+
+def _adaptive_ece_weighted(s: Weighted) -> np.ndarray:
+    prefix = s.sorted_prefix
+    conf, hit = _prefix_up_to(prefix, _equal_mass_starts(s.total, s.n_bins))
+    return np.abs(np.diff(hit, axis=1) - np.diff(conf, axis=1)).sum(axis=1) / s.total
+
+
+def _debiased_squared(s: Weighted) -> np.ndarray:
+    """Kumar et al.'s estimate of the binned squared ℓ2 error, before the root (may be < 0)."""
+    prefix, total, w = s.sorted_prefix, s.total, s.w
+    n = len(prefix.conf)
+    # Kumar et al.'s bins: equal-mass groups, each boundary halfway between a group's last
+    # confidence and the next one's first, a confidence on a boundary in the lower bin
+    # (so tied confidences share a bin); as many bins as samples at most.
+    bins = int(min(s.n_bins, total.min()))
+    starts = _equal_mass_starts(total, bins)[:, 1:-1]
+    last, first = _item_at(prefix.count, starts - 1), _item_at(prefix.count, starts)
+    boundaries = (prefix.conf[last] + prefix.conf[first]) / 2
+    ends = np.concatenate([np.zeros((len(w), 1), np.int64), np.searchsorted(prefix.conf, boundaries, side="right"),
+                           np.full((len(w), 1), n)], axis=1)
+
+    def per_bin(running: np.ndarray) -> np.ndarray:
+        at = np.where(ends > 0, np.take_along_axis(running, np.clip(ends - 1, 0, n - 1), axis=1), 0.0)
+        return np.diff(at, axis=1)
+
+    count, conf, hit = per_bin(prefix.count), per_bin(prefix.conf_sum), per_bin(prefix.hit_sum)
+    enough = count >= 2
+    safe = np.where(enough, count, 2.0)
+    accuracy = hit / safe
+    # The plug-in squared gap minus its expected excess, the variance of a bin's accuracy.
+    corrected = (conf / safe - accuracy) ** 2 - accuracy * (1 - accuracy) / (safe - 1)
+    return np.where(enough, count * corrected, 0.0).sum(axis=1) / total
+
+
+def _debiased_l2_weighted(s: Weighted) -> np.ndarray:
+    return np.sqrt(np.maximum(_debiased_squared(s), 0.0))
+
+
+def _accuracy_weighted(s: Weighted) -> np.ndarray:
+    return s.w @ s.top_label[1] / s.total
+
+
+def _nll_weighted(s: Weighted) -> np.ndarray:
+    return s.w @ -np.log(np.clip(s.p[np.arange(len(s.y)), s.y], _NLL_EPS, None)) / s.total
+
+
+def _brier_weighted(s: Weighted) -> np.ndarray:
+    onehot = np.zeros_like(s.p)
+    onehot[np.arange(len(s.y)), s.y] = 1.0
+    return s.w @ np.sum((s.p - onehot) ** 2, axis=1) / s.total
+
+
+def _smooth_ece_weighted(s: Weighted) -> np.ndarray:
+    return smooth_ece_weighted(*s.top_label, s.w, single=len(s.w) > 1)
+
+
+# --------------------------------------------------------------------------- the metrics
 
 
 def accuracy(probs: ArrayLike, labels: ArrayLike) -> float:
     """Fraction of samples whose arg-max class equals the label."""
     p, y = _validate(probs, labels)
-    return float(np.mean(p.argmax(axis=1) == y))
+    return float(_accuracy_weighted(Weighted(p, y, 1, _once(len(y))))[0])
 
 
 def ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -168,7 +382,7 @@ def ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    return _weighted_gap(equal_width_bins(*_top_label(p, y), n_bins))
+    return float(_ece_weighted(Weighted(p, y, n_bins, _once(len(y))))[0])
 
 
 def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -177,8 +391,7 @@ def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    _, conf, acc = _filled(equal_width_bins(*_top_label(p, y), n_bins))
-    return float(np.max(np.abs(acc - conf)))
+    return float(_mce_weighted(Weighted(p, y, n_bins, _once(len(y))))[0])
 
 
 def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -194,12 +407,7 @@ def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float
     "Calibrating Deep Neural Networks using Focal Loss" (AdaECE).
     """
     p, y = _validate(probs, labels, n_bins)
-    conf, hit = _top_label(p, y)
-    order = np.argsort(conf, kind="stable")
-    sizes = [len(group) for group in np.array_split(order, n_bins)]
-    index = np.empty(len(conf), dtype=np.int64)
-    index[order] = np.repeat(np.arange(n_bins), sizes)
-    return _weighted_gap(_aggregate(index, conf, hit, n_bins))
+    return float(_adaptive_ece_weighted(Weighted(p, y, n_bins, _once(len(y))))[0])
 
 
 def classwise_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -212,10 +420,7 @@ def classwise_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> floa
     calibration error).
     """
     p, y = _validate(probs, labels, n_bins)
-    per_class = [
-        _weighted_gap(equal_width_bins(p[:, k], (y == k).astype(np.float64), n_bins)) for k in range(p.shape[1])
-    ]
-    return float(np.mean(per_class))
+    return float(_classwise_ece_weighted(Weighted(p, y, n_bins, _once(len(y))))[0])
 
 
 def overconfidence_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -225,37 +430,89 @@ def overconfidence_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) 
     Predictive Uncertainty for Deep Neural Networks".
     """
     p, y = _validate(probs, labels, n_bins)
-    weight, conf, acc = _filled(equal_width_bins(*_top_label(p, y), n_bins))
-    return float(np.sum(weight * conf * np.maximum(conf - acc, 0.0)))
+    return float(_oe_weighted(Weighted(p, y, n_bins, _once(len(y))))[0])
+
+
+def debiased_l2_ce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
+    """Debiased top-label ℓ2 calibration error over ``n_bins`` equal-mass bins:
+    sqrt(max(Σ_m |B_m|/n · [(conf(B_m) − acc(B_m))² − acc(B_m)(1 − acc(B_m))/(|B_m| − 1)], 0)).
+
+    The plug-in squared gap of a bin overestimates the true one by the variance of the
+    bin's accuracy; subtracting its estimate makes the sum, given the confidences (which
+    alone place the bins), unbiased for the binned squared ℓ2 error up to the spread of
+    the true probabilities within a bin, which pulls it slightly below 0 on a calibrated
+    model (bins of fewer than two samples count 0). The square root, clipped at 0, is then
+    biased upwards near 0, far less than the plug-in error (tests/test_bootstrap.py
+    measures both on a calibrated model). The bins are those of the authors' code (``calibration.get_top_calibration_error``):
+    equal-mass groups of the sorted confidences with each boundary halfway between two
+    groups, so that tied confidences share a bin.
+
+    References: Kumar, Liang & Ma (2019), "Verified Uncertainty Calibration", §4 (the
+    debiased estimator of Bröcker 2012 and Ferro & Fricker 2012).
+    """
+    p, y = _validate(probs, labels, n_bins)
+    return float(_debiased_l2_weighted(Weighted(p, y, n_bins, _once(len(y))))[0])
+
+
+def smooth_ece(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Smooth ECE of the top-label confidence: the residuals conf − correct smoothed
+    with a Gaussian kernel reflected at 0 and 1, at the bandwidth σ* where smECE equals σ
+    (no bins). Equal to relplot's ``smECE`` (its default kernel) to rounding.
+
+    References: Błasiok & Nakkiran (2023), "Smooth ECE: Principled Reliability Diagrams
+    via Kernel Smoothing" (``calibrun.smooth``).
+    """
+    p, y = _validate(probs, labels)
+    return float(_smooth_ece_weighted(Weighted(p, y, 1, _once(len(y))))[0])
 
 
 def nll(probs: ArrayLike, labels: ArrayLike) -> float:
     """Mean negative log-likelihood of the true class, with p clipped at 1e-12."""
     p, y = _validate(probs, labels)
-    return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], _NLL_EPS, None))))
+    return float(_nll_weighted(Weighted(p, y, 1, _once(len(y))))[0])
 
 
 def brier(probs: ArrayLike, labels: ArrayLike) -> float:
     """Multi-class Brier score: mean over samples of sum_k (p_ik - [k == y_i])^2."""
     p, y = _validate(probs, labels)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(len(y)), y] = 1.0
-    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+    return float(_brier_weighted(Weighted(p, y, 1, _once(len(y))))[0])
 
 
-# The metrics of ``scores`` in the column order of metrics.csv and the sweep reports;
-# each is called as f(probs, labels, n_bins), the unbinned ones ignoring n_bins.
-_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
-    "accuracy": lambda p, y, n_bins: accuracy(p, y),
-    "ece": ece,
-    "mce": mce,
-    "ada_ece": adaptive_ece,
-    "classwise_ece": classwise_ece,
-    "oe": overconfidence_error,
-    "nll": lambda p, y, n_bins: nll(p, y),
-    "brier": lambda p, y, n_bins: brier(p, y),
+class Metric(NamedTuple):
+    """A metric of :func:`scores`: ``weighted(sample)`` gives its value under each row of
+    the sample weights of a :class:`Weighted` sample; ``higher_is_better`` says which
+    way an improvement goes; ``header`` is what a table's legend says it is; ``bounds``
+    the range of its values (where intervals are clipped); ``debiased`` that it corrects
+    its own finite-sample bias (``calibrun.bootstrap`` then takes a percentile interval)."""
+
+    weighted: Callable[[Weighted], np.ndarray]
+    header: str
+    higher_is_better: bool = False
+    bounds: tuple[float, float] = (0.0, np.inf)
+    debiased: bool = False
+
+
+# The metrics of ``scores`` in the column order of metrics.csv and the sweep reports.
+_METRICS: dict[str, Metric] = {
+    "accuracy": Metric(_accuracy_weighted, "top-1 accuracy", higher_is_better=True, bounds=(0.0, 1.0)),
+    "ece": Metric(_ece_weighted, "ECE, equal-width bins (Guo et al. 2017)"),
+    "mce": Metric(_mce_weighted, "MCE, equal-width bins (Guo et al. 2017)"),
+    "ada_ece": Metric(_adaptive_ece_weighted, "adaptive ECE, equal-mass bins (Mukhoti et al. 2020)"),
+    "classwise_ece": Metric(_classwise_ece_weighted, "classwise ECE (Kull et al. 2019)"),
+    "oe": Metric(_oe_weighted, "overconfidence error (Thulasidasan et al. 2019)"),
+    "debiased_l2_ce": Metric(_debiased_l2_weighted,
+                             "debiased ℓ2 calibration error, equal-mass bins (Kumar et al. 2019)", debiased=True),
+    "smooth_ece": Metric(_smooth_ece_weighted,
+                         "smooth ECE, reflected Gaussian kernel at σ* = smECE (Błasiok & Nakkiran 2023)"),
+    "nll": Metric(_nll_weighted, "negative log-likelihood"),
+    "brier": Metric(_brier_weighted, "multi-class Brier score"),
 }
 METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
+
+
+def metric(name: str) -> Metric:
+    """The :class:`Metric` behind the ``name`` column."""
+    return _METRICS[name]
 
 
 # A model counts as collapsed below chance plus this share of the way from chance to a
@@ -278,24 +535,41 @@ def collapse_threshold(num_classes: int, margin: float = DEFAULT_COLLAPSE_MARGIN
 
 def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, float | int]:
     """All metrics at once, keyed by :data:`METRIC_NAMES` (``accuracy, ece, mce, ada_ece,
-    classwise_ece, oe, nll, brier``) in that order, then ``n``, the number of samples.
+    classwise_ece, oe, debiased_l2_ce, smooth_ece, nll, brier``) in that order, then ``n``,
+    the number of samples. ``calibrun.bootstrap.scores_with_intervals`` adds intervals.
 
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks" (ECE, MCE);
     Nguyen & O'Connor (2015) and Mukhoti et al. (2020), "Calibrating Deep Neural Networks
     using Focal Loss" (AdaECE); Kull et al. (2019), "Beyond temperature scaling" and
     Nixon et al. (2019), "Measuring Calibration in Deep Learning" (classwise ECE, their
-    SCE); Thulasidasan et al. (2019), "On Mixup Training" (OE).
+    SCE); Thulasidasan et al. (2019), "On Mixup Training" (OE); Kumar, Liang & Ma (2019),
+    "Verified Uncertainty Calibration" (debiased ℓ2); Błasiok & Nakkiran (2023), "Smooth
+    ECE" (smooth ECE).
     """
     # Convert once so that torch inputs are not copied off the device for every metric.
     p, y = _validate(probs, labels, n_bins)
-    return {**{name: metric(p, y, n_bins) for name, metric in _METRICS.items()}, "n": int(len(y))}
+    values = weighted_scores(p, y, n_bins, _once(len(y)))[:, 0]
+    return {**{name: float(value) for name, value in zip(METRIC_NAMES, values)}, "n": int(len(y))}
+
+
+def weighted_scores(p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:
+    """Every metric under each row of the sample weights ``w`` (B × n), for validated
+    ``p`` and ``y``: (number of metrics, B), in :data:`METRIC_NAMES` order."""
+    sample = Weighted(p, y, n_bins, w)
+    return np.stack([entry.weighted(sample) for entry in _METRICS.values()])
+
+
+def validated(probs: ArrayLike, labels: ArrayLike, n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(probs, labels)`` as float64 / int64 arrays, or ``ValueError`` saying what is wrong."""
+    return _validate(probs, labels, n_bins)
 
 
 def pool_bins(bins: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
     """Bin tables of several runs or blocks added up (counts add, means weight by count),
     with the ECE and MCE of the pooled samples: what one table over all of them gives.
 
-    ``bins`` holds rows of :func:`bin_stats` (``bin, lo, hi, count, conf, acc``).
+    ``bins`` holds rows of :func:`bin_stats` (``bin, lo, hi, count, conf, acc``); the
+    pooled table has the Wilson intervals of the pooled accuracies (``acc_lo, acc_hi``).
     """
     weighted = bins.assign(conf_sum=bins["conf"].fillna(0) * bins["count"],
                            acc_sum=bins["acc"].fillna(0) * bins["count"])
@@ -305,4 +579,5 @@ def pool_bins(bins: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
     gaps = (pooled["acc"] - pooled["conf"]).abs()
     ece_value = float((gaps.fillna(0) * pooled["count"]).sum() / max(pooled["count"].sum(), 1))
     mce_value = float(gaps.max(skipna=True)) if gaps.notna().any() else 0.0
-    return pooled[["bin", "lo", "hi", "count", "conf", "acc"]], ece_value, mce_value
+    pooled["acc_lo"], pooled["acc_hi"] = wilson_interval(pooled["acc_sum"].to_numpy(), pooled["count"].to_numpy())
+    return pooled[["bin", "lo", "hi", "count", "conf", "acc", "acc_lo", "acc_hi"]], ece_value, mce_value

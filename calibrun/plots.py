@@ -92,6 +92,12 @@ def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
     count = filled["count"].to_numpy(dtype=int)
     acc_bars = ax.bar(lo, acc, width=width, align="edge", color=ACC_COLOUR, edgecolor="black", linewidth=0.5,
                       label="Accuracy", zorder=2)
+    error_bars = None
+    if {"acc_lo", "acc_hi"} <= set(filled.columns):
+        below = acc - filled["acc_lo"].to_numpy(dtype=float)
+        above = filled["acc_hi"].to_numpy(dtype=float) - acc
+        error_bars = ax.errorbar(lo + width / 2, acc, yerr=np.vstack([below, above]), fmt="none", ecolor="black",
+                                 elinewidth=0.8, capsize=2, zorder=6, label="Wilson interval of the accuracy")
     over = conf > acc
     ax.bar(lo[over], (conf - acc)[over], bottom=acc[over], width=width[over], align="edge",
            color=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", linewidth=0.5, zorder=3)
@@ -110,6 +116,8 @@ def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
                patch(facecolor=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", label="Overconfidence gap"),
                patch(facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", label="Underconfidence gap (in the bar)"),
                diagonal]
+    if error_bars is not None:
+        handles.append(error_bars)
     if (count < sparse).any():  # explained only where a bar is faded
         handles.append(patch(facecolor=ACC_COLOUR, alpha=0.3, edgecolor="black", label=f"< {sparse} samples: faded, n shown"))
     return handles

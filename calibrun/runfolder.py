@@ -33,6 +33,8 @@ STATUS = "status.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
 BINS = "bins.csv"
+# Each calibrator against none on the same bootstrap resamples (calibrun.calibration).
+DIFFERENCES = "differences.csv"
 CALIBRATOR_PARAMS = "calibrators.json"
 EXTERNAL_SOURCE = "source.json"  # where logits made outside calibrun came from
 

@@ -1,0 +1,136 @@
+"""Bootstrap intervals for every metric, and paired differences between calibrators.
+
+A bootstrap resample draws n of the n evaluated images with replacement. Instead of
+copying images, calibrun draws how often each image is drawn (multinomial counts, a
+B × n weight matrix) and evaluates every metric under those weights
+(:func:`calibrun.metrics.weighted_scores`): the same numbers as recomputing each metric on
+the resampled images, at the cost of a few sparse products. The weights depend only on
+n, the number of resamples and the seed, so every calibrator evaluated on the same
+images gets the same resamples: the difference of two calibrators per resample is a
+paired bootstrap of their difference.
+
+Intervals are basic bootstrap intervals by default (``metrics.interval=basic``):
+[2θ̂ − q_hi, 2θ̂ − q_lo], with q_lo, q_hi the (1 − level)/2 and (1 + level)/2 quantiles of
+the metric over the resamples, clipped to the metric's range. Unlike the percentile
+interval [q_lo, q_hi] (``metrics.interval=percentile``), it corrects for the upward bias
+that every binned calibration error has on a finite sample: in calibrun's simulations
+(tests/test_bootstrap.py) percentile intervals of classwise ECE and MCE covered the
+population value in 0% and 30% of draws, basic ones in over 90%. Neither covers a
+calibration error of nearly 0 reliably (README "Intervals").
+
+References: Efron & Tibshirani (1993), "An Introduction to the Bootstrap", §13.3
+(percentile interval); Davison & Hinkley (1997), "Bootstrap Methods and their
+Application", eq. 5.6 (basic interval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from calibrun.config import check_bootstrap
+from calibrun.metrics import METRIC_NAMES, ArrayLike, metric, validated, weighted_scores
+
+# Rows of the weight matrix drawn at once: about this many weights (8 bytes each) in
+# memory per chunk, whatever n is.
+_WEIGHTS_PER_CHUNK = 5_000_000
+
+
+class Settings(NamedTuple):
+    """``metrics.resamples``, ``metrics.level``, ``metrics.bootstrap_seed`` and
+    ``metrics.interval`` (``basic`` or ``percentile``)."""
+
+    resamples: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    interval: str = "basic"
+
+
+def check_settings(settings: Settings) -> Settings:
+    """``settings``, or UserError naming the key that is out of range."""
+    check_bootstrap(settings.resamples, settings.level, settings.interval)
+    return settings
+
+
+def resample_weights(n: int, settings: Settings) -> Iterator[np.ndarray]:
+    """The resamples' weights, in chunks of rows (each B_chunk × n): how often each of n
+    images is drawn in each resample. A function of n, resamples and seed only."""
+    rng = np.random.default_rng(settings.seed)
+    chunk = max(1, _WEIGHTS_PER_CHUNK // n)
+    for start in range(0, settings.resamples, chunk):
+        rows = min(chunk, settings.resamples - start)
+        drawn = rng.integers(0, n, size=(rows, n)) + (np.arange(rows) * n)[:, None]
+        yield np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+def resampled(probs: ArrayLike, labels: ArrayLike, n_bins: int, settings: Settings) -> np.ndarray:
+    """Every metric on every resample: (len(METRIC_NAMES), resamples)."""
+    p, y = validated(probs, labels, n_bins)
+    return np.concatenate([weighted_scores(p, y, n_bins, w) for w in resample_weights(len(y), settings)], axis=1)
+
+
+def interval(values: np.ndarray, point: np.ndarray, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """The interval of each metric (rows of ``values``, :data:`METRIC_NAMES` order, over
+    the resamples; with ``point`` its values on the sample): ``settings.interval``'s
+    kind, the percentile one for a metric already corrected for its bias."""
+    q_lo, q_hi = np.nanquantile(values, [(1 - settings.level) / 2, (1 + settings.level) / 2], axis=-1)
+    # Reflecting the quantiles around an estimator without bias (the debiased ℓ2 error,
+    # clipped at 0) would undo the clipping: [0, 0] around a 0.
+    percentile = settings.interval == "percentile" or np.array([metric(name).debiased for name in METRIC_NAMES])
+    return np.where(percentile, q_lo, 2 * point - q_hi), np.where(percentile, q_hi, 2 * point - q_lo)
+
+
+def interval_columns(values: np.ndarray, point: np.ndarray, settings: Settings) -> dict[str, float]:
+    """``<metric>_lo`` and ``<metric>_hi`` of every metric, from :func:`resampled`'s values
+    and the metrics' values on the sample (``point``), clipped to each metric's range."""
+    lo, hi = interval(values, point, settings)
+    low, high = (np.array(side) for side in zip(*(metric(name).bounds for name in METRIC_NAMES)))
+    lo, hi = np.clip(lo, low, high), np.clip(hi, low, high)
+    return {column: float(value) for name, a, b in zip(METRIC_NAMES, lo, hi)
+            for column, value in ((f"{name}_lo", a), (f"{name}_hi", b))}
+
+
+def interval_names() -> list[str]:
+    """The interval columns of a metrics table, in order: ``accuracy_lo, accuracy_hi, ...``."""
+    return [f"{name}_{end}" for name in METRIC_NAMES for end in ("lo", "hi")]
+
+
+def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, intervals: bool = False,
+           resamples: int = 1000, level: float = 0.95, seed: int = 0, interval: str = "basic") -> dict[str, float | int]:
+    """:func:`calibrun.metrics.scores`, and with ``intervals=True`` each metric's
+    bootstrap interval (:class:`Settings`) as ``<metric>_lo`` and ``<metric>_hi``: the numbers a
+    run folder's ``metrics.csv`` holds for the same probabilities and settings.
+
+    Example: ``calibrun.scores(softmax(logits), labels, intervals=True)["ece_hi"]``.
+    """
+    from calibrun.metrics import scores as point_scores
+
+    point = point_scores(probs, labels, n_bins)
+    if not intervals:
+        return point
+    settings = check_settings(Settings(resamples, level, seed, interval))
+    values = np.array([point[name] for name in METRIC_NAMES])
+    return {**point, **interval_columns(resampled(probs, labels, n_bins, settings), values, settings)}
+
+
+def paired_differences(point: dict[str, np.ndarray], values: dict[str, np.ndarray], baseline: str,
+                       settings: Settings) -> list[dict[str, object]]:
+    """Each entry of ``values`` (name -> :func:`resampled` array, all on the same
+    resamples) against ``baseline``: one row per name and metric with the difference of
+    the point values (``point``: name -> metric values), its percentile interval, and
+    whether the interval lies wholly on the better (``better``) or worse (``worse``) side
+    of 0 for that metric."""
+    rows = []
+    for name, resamples in values.items():
+        if name == baseline:
+            continue
+        lo, hi = interval(resamples - values[baseline], point[name] - point[baseline], settings)
+        for i, metric_name in enumerate(METRIC_NAMES):
+            up = metric(metric_name).higher_is_better
+            rows.append({"metric": metric_name, "calibrator": name, "baseline": baseline,
+                         "difference": float(point[name][i] - point[baseline][i]),
+                         "lo": float(lo[i]), "hi": float(hi[i]),
+                         "better": bool(lo[i] > 0 if up else hi[i] < 0), "worse": bool(hi[i] < 0 if up else lo[i] > 0)})
+    return rows

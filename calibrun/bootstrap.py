@@ -29,9 +29,11 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 
 from calibrun.config import check_bootstrap
 from calibrun.metrics import METRIC_NAMES, ArrayLike, metric, validated, weighted_scores
+from calibrun.smooth import SmoothedResiduals
 
 # Rows of the weight matrix drawn at once: about this many weights (8 bytes each) in
 # memory per chunk, whatever n is.
@@ -71,15 +73,40 @@ def resampled(probs: ArrayLike, labels: ArrayLike, n_bins: int, settings: Settin
     return np.concatenate([weighted_scores(p, y, n_bins, w) for w in resample_weights(len(y), settings)], axis=1)
 
 
+def _percentile_rows(settings: Settings) -> np.ndarray:
+    """Which metrics (:data:`METRIC_NAMES` order) take the percentile interval: all with
+    ``metrics.interval=percentile``, else those already corrected for their bias; for
+    them reflecting the quantiles around the estimate (the debiased ℓ2 error, clipped at
+    0) would undo the clipping: [0, 0] around a 0."""
+    return np.array([settings.interval == "percentile" or metric(name).debiased for name in METRIC_NAMES])
+
+
+def _distribution(values: np.ndarray, point: np.ndarray, settings: Settings) -> np.ndarray:
+    """What the interval is read from, per metric: the resampled values (percentile) or
+    their reflection 2·estimate − value (basic)."""
+    return np.where(_percentile_rows(settings)[:, None], values, 2 * point[:, None] - values)
+
+
+def _quantiles(distribution: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = np.nanquantile(distribution, [(1 - level) / 2, (1 + level) / 2], axis=-1)
+    return lo, hi
+
+
 def interval(values: np.ndarray, point: np.ndarray, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
     """The interval of each metric (rows of ``values``, :data:`METRIC_NAMES` order, over
-    the resamples; with ``point`` its values on the sample): ``settings.interval``'s
+    the resamples; with ``point`` its values on the sample) of ``settings.interval``'s
     kind, the percentile one for a metric already corrected for its bias."""
-    q_lo, q_hi = np.nanquantile(values, [(1 - settings.level) / 2, (1 + settings.level) / 2], axis=-1)
-    # Reflecting the quantiles around an estimator without bias (the debiased ℓ2 error,
-    # clipped at 0) would undo the clipping: [0, 0] around a 0.
-    percentile = settings.interval == "percentile" or np.array([metric(name).debiased for name in METRIC_NAMES])
-    return np.where(percentile, q_lo, 2 * point - q_hi), np.where(percentile, q_hi, 2 * point - q_lo)
+    return _quantiles(_distribution(values, point, settings), settings.level)
+
+
+def p_value(values: np.ndarray, point: np.ndarray, settings: Settings) -> np.ndarray:
+    """The two-sided bootstrap p-value of "the difference is 0" per metric (``values``:
+    resampled differences): twice the smaller share, counted as (1 + k)/(1 + B), of the
+    interval's distribution on either side of 0, so that p < 1 − level where the interval
+    of that level leaves 0 out."""
+    spread = _distribution(values, point, settings)
+    below, above = (1 + (spread <= 0).sum(axis=1)), (1 + (spread >= 0).sum(axis=1))
+    return np.minimum(1.0, 2 * np.minimum(below, above) / (1 + spread.shape[1]))
 
 
 def interval_columns(values: np.ndarray, point: np.ndarray, settings: Settings) -> dict[str, float]:
@@ -113,6 +140,32 @@ def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, intervals: boo
     settings = check_settings(Settings(resamples, level, seed, interval))
     values = np.array([point[name] for name in METRIC_NAMES])
     return {**point, **interval_columns(resampled(probs, labels, n_bins, settings), values, settings)}
+
+
+def smooth_curve(probs: ArrayLike, labels: ArrayLike, settings: Settings, points: int = 200) -> pd.DataFrame:
+    """The smooth reliability curve E[correct | confidence = t] at smooth ECE's bandwidth
+    σ*, on ``points`` confidences t, with a pointwise bootstrap band of ``settings``'s
+    level and kind (the resamples smoothed at the sample's σ*). Columns ``conf, acc,
+    acc_lo, acc_hi, density``; ``attrs`` holds ``sigma``, ``level`` and ``support``, the
+    range of the confidences (the curve means nothing outside it).
+
+    References: Błasiok & Nakkiran (2023), "Smooth ECE", §5 (the smoothed reliability
+    diagram).
+    """
+    p, y = validated(probs, labels)
+    conf, hit = p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
+    sample = SmoothedResiduals(conf, hit, np.ones((1, len(y))))
+    sigma = float(sample.bandwidth()[0])
+    t = np.linspace(0, 1, points)
+    acc, density = (row[0] for row in sample.curve(sigma, t))
+    resampled = np.concatenate([SmoothedResiduals(conf, hit, w, single=True).curve(sigma, t)[0]
+                                for w in resample_weights(len(y), settings)])
+    spread = resampled.T if settings.interval == "percentile" else 2 * acc[:, None] - resampled.T
+    lo, hi = _quantiles(spread, settings.level)
+    curve = pd.DataFrame({"conf": t, "acc": np.clip(acc, 0, 1), "acc_lo": np.clip(lo, 0, 1),
+                          "acc_hi": np.clip(hi, 0, 1), "density": density})
+    curve.attrs.update(sigma=sigma, level=settings.level, support=(float(conf.min()), float(conf.max())))
+    return curve
 
 
 def paired_differences(point: dict[str, np.ndarray], values: dict[str, np.ndarray], baseline: str,

@@ -47,7 +47,7 @@ MARK = "*"
 # One JSON object per calibrun-calibrate call, appended in the run folder.
 CALIBRATION_LOG = "calibrations.jsonl"
 log = logging.getLogger(__name__)
-OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.n_bins=M"
+OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metrics.<key>=value"
 
 
 # --------------------------------------------------------------------------- tables and figures
@@ -63,12 +63,14 @@ def metric_settings(cfg: DictConfig) -> dict[str, object]:
     intervals = bootstrap.Settings(setting("resamples", defaults.resamples), setting("level", defaults.level),
                                    setting("bootstrap_seed", defaults.seed), setting("interval", defaults.interval))
     return {"n_bins": cfg.metrics.n_bins, "collapse_margin": setting("collapse_margin", DEFAULT_COLLAPSE_MARGIN),
-            "intervals": intervals if setting("intervals", True) else None}
+            "intervals": intervals if setting("intervals", True) else None,
+            "smooth_curve": setting("smooth_curve", False)}
 
 
 def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15,
                          collapse_margin: float = DEFAULT_COLLAPSE_MARGIN,
-                         intervals: bootstrap.Settings | None = bootstrap.Settings()) -> pd.DataFrame:
+                         intervals: bootstrap.Settings | None = bootstrap.Settings(),
+                         smooth_curve: bool = False) -> pd.DataFrame:
     """Fit each calibrator on the val logits, evaluate on val and test, write the tables
     and the fitted parameters (``calibrators.json``).
 
@@ -79,7 +81,8 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     calibrators already in the run folder but not given here are kept, so a refit of a
     subset (``calibrun-calibrate``) does not erase the others. A row whose accuracy is
     below :func:`~calibrun.metrics.collapse_threshold` is marked ``collapsed`` and
-    metrics.md says so above the table. Returns the table.
+    metrics.md says so above the table. ``smooth_curve`` draws the smooth reliability
+    curve with its bootstrap band on each test diagram. Returns the table.
     """
     splits = {split: load_logits(logits_file(run_dir, split)) for split in ("val", "test")}
     rows, bins, params, differences = [], [], {}, []
@@ -95,8 +98,9 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
             rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < threshold,
                          **_intervals(resampled[split], name, probs, y, scored, n_bins, intervals)})
             if split == "test":
-                level = bootstrap.Settings().level if intervals is None else intervals.level
-                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins, level))
+                curve = bootstrap.smooth_curve(probs, y, intervals or bootstrap.Settings()) if smooth_curve else None
+                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins,
+                                                   (intervals or bootstrap.Settings()).level, curve))
     if intervals is not None:
         differences = [{"split": split, **row} for split, by_name in resampled.items()
                        for row in bootstrap.paired_differences({k: v[0] for k, v in by_name.items()},
@@ -127,14 +131,15 @@ def _intervals(resampled: dict[str, tuple[np.ndarray, np.ndarray]], name: str, p
 
 
 def _test_bins_and_figures(figures: Path, name: str, probs: np.ndarray, labels: np.ndarray,
-                           scores: dict[str, float], n_bins: int, level: float) -> pd.DataFrame:
+                           scores: dict[str, float], n_bins: int, level: float,
+                           curve: pd.DataFrame | None = None) -> pd.DataFrame:
     """The test-set reliability bins of calibrator ``name``, with the Wilson interval of
-    each bin's accuracy at ``level``; draws its reliability diagram (and for ``none`` the
-    confidence histogram) from the same numbers on the way."""
+    each bin's accuracy at ``level``; draws its reliability diagram (with the smooth
+    ``curve`` if given; for ``none`` also the confidence histogram) on the way."""
     stats = bin_stats(probs, labels, n_bins, level)
     label = "none (uncalibrated)" if name == "none" else name
     reliability_with_histogram(stats, figures / f"reliability_{name}.png", title=f"{label}, test split",
-                               ece=scores["ece"], mce=scores["mce"])
+                               ece=scores["ece"], mce=scores["mce"], curve=curve)
     if name == "none":
         conf = probs.max(axis=1)
         confidence_histogram(conf, figures / "confidence_hist.png", accuracy=scores["accuracy"],
@@ -361,7 +366,7 @@ def build_calibrators(section: DictConfig) -> dict[str, Calibrator]:
 def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     """Refit the calibrators of a finished run from its saved logits (``calibrun-calibrate``).
 
-    Starts from the run's own ``calibrator`` and ``metrics.n_bins`` settings, applies
+    Starts from the run's own ``calibrator`` and ``metrics`` settings, applies
     ``overrides`` (see :func:`refit_config`), rewrites the tables and figures, brings the
     run's ``config.yaml`` in line with them and appends the refit to ``calibrations.jsonl``.
     Returns the table and the calibrators refitted.
@@ -382,17 +387,22 @@ def refit_config(run_cfg: DictConfig, overrides: list[str], in_table: list[str],
     matter to a refit, and the default stays valid while old runs' configs may not).
 
     ``calibrator=[a,b]`` picks the calibrators (default: the run's), each with the run's
-    settings when it has them, else ``conf/calibrator/<name>.yaml``'s. A ``metrics.n_bins``
-    that differs from the run's also refits ``in_table``, the calibrators already in the
-    table, so that no row keeps the old bins.
+    settings when it has them, else ``conf/calibrator/<name>.yaml``'s. A ``metrics.*``
+    setting (bins, the bootstrap's) that differs from the run's also refits ``in_table``,
+    the calibrators already in the table, so that no row keeps the old bins or resamples.
     """
-    chosen, settings, n_bins = _parse_overrides(overrides)
+    chosen, settings, metric_values = _parse_overrides(overrides)
     run_section = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
-    run_bins = OmegaConf.select(run_cfg, "metrics.n_bins")
     base = _compose_all_calibrators(conf_dir)
-    n_bins = next(n for n in (n_bins, run_bins, base.metrics.n_bins) if n is not None)
+    unknown_metric = [key for key in metric_values if key not in base.metrics]
+    if unknown_metric:
+        raise UserError(f"calibrun-calibrate cannot apply metrics.{unknown_metric[0]}: the metrics settings are "
+                        f"{', '.join(f'metrics.{key}' for key in base.metrics)}.")
+    # A run made before a setting existed used its default, conf/config.yaml's.
+    run_metrics = {**OmegaConf.to_container(base.metrics),
+                   **OmegaConf.to_container(run_cfg.get("metrics") or OmegaConf.create({}), resolve=True)}
     names = list(run_section) if chosen is None else list(dict.fromkeys(chosen))
-    if n_bins != run_bins:
+    if any(run_metrics.get(key) != value for key, value in metric_values.items()):
         names += [name for name in in_table if name not in names]
     unknown = [name for name in names if name not in run_section and name not in base.calibrator]
     if unknown:
@@ -406,15 +416,15 @@ def refit_config(run_cfg: DictConfig, overrides: list[str], in_table: list[str],
                             f"refitted ({', '.join(names) or 'none'}); add it to calibrator=[...].")
         OmegaConf.update(section, key, value, merge=True)
     raw = OmegaConf.to_container(base)
-    raw.update(calibrator=OmegaConf.to_container(section), metrics={**raw["metrics"], "n_bins": n_bins})
+    raw.update(calibrator=OmegaConf.to_container(section), metrics={**run_metrics, **metric_values})
     return validate(OmegaConf.create(raw))
 
 
-def _parse_overrides(overrides: list[str]) -> tuple[list[str] | None, dict[str, object], object]:
+def _parse_overrides(overrides: list[str]) -> tuple[list[str] | None, dict[str, object], dict[str, object]]:
     """(the calibrators ``calibrator=[...]`` picks or None, the ``calibrator.<key>`` values
-    keyed below ``calibrator``, the ``metrics.n_bins`` value or None)."""
+    keyed below ``calibrator``, the ``metrics.<key>`` values keyed below ``metrics``)."""
     parser = OverridesParser.create()
-    chosen, settings, n_bins = None, {}, None
+    chosen, settings, metric_values = None, {}, {}
     for text in overrides:
         try:
             (override,) = parser.parse_overrides([text])
@@ -428,11 +438,11 @@ def _parse_overrides(overrides: list[str]) -> tuple[list[str] | None, dict[str, 
             chosen = [str(v) for v in value] if isinstance(value, list) else [str(value)]
         elif key.startswith("calibrator."):
             settings[key.removeprefix("calibrator.")] = override.value()
-        elif key == "metrics.n_bins":
-            n_bins = override.value()
+        elif key.startswith("metrics."):
+            metric_values[key.removeprefix("metrics.")] = override.value()
         else:
             raise UserError(f"calibrun-calibrate cannot apply {text!r}: it takes only {OVERRIDE_HELP}.")
-    return chosen, settings, n_bins
+    return chosen, settings, metric_values
 
 
 def _compose_all_calibrators(conf_dir: Path) -> DictConfig:
@@ -447,7 +457,7 @@ def _record_refit(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig, overrides
     refitted = OmegaConf.to_container(cfg.calibrator, resolve=True)
     kept = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
     run_cfg.calibrator = {**kept, **refitted}
-    OmegaConf.update(run_cfg, "metrics.n_bins", cfg.metrics.n_bins, merge=True)
+    OmegaConf.update(run_cfg, "metrics", OmegaConf.to_container(cfg.metrics), merge=True)
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(run_cfg))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides,
              "refitted": list(refitted), "n_bins": cfg.metrics.n_bins, "calibrator": refitted}

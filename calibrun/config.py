@@ -38,6 +38,9 @@ NON_EXPERIMENT_KEYS = (
     "trainer.compile_mode",
     # What a finished model is evaluated on besides its own test split (calibrun-evaluate).
     "shift", "shift.root", "ood", "ood.root",
+    # How its numbers get their intervals, not the numbers (calibrun-calibrate redraws them).
+    "metrics.intervals", "metrics.resamples", "metrics.level", "metrics.bootstrap_seed", "metrics.interval",
+    "metrics.smooth_curve",
 )
 # Component nodes built with hydra.utils.instantiate, each checked against its _target_.
 COMPONENTS = ("data", "model", "loss", "optimizer", "scheduler")
@@ -104,6 +107,7 @@ class MetricsConfig:
     level: float = 0.95
     bootstrap_seed: int = 0
     interval: str = "basic"
+    smooth_curve: bool = False
 
 
 def _schema_type(hint: Any) -> Any:

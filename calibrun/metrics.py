@@ -145,7 +145,8 @@ def wilson_interval(hits: np.ndarray, count: np.ndarray, level: float = 0.95) ->
     Proportion" (why Wilson's rather than the normal approximation on small bins).
     """
     lo, hi = np.full(len(count), np.nan), np.full(len(count), np.nan)
-    for m, (k, n) in enumerate(zip(np.rint(hits).astype(np.int64), np.asarray(count, dtype=np.int64))):
+    hits = np.rint(np.asarray(hits, dtype=np.float64)).astype(np.int64)
+    for m, (k, n) in enumerate(zip(hits, np.asarray(count, dtype=np.int64))):
         if n > 0:
             ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
             lo[m], hi[m] = ci.low, ci.high

@@ -30,6 +30,7 @@ BIN_COLUMNS = ("lo", "hi", "count", "conf", "acc")
 ACC_COLOUR = "#1f4e9c"
 GAP_COLOUR = "#d62728"
 UNDER_COLOUR = "#ff7f0e"
+CURVE_COLOUR = "#2ca02c"
 # Bins with fewer samples than this are faded and labelled with their count.
 SPARSE = 10
 DPI = 150
@@ -49,16 +50,19 @@ def _save(fig: Figure, path: Path | str) -> None:
 
 def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str = "", ece: float | None = None,
                         mce: float | None = None, ax: Axes | None = None, sparse: int = SPARSE,
-                        legend: bool = True) -> list:
+                        legend: bool = True, curve: pd.DataFrame | None = None) -> list:
     """Reliability diagram: accuracy per confidence bin against perfect calibration.
 
     Blue bars are the accuracy of each non-empty bin over its [lo, hi] width. The gap to
     the bin's mean confidence is a red band above the bar where the model is
     overconfident and an orange hatched outline inside the bar where it is
     underconfident, so the two never blend. Bins with fewer than ``sparse`` samples are
-    faded and labelled with their count. ``ece``/``mce`` are printed as given, under the
-    title. With ``ax`` the diagram is drawn there and nothing is saved; the legend goes
-    below the axes unless ``legend=False``. Returns the legend handles.
+    faded and labelled with their count; with ``acc_lo``/``acc_hi`` columns each bar has
+    its accuracy's interval as an error bar. ``curve`` (``calibrun.bootstrap.smooth_curve``)
+    adds the smooth reliability curve with its band where the confidences lie.
+    ``ece``/``mce`` are printed as given, under the title. With ``ax`` the diagram is drawn
+    there and nothing is saved; the legend goes below the axes unless ``legend=False``.
+    Returns the legend handles.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
@@ -71,6 +75,8 @@ def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str 
     if ax is None:
         fig, ax = plt.subplots(figsize=(4.5, 5.2))
     handles = _draw_bins(ax, bins[bins["count"] > 0], sparse)
+    if curve is not None:
+        handles += _draw_curve(ax, curve)
     scores = " · ".join(f"{name} = {value:.4f}" for name, value in (("ECE", ece), ("MCE", mce)) if value is not None)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Confidence", ylabel="Accuracy",
            title="\n".join(part for part in (title, scores) if part))
@@ -123,6 +129,18 @@ def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
     return handles
 
 
+def _draw_curve(ax: Axes, curve: pd.DataFrame) -> list:
+    """The smooth reliability curve and its band over the range of the confidences
+    (``attrs["support"]``); returns the legend handles."""
+    low, high = curve.attrs.get("support", (0.0, 1.0))
+    shown = curve[curve["conf"].between(low, high)]
+    band = ax.fill_between(shown["conf"], shown["acc_lo"], shown["acc_hi"], color=CURVE_COLOUR, alpha=0.25,
+                           linewidth=0, zorder=7, label=f"its {curve.attrs.get('level', 0.95):.0%} bootstrap band")
+    (line,) = ax.plot(shown["conf"], shown["acc"], color=CURVE_COLOUR, linewidth=1.5, zorder=8,
+                      label=f"Smooth reliability curve (σ* = {curve.attrs.get('sigma', float('nan')):.3f})")
+    return [line, band]
+
+
 def _histogram(ax: Axes, bins: pd.DataFrame) -> None:
     """Samples per confidence bin (counts), on the diagram's x axis."""
     lo = bins["lo"].to_numpy(dtype=float)
@@ -138,7 +156,7 @@ def _histogram(ax: Axes, bins: pd.DataFrame) -> None:
 Panel = tuple[str, pd.DataFrame, float, float]
 
 
-def _grid_figure(panels: list[Panel], ncols: int, title: str) -> Figure:
+def _grid_figure(panels: list[Panel], ncols: int, title: str, curves: list[pd.DataFrame | None] | None = None) -> Figure:
     """The figure of :func:`reliability_grid`: per panel a diagram over its histogram,
     ``title`` above them all, one legend for all at the bottom."""
     if not panels:
@@ -156,7 +174,8 @@ def _grid_figure(panels: list[Panel], ncols: int, title: str) -> Figure:
         top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
         if i < len(panels):
             panel_title, bins, ece, mce = panels[i]
-            drawn = reliability_diagram(bins, None, panel_title, ece, mce, ax=top, legend=False)
+            curve = curves[i] if curves else None
+            drawn = reliability_diagram(bins, None, panel_title, ece, mce, ax=top, legend=False, curve=curve)
             handles = max(handles, drawn, key=len)  # the faded bars' entry if any panel has them
             top.set_xlabel("")
             _histogram(bottom, bins)
@@ -258,13 +277,14 @@ def curves_against(panels: dict[str, list[Curve]], path: Path | str, x_name: str
 
 
 def reliability_with_histogram(bins: pd.DataFrame, path: Path | str, title: str = "", ece: float | None = None,
-                               mce: float | None = None, sparse: int = SPARSE) -> None:
+                               mce: float | None = None, curve: pd.DataFrame | None = None) -> None:
     """A reliability diagram over the number of samples in each of its bins (shared x
-    axis), so that a tall gap over a nearly empty bin reads as what it is.
+    axis), so that a tall gap over a nearly empty bin reads as what it is; ``curve``
+    adds the smooth reliability curve (see :func:`reliability_diagram`).
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", Figure 1.
     """
-    _save(_grid_figure([(title, bins, ece, mce)], 1, title=""), path)
+    _save(_grid_figure([(title, bins, ece, mce)], 1, title="", curves=[curve]), path)
 
 
 def severity_boxes(table: pd.DataFrame, path: Path | str, metrics: Sequence[str] = ("ece", "accuracy"),

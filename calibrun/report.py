@@ -19,8 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import stats
 
-from calibrun import UserError
+from calibrun import UserError, bootstrap
+from calibrun.comparison import compare_to_baseline, parse_baseline
+from calibrun.comparison import markdown as comparison_markdown
 from calibrun._io import atomic_write_text
 from calibrun.config import is_non_experiment_key
 from calibrun.detection import DETECTION_METRICS
@@ -32,6 +35,8 @@ from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, EXTERNAL_SOURCE
 PAPERS = Path(__file__).resolve().parent / "papers"
 # The metrics a report's table shows unless --table-metrics says otherwise.
 TABLE_METRICS = ("accuracy", "ece", "mce", "nll", "brier")
+# The level of the t-intervals over seeds and of --baseline's paired intervals.
+LEVEL = 0.95
 log = logging.getLogger(__name__)
 # Settings named in a report's "Same for all runs" line when no group differs in them
 # (model.depth too: model=resnet110 with model.depth=56 is a ResNet-56).
@@ -157,7 +162,9 @@ def _read_run(run_dir: Path) -> dict[str, object]:
     try:
         info = describe_run(run_dir)
         if info["state"] == "done" and (run_dir / METRICS).is_file():
-            info["_metrics"] = read_run_table(run_dir / METRICS, ("split", "calibrator", *METRIC_NAMES))
+            table = read_run_table(run_dir / METRICS, ("split", "calibrator", "accuracy"))
+            # A run evaluated before a metric existed has no column for it: empty cells.
+            info["_metrics"] = table.reindex(columns=[*table.columns, *(m for m in METRIC_NAMES if m not in table)])
             info["_params"] = calibrator_params(run_dir)
         return info
     except BrokenFile as err:
@@ -167,22 +174,35 @@ def _read_run(run_dir: Path) -> dict[str, object]:
 
 def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean, standard deviation (over seeds) and n per group and calibrator, for every
-    metric and fitted parameter."""
+    metric and fitted parameter, and each metric's t-interval of the mean (``_t_lo``, ``_t_hi``)."""
     groups = [*keys, "calibrator"]
     grouped = metrics.groupby(groups, dropna=False, sort=False)
     out = grouped[[*METRIC_NAMES, *param_columns(metrics)]].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out.insert(0, "n", grouped.size())
+    for metric in METRIC_NAMES:
+        out[f"{metric}_t_lo"], out[f"{metric}_t_hi"] = t_interval(out[f"{metric}_mean"], out[f"{metric}_std"], out["n"])
     if "collapsed" in metrics:  # runs evaluated before the flag existed count as not collapsed
         out.insert(1, "collapsed", grouped["collapsed"].agg(lambda flags: int(flags.fillna(False).astype(bool).sum())))
     return out.reset_index()
 
 
+def t_interval(mean: np.ndarray, std: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Student-t interval of a mean over n seeds at :data:`LEVEL` (NaN below two seeds)."""
+    n = np.asarray(n, dtype=float)
+    half = stats.t.ppf((1 + LEVEL) / 2, np.where(n > 1, n - 1, np.nan)) * np.asarray(std, dtype=float) / np.sqrt(n)
+    return np.asarray(mean, dtype=float) - half, np.asarray(mean, dtype=float) + half
+
+
 def _mean_std(mean: float, std: float, n: int) -> str:
-    """A table cell; empty where the value does not apply (T on a row that is not temperature's)."""
+    """A table cell, mean ± std [t-interval of the mean]; empty where the value does not
+    apply (T on a row that is not temperature's)."""
     if pd.isna(mean):
         return ""
-    return f"{mean:.4f}" if n < 2 or pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+    if n < 2 or pd.isna(std):
+        return f"{mean:.4f}"
+    lo, hi = t_interval(mean, std, n)
+    return f"{mean:.4f} ± {std:.4f} [{float(lo):.4f}, {float(hi):.4f}]"
 
 
 def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: pd.DataFrame | None) -> str:
@@ -403,10 +423,12 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
                  calibrators: list[str] | None = None, paper: str | None = None,
                  grid_calibrator: str = "none", grid_name: str = "reliability_grid.png",
                  table_metrics: list[str] | None = None, pivot: str | None = None,
-                 caption: str | None = None) -> pd.DataFrame:
-    """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds), an
-    ``ece_vs_lam.png`` when λ varies, and a grid of pooled reliability diagrams.
-    ``caption`` goes under the title of ``<name>.md`` (the setting a reader must know)."""
+                 caption: str | None = None, baseline: str | None = None) -> pd.DataFrame:
+    """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds with the
+    t-interval of the mean), an ``ece_vs_lam.png`` when λ varies, and a grid of pooled
+    reliability diagrams. ``caption`` goes under the title of ``<name>.md`` (the setting
+    a reader must know). ``baseline`` (``key=value,...``) adds each group's paired
+    difference to that group on the same test images (``<name>_differences.csv``)."""
     shown = table_metrics or list(TABLE_METRICS)
     _check_metrics([metric], "--metric")
     _check_metrics(shown, "--table-metrics")
@@ -421,11 +443,16 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     reference = load_paper(paper) if paper else None
     if reference is not None and len(summary):
         summary = with_paper(summary, reference)
+    wanted = parse_baseline(baseline, keys) if baseline else None
     heading = [f"# {name}", "", *([caption, ""] if caption else []),
-               f"{count_of(len(runs), 'run')} under {', '.join(map(str, paths))}; test split; mean ± std over seeds.", ""]
+               f"{count_of(len(runs), 'run')} under {', '.join(map(str, paths))}; test split; mean ± std over seeds "
+               f"[{LEVEL:.0%} t-interval of the mean].", ""]
     unfinished = runs[runs["state"] != "done"]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{name}.md", "\n".join(heading + report_body(runs, keys, summary, shown, pivot, reference)))
+    body = report_body(runs, keys, summary, shown, pivot, reference)
+    if wanted is not None and len(metrics):
+        body += _baseline_section(metrics, runs, keys, wanted, [m for m in shown if m in METRIC_NAMES], out / f"{name}_differences.csv")
+    atomic_write_text(out / f"{name}.md", "\n".join(heading + body))
     full = pd.concat([summary, unfinished[["run", "state", "error", *[k for k in keys if k in unfinished]]]],
                      ignore_index=True) if len(unfinished) else summary
     atomic_write_text(out / f"{name}.csv", full.to_csv(index=False))
@@ -439,6 +466,17 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     write_shift_report(runs, keys, out, name, calibrators)
     write_ood_report(runs, keys, out, name, calibrators)
     return summary
+
+
+def _baseline_section(metrics: pd.DataFrame, runs: pd.DataFrame, keys: list[str], baseline: dict[str, str],
+                      shown: list[str], path: Path) -> list[str]:
+    """The paired comparison to ``baseline``'s runs, written to ``path`` and as markdown lines."""
+    n_bins = int(runs["metrics.n_bins"].dropna().mode().iloc[0]) if "metrics.n_bins" in runs and runs[
+        "metrics.n_bins"].notna().any() else 15
+    settings = bootstrap.Settings(level=LEVEL)
+    table = compare_to_baseline(metrics, keys, baseline, shown, n_bins, settings)
+    atomic_write_text(path, table.to_csv(index=False))
+    return comparison_markdown(table, keys, baseline, settings)
 
 
 def report_body(runs: pd.DataFrame, keys: list[str], summary: pd.DataFrame, shown: list[str], pivot: str | None,

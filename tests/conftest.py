@@ -24,7 +24,7 @@ PACS_SAMPLE = Path(sample_root("pacs"))
 
 # Small, fast settings for end-to-end runs on the synthetic data.
 FAST = ["data=synthetic", "model=resnet110", "model.depth=8", "trainer=quick", "trainer.epochs=2",
-        "trainer.batch_size=64", "trainer.progress=false"]
+        "trainer.batch_size=64", "trainer.progress=false", "metrics.resamples=100"]
 
 
 @pytest.fixture(scope="session", autouse=True)

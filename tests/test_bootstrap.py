@@ -190,3 +190,19 @@ def test_bad_settings_name_the_key(settings: dict, message: str) -> None:
     probs = np.full((4, 2), 0.5)
     with pytest.raises(UserError, match=re.escape(message)):
         calibrun.scores(probs, np.array([0, 1, 0, 1]), intervals=True, **settings)
+
+
+def test_smooth_reliability_curve_is_relplots_kernel_regression_at_sigma_star() -> None:
+    from relplot.kernels import ReflectedGaussianKernel
+
+    logits, labels = _fixture()
+    probs = softmax(logits, axis=1)
+    curve = bootstrap.smooth_curve(probs, labels, bootstrap.Settings(resamples=100))
+    conf, hit = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
+    _, width = relplot.smECE(conf, hit, return_width=True)
+    residual, _ = ReflectedGaussianKernel(width).smooth(conf, conf - hit, curve["conf"].to_numpy())
+    inside = curve["conf"].between(*curve.attrs["support"])
+    expected = np.clip(curve["conf"] - residual, 0, 1)
+    assert curve.attrs["sigma"] == width
+    assert np.allclose(curve["acc"][inside], expected[inside], atol=1e-9)
+    assert (curve["acc_lo"] <= curve["acc_hi"]).all()

@@ -19,8 +19,8 @@ from calibrun.commands.report import report as report_command
 from calibrun.calibrators import HistogramBinning, MatrixScaling, PlattScaling, TemperatureScaling
 from calibrun.config import validate
 from calibrun.compose import config_dir
-from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, grouped_by_split, recalibrate,
-                               refit_config)
+from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, grouped_by_split,
+                                  metric_settings, recalibrate, refit_config)
 from calibrun.metrics import scores
 
 
@@ -53,7 +53,8 @@ def log_entries(run_dir) -> list[dict]:
 
 def finished_run(run_dir, compose_cfg, overrides):
     """A finished run folder without training: config.yaml, logits, tables, DONE."""
-    cfg = validate(compose_cfg(overrides))
+    # A tenth of the default resamples: the intervals' own tests are in test_bootstrap.py.
+    cfg = validate(compose_cfg([*overrides, "metrics.resamples=100"]))
     rng = np.random.default_rng(0)
     (run_dir / "logits").mkdir(parents=True)
     for split, n in (("val", 400), ("test", 300)):
@@ -63,7 +64,7 @@ def finished_run(run_dir, compose_cfg, overrides):
         y = np.array([rng.choice(4, p=row) for row in p])
         np.savez(run_dir / "logits" / f"{split}.npz", logits=z.astype(np.float32), labels=y, index=np.arange(n))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), cfg.metrics.n_bins)
+    calibrate_and_report(run_dir, build_calibrators(cfg.calibrator), **metric_settings(cfg))
     (run_dir / "DONE").write_text("")
     return run_dir
 
@@ -156,6 +157,8 @@ def test_settings_come_from_the_run_then_conf_then_the_command_line(compose_cfg,
     (["calibrator=[temperature,nosuch]"], "'nosuch'"),
     (["calibrator.platt.C=2"], "'platt'"),
     (["metrics.n_bins=many"], "metrics.n_bins"),
+    (["metrics.resamples=1"], "metrics.resamples must be an integer of at least 2"),
+    (["metrics.nosuch=1"], "metrics.nosuch"),
     (["calibrator=[temperature"], "calibrator=[temperature"),
 ])
 def test_bad_overrides_are_refused_naming_the_key_and_change_nothing(compose_cfg, tmp_path, overrides, named):
@@ -194,7 +197,8 @@ def test_external_logits_give_the_same_tables_as_the_run_that_made_them(run_cli,
     out = tmp_path / "mine" / "seed0"
 
     calibrate(["--val", str(run_dir / "logits" / "val.npz"), "--test", str(run_dir / "logits" / "test.npz"),
-               "--out", str(out), "--name", "my_net", "--seed", "0"])
+               "--out", str(out), "--name", "my_net", "--seed", "0", "metrics.resamples=100"])
+    # The same intervals too: the same images, resamples and seed (FAST's metrics.resamples).
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), pd.read_csv(run_dir / "metrics.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "bins.csv"), pd.read_csv(run_dir / "bins.csv"))
     assert json.loads((out / "calibrators.json").read_text()) == json.loads((run_dir / "calibrators.json").read_text())

@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from conftest import CIFAR_SAMPLE, FAST, REPO, only_run_dir
 
-from calibrun.metrics import scores
+from calibrun.metrics import METRIC_NAMES, scores
 
-METRIC_COLUMNS = ["split", "calibrator", "accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "nll", "brier", "n", "collapsed"]
+# Each metric, then every metric's bootstrap interval (calibrun.bootstrap).
+METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed",
+                  *[f"{name}_{end}" for name in METRIC_NAMES for end in ("lo", "hi")]]
 CALIBRATORS = ["none", "temperature", "vector", "matrix", "platt", "histogram", "isotonic"]
 RUN_FILES = [
     ".hydra/config.yaml", "config.yaml", "calibrun.log", "env.json", "status.json", "checkpoints/last.pt",
@@ -29,7 +31,7 @@ def check_run_folder(run_dir, n_test):
     assert {(s, c) for s, c in zip(metrics.split, metrics.calibrator)} == {
         (s, c) for s in ("val", "test") for c in CALIBRATORS}
     bins = pd.read_csv(run_dir / "bins.csv")
-    assert list(bins.columns) == ["calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
+    assert list(bins.columns) == ["calibrator", "bin", "lo", "hi", "count", "conf", "acc", "acc_lo", "acc_hi"]
     assert bins.groupby("calibrator")["count"].sum().eq(n_test).all()
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history.columns) == ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ece", "seconds", "images_per_s"]

@@ -230,7 +230,7 @@ def test_bin_stats_table_shape_and_consistency_with_ece() -> None:
     probs, labels = _random_probs(seed=7, n=1000, k=10, scale=2.0)
     stats = bin_stats(probs, labels, n_bins=n_bins)
 
-    assert list(stats.columns) == ["bin", "lo", "hi", "count", "conf", "acc"]
+    assert list(stats.columns) == ["bin", "lo", "hi", "count", "conf", "acc", "acc_lo", "acc_hi"]
     assert stats["bin"].tolist() == list(range(1, n_bins + 1))
     assert pd.api.types.is_integer_dtype(stats["count"])
     assert stats["count"].sum() == 1000
@@ -251,3 +251,14 @@ def test_collapse_threshold_is_chance_plus_a_share_of_the_way_to_one():
     assert collapse_threshold(100, 0.0) == pytest.approx(0.01)
     with pytest.raises(UserError, match="collapse_margin"):
         collapse_threshold(10, 1.0)
+
+
+def test_wilson_interval_by_hand_and_empty_bins() -> None:
+    """7 hits in 10 at 95% (z = 1.95996): centre (0.7 + z²/20)/(1 + z²/10) = 0.64449,
+    half-width z/(1 + z²/10)·sqrt(0.021 + z²/400) = 0.24772, so [0.39677, 0.89221]."""
+    lo, hi = metrics.wilson_interval(np.array([7.0, 0.0]), np.array([10, 0]))
+    assert lo[0] == pytest.approx(0.39677, abs=2e-5) and hi[0] == pytest.approx(0.89221, abs=2e-5)
+    assert np.isnan(lo[1]) and np.isnan(hi[1])
+    table = bin_stats(np.array([[0.9, 0.1]] * 10), np.array([0] * 7 + [1] * 3), n_bins=5)
+    row = table[table["count"] > 0].iloc[0]
+    assert (row["acc_lo"], row["acc_hi"]) == pytest.approx((lo[0], hi[0]))

@@ -211,7 +211,8 @@ def test_fitted_parameters_in_the_table_with_the_papers_and_empty_cells_elsewher
     table = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
     header, rows = table[0], {(r[0], r[1]): dict(zip(table[0], r)) for r in table[2:]}
     assert header == ["loss.alpha", "calibrator", "n", "ece", "paper ece", "temperature.T", "paper temperature.T"]
-    assert rows[("0.0", "temperature")]["temperature.T"] == "2.0000 ± 0.7071"
+    # Two seeds: mean ± std [mean ∓ t(0.975, 1) · std / √2], t = 12.7062, half-width 6.3531.
+    assert rows[("0.0", "temperature")]["temperature.T"] == "2.0000 ± 0.7071 [-4.3531, 8.3531]"
     assert rows[("0.0", "temperature")]["paper temperature.T"] == "1.9000"
     assert rows[("0.0", "none")]["temperature.T"] == "" and rows[("0.0", "none")]["paper temperature.T"] == ""
     assert rows[("0.05", "temperature")]["temperature.T"] == "1.0000"
@@ -259,7 +260,8 @@ def test_shift_and_ood_reports_average_the_corruptions_then_the_seeds(tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")] == ["loss.gamma, calibrator", "n", "severity 1",
                                                                   "severity 2", "avg"]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| 1, none")]
-    assert cells[0] == ["1, none", "2", "0.1150 ± 0.0071", "0.2150 ± 0.0071", "0.1650"]  # the ece table
+    # the ece table; two seeds: t(0.975, 1) · 0.0071 / √2 = 0.0635 either side of the mean
+    assert cells[0] == ["1, none", "2", "0.1150 ± 0.0071 [0.0515, 0.1785]", "0.2150 ± 0.0071 [0.1515, 0.2785]", "0.1650"]
     ece_table = text.split("### ece")[1].split("###")[0]
     rows = [line.strip("|").split("|")[0].strip() for line in ece_table.splitlines() if line.startswith("| 1, ")]
     assert rows == ["1, none", "1, histogram", "1, temperature"]  # the runs' order, none first: not sorted
@@ -437,3 +439,70 @@ def test_names_leave_out_keys_that_only_some_groups_have_with_one_value():
         "model=resnet110", "model=external"]
     only_presence = [("gap", nan), ("gap", 1.0)]
     assert report.telling_keys(["loss", "loss.lam"], only_presence) == ["loss", "loss.lam"]
+
+
+def _external_group(tmp_path, name, seed, logits, labels, val):
+    from calibrun.calibration import calibrate_external
+    from calibrun.compose import config_dir
+    from calibrun.logits import save_logits
+
+    test = tmp_path / f"{name}{seed}_test.npz"
+    save_logits(test, logits, labels)
+    calibrate_external(val, test, tmp_path / "runs" / f"{name}{seed}", ["calibrator=[temperature]"],
+                       __import__("pathlib").Path(config_dir()), name=name, seed=seed)
+
+
+def test_baseline_marks_the_group_better_on_every_image_and_not_its_copy(tmp_path):
+    """Group B's logits give the true class more weight on every test image than A's:
+    its paired NLL and Brier differences to A are negative, significant after Holm and
+    marked; group C (A's own logits) differs by exactly 0 and is not marked."""
+    from conftest import REPO
+
+    fixture = REPO / "tests" / "fixtures" / "demo_logits"
+    with np.load(fixture / "test.npz") as data:
+        logits, labels = data["logits"], data["labels"]
+    boost = np.eye(logits.shape[1], dtype=np.float32)[labels]
+    for seed in (0, 1):
+        _external_group(tmp_path, "A", seed, logits, labels, fixture / "val.npz")
+        _external_group(tmp_path, "B", seed, logits + boost, labels, fixture / "val.npz")
+        _external_group(tmp_path, "C", seed, logits, labels, fixture / "val.npz")
+    out = tmp_path / "report"
+    result = report_cli([str(tmp_path / "runs"), "--out", str(out), "--calibrators", "none", "--baseline", "model=A"],
+                        tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(out / "report_differences.csv").set_index(["model", "metric"])
+    assert set(table.index.get_level_values("model")) == {"B", "C"} and (table["seeds"] == 2).all()
+    for metric in ("nll", "brier"):
+        row = table.loc[("B", metric)]
+        assert row["difference"] < 0 and row["hi"] < 0 and row["significant"] and row["better"]
+    assert (table.loc["C", "difference"] == 0).all() and not table.loc["C", "significant"].any()
+    assert table["p_holm"].ge(table["p"]).all()
+    text = (out / "report.md").read_text()
+    section = text[text.index("## Paired differences to model=A"):]
+    b_line = next(line for line in section.splitlines() if line.startswith("| B "))
+    c_line = next(line for line in section.splitlines() if line.startswith("| C "))
+    assert b_line.count("*") >= 2 and "*" not in c_line
+    # Two seeds per group: the main table gives the t-interval beside mean ± std.
+    assert "[95% t-interval of the mean]" in text and " ± " in text
+
+
+def test_holm_adjusts_by_rank_and_keeps_the_order():
+    """Holm (1979) on p = (0.01, 0.04, 0.03, 0.2): ranks 1..4 scaled by 4, 3, 2, 1 give
+    0.04, 0.09, 0.08, 0.2; made non-decreasing in rank: 0.04, 0.09, 0.09, 0.2."""
+    from calibrun.comparison import holm
+
+    assert holm(np.array([0.01, 0.04, 0.03, 0.2])) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+
+
+def test_baseline_naming_no_group_is_refused(tmp_path):
+    from conftest import REPO
+
+    fixture = REPO / "tests" / "fixtures" / "demo_logits"
+    with np.load(fixture / "test.npz") as data:
+        logits, labels = data["logits"], data["labels"]
+    _external_group(tmp_path, "A", 0, logits, labels, fixture / "val.npz")
+    _external_group(tmp_path, "B", 0, logits, labels, fixture / "val.npz")
+    result = report_cli([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--baseline", "loss=ce"], tmp_path)
+    assert result.returncode == 1 and "--baseline: loss does not tell the runs apart; the keys that do: model" in result.stderr
+    result = report_cli([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--baseline", "model=Z"], tmp_path)
+    assert result.returncode == 1 and "no finished run is in that group; the groups: model=A; model=B" in result.stderr

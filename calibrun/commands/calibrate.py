@@ -16,10 +16,11 @@ log = logging.getLogger("calibrun")
 
 def calibrate(argv: list[str] | None = None) -> None:
     """``calibrun-calibrate RUN_DIR [calibrator=[...]] [calibrator.<name>.<key>=...]
-    [metrics.n_bins=M]``: refit the post-hoc calibrators of a finished run from its saved
+    [metrics.<key>=...]``: refit the post-hoc calibrators of a finished run from its saved
     logits (no model, no data), starting from the run's own calibrator settings, and
-    rewrite its tables and figures. Calibrators not named keep their rows, unless
-    metrics.n_bins changes: then every calibrator in the table is refitted. The run's
+    rewrite its tables and figures. Calibrators not named keep their rows, unless a
+    metrics setting changes (metrics.n_bins, metrics.resamples, ...): then every
+    calibrator in the table is refitted. The run's
     config.yaml is updated to match, and each refit is logged in calibrations.jsonl.
 
     ``calibrun-calibrate --val VAL --test TEST --out DIR [overrides]``: the same tables,

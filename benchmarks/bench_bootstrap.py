@@ -69,7 +69,8 @@ def with_intervals(rows: dict, labels: dict, settings: bootstrap.Settings) -> fl
         values, points = {}, {}
         for (row_split, name), probs in rows.items():
             if row_split == split:
-                points[name] = np.array([scores(probs, labels[split])[m] for m in METRIC_NAMES])
+                scored = scores(probs, labels[split])
+                points[name] = np.array([scored[m] for m in METRIC_NAMES])
                 values[name] = bootstrap.resampled(probs, labels[split], 15, settings)
                 bootstrap.interval_columns(values[name], points[name], settings)
         bootstrap.paired_differences(points, values, "none", settings)

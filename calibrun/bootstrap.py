@@ -25,6 +25,7 @@ Application", eq. 5.6 (basic interval).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -38,6 +39,9 @@ from calibrun.smooth import SmoothedResiduals
 # Rows of the weight matrix drawn at once: about this many weights (8 bytes each) in
 # memory per chunk, whatever n is.
 _WEIGHTS_PER_CHUNK = 5_000_000
+# The weights of up to this many (resample, image) pairs (160 MB) are kept for the next
+# calibrator of the same split instead of being drawn again.
+_CACHED_WEIGHTS = 20_000_000
 
 
 class Settings(NamedTuple):
@@ -58,7 +62,22 @@ def check_settings(settings: Settings) -> Settings:
 
 def resample_weights(n: int, settings: Settings) -> Iterator[np.ndarray]:
     """The resamples' weights, in chunks of rows (each B_chunk × n): how often each of n
-    images is drawn in each resample. A function of n, resamples and seed only."""
+    images is drawn in each resample. A function of n, resamples and seed only; drawn
+    once for all the calibrators of a split where they fit in :data:`_CACHED_WEIGHTS`."""
+    if n * settings.resamples <= _CACHED_WEIGHTS:
+        return iter(_cached_weights(n, settings))
+    return _draw_weights(n, settings)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_weights(n: int, settings: Settings) -> tuple[np.ndarray, ...]:
+    chunks = tuple(_draw_weights(n, settings))
+    for chunk in chunks:
+        chunk.flags.writeable = False  # shared by every caller
+    return chunks
+
+
+def _draw_weights(n: int, settings: Settings) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(settings.seed)
     chunk = max(1, _WEIGHTS_PER_CHUNK // n)
     for start in range(0, settings.resamples, chunk):

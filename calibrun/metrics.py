@@ -193,16 +193,17 @@ def _once(n: int) -> np.ndarray:
     return np.ones((1, n))
 
 
-def _weighted_sums(w: np.ndarray, sample: np.ndarray, group: np.ndarray, values: np.ndarray,
+def _weighted_sums(columns: np.ndarray, sample: np.ndarray, group: np.ndarray, values: np.ndarray,
                    n_groups: int) -> np.ndarray:
-    """Σ over entries e in group g of ``w[b, sample[e]] * values[e, c]``: (B, n_groups, c).
+    """Σ over entries e in group g of ``w[b, sample[e]] * values[e, c]``: (B, n_groups, c),
+    with ``columns`` the weights as n × B (``Weighted.columns``).
 
-    ``sample[e]`` is the sample (column of ``w``) behind entry e; an entry per sample for
-    top-label bins, an entry per sample and class for classwise ones."""
+    ``sample[e]`` is the sample behind entry e; an entry per sample for top-label bins,
+    an entry per sample and class for classwise ones."""
     c = values.shape[1]
     cols = (group[:, None] * c + np.arange(c)).ravel()
-    matrix = sparse.csr_matrix((values.ravel(), (np.repeat(sample, c), cols)), shape=(w.shape[1], n_groups * c))
-    return np.asarray((matrix.T @ w.T).T).reshape(len(w), n_groups, c)
+    matrix = sparse.csr_matrix((values.ravel(), (np.repeat(sample, c), cols)), shape=(len(columns), n_groups * c))
+    return np.asarray(matrix.T @ columns).T.reshape(columns.shape[1], n_groups, c)
 
 
 class _SortedPrefix(NamedTuple):
@@ -225,6 +226,11 @@ class Weighted:
         self.total = w.sum(axis=1)
 
     @functools.cached_property
+    def columns(self) -> np.ndarray:
+        """The weights as a C-ordered n × B array: what sparse products take without a copy."""
+        return np.ascontiguousarray(self.w.T)
+
+    @functools.cached_property
     def top_label(self) -> tuple[np.ndarray, np.ndarray]:
         return _top_label(self.p, self.y)
 
@@ -233,7 +239,7 @@ class Weighted:
         """Weighted count, confidence sum and hit sum of each equal-width bin, each (B, M)."""
         conf, hit = self.top_label
         n = len(conf)
-        sums = _weighted_sums(self.w, np.arange(n), equal_width_index(conf, self.n_bins),
+        sums = _weighted_sums(self.columns, np.arange(n), equal_width_index(conf, self.n_bins),
                               np.column_stack([np.ones(n), conf, hit]), self.n_bins)
         return sums[..., 0], sums[..., 1], sums[..., 2]
 
@@ -242,7 +248,8 @@ class Weighted:
         conf, hit = self.top_label
         # Stable: ties keep the samples' order, as an argsort of the resampled images would.
         order = np.argsort(conf, kind="stable")
-        conf, hit, w = conf[order], hit[order], self.w[:, order]
+        # np.take keeps the rows C-ordered (w[:, order] is F-ordered, and slower to sum along).
+        conf, hit, w = conf[order], hit[order], np.take(self.w, order, axis=1)
         return _SortedPrefix(conf, hit, np.cumsum(w, axis=1), np.cumsum(w * conf, axis=1), np.cumsum(w * hit, axis=1))
 
 
@@ -274,7 +281,7 @@ def _classwise_ece_weighted(s: Weighted) -> np.ndarray:
     dominant = np.bincount(group.ravel(), minlength=k * n_bins).reshape(k, n_bins).argmax(axis=1)
     rows, cols = np.nonzero(index != dominant)
     onehot = (y[:, None] == np.arange(k)).astype(np.float64)
-    sums = _weighted_sums(w, rows, group[rows, cols], np.column_stack([p[rows, cols], onehot[rows, cols]]),
+    sums = _weighted_sums(s.columns, rows, group[rows, cols], np.column_stack([p[rows, cols], onehot[rows, cols]]),
                           k * n_bins).reshape(len(w), k, n_bins, 2)
     totals = np.stack([w @ p, w @ onehot], axis=-1)
     sums[:, np.arange(k), dominant] = totals - sums.sum(axis=2)
@@ -365,7 +372,7 @@ def _brier_weighted(s: Weighted) -> np.ndarray:
 
 
 def _smooth_ece_weighted(s: Weighted) -> np.ndarray:
-    return smooth_ece_weighted(*s.top_label, s.w, single=len(s.w) > 1)
+    return smooth_ece_weighted(*s.top_label, s.w, single=len(s.w) > 1, columns=s.columns)
 
 
 # --------------------------------------------------------------------------- the metrics

@@ -162,14 +162,18 @@ def _read_run(run_dir: Path) -> dict[str, object]:
     try:
         info = describe_run(run_dir)
         if info["state"] == "done" and (run_dir / METRICS).is_file():
-            table = read_run_table(run_dir / METRICS, ("split", "calibrator", "accuracy"))
-            # A run evaluated before a metric existed has no column for it: empty cells.
-            info["_metrics"] = table.reindex(columns=[*table.columns, *(m for m in METRIC_NAMES if m not in table)])
+            info["_metrics"] = with_every_metric(read_run_table(run_dir / METRICS, ("split", "calibrator", "accuracy")))
             info["_params"] = calibrator_params(run_dir)
         return info
     except BrokenFile as err:
         log.warning("Broken run folder, listed but not reported: %s", err)
         return {"run": str(run_dir), "state": "broken", "error": str(err), "seed": None}
+
+
+def with_every_metric(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a column for each metric: a run evaluated before a metric existed
+    has none for it, and its cells stay empty."""
+    return table.reindex(columns=[*table.columns, *(m for m in METRIC_NAMES if m not in table)])
 
 
 def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -537,7 +541,7 @@ def collect_part(runs: pd.DataFrame, keys: list[str], part: str, calibrators: li
 def shift_summary(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per group, calibrator and severity: each run's mean over its corruptions, then
     mean ± std over the runs (seeds); ``n`` counts runs."""
-    per_run = rows.groupby(["run", *keys, "calibrator", "severity"], dropna=False, sort=False)[list(METRIC_NAMES)]
+    per_run = with_every_metric(rows).groupby(["run", *keys, "calibrator", "severity"], dropna=False, sort=False)[list(METRIC_NAMES)]
     return aggregate(per_run.mean().reset_index(), [*keys, "severity"])
 
 

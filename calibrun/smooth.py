@@ -35,8 +35,9 @@ _MIN_BANDWIDTH = 1e-3
 _BISECTION_STEPS = 10
 
 
-def _grid_size(sigma: float) -> int:
-    return max(_GRID_POINTS, round(20 / sigma)) // 2 + 1
+def _grid_sizes(sigma: np.ndarray) -> np.ndarray:
+    # np.rint rounds half to even, as Python's round does in relplot.
+    return np.maximum(_GRID_POINTS, np.rint(20 / sigma)).astype(np.int64) // 2 + 1
 
 
 def _mesh(sigma: float) -> np.ndarray:
@@ -61,8 +62,11 @@ class SmoothedResiduals:
     """Kernel-smoothed residuals ``f - y`` and density of the scores ``f`` in [0, 1],
     under each row of ``weights`` (B × n); grids are computed once per grid size."""
 
-    def __init__(self, f: np.ndarray, y: np.ndarray, weights: np.ndarray, single: bool = False):
+    def __init__(self, f: np.ndarray, y: np.ndarray, weights: np.ndarray, single: bool = False,
+                 columns: np.ndarray | None = None):
         self.f, self.residual, self.weights = f, f - y, weights
+        # The weights as n × B, C-ordered: sparse products take them without a copy.
+        self.columns = np.ascontiguousarray(weights.T) if columns is None else columns
         # Single precision halves the FFTs' time; the bootstrap's resamples use it (a
         # relative error near 1e-6), the estimate itself does not.
         self.dtype = np.float32 if single else np.float64
@@ -77,8 +81,8 @@ class SmoothedResiduals:
             n = len(self.f)
             spread = sparse.csr_matrix((np.concatenate([1 - frac, frac]),
                                         (np.tile(np.arange(n), 2), np.concatenate([left, left + 1]))), shape=(n, size))
-            counts = np.asarray((spread.T @ self.weights.T).T)
-            residuals = np.asarray((spread.multiply(self.residual[:, None]).tocsr().T @ self.weights.T).T)
+            counts = np.asarray(spread.T @ self.columns).T
+            residuals = np.asarray(spread.multiply(self.residual[:, None]).tocsr().T @ self.columns).T
             grids = np.stack([residuals, counts])
             # Reflection at both ends: the kernel's mass beyond 0 or 1 folds back inside.
             extended = np.concatenate([grids[..., ::-1][..., :-1], grids, grids[..., ::-1][..., 1:]],
@@ -91,7 +95,7 @@ class SmoothedResiduals:
     def smoothed(self, sigma: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Smoothed residual and density of ``rows`` on the grid of their bandwidths
         ``sigma`` (one per row, all of one grid size): (2, rows, G)."""
-        size = _grid_size(float(sigma[0]))
+        size = int(_grid_sizes(sigma[:1])[0])
         length, spectrum = self._spectrum(size)
         values, which = np.unique(sigma, return_inverse=True)
         t = np.linspace(0, 1, size)
@@ -100,19 +104,20 @@ class SmoothedResiduals:
         chosen = spectrum[:, rows] if len(values) > 1 or not isinstance(rows, slice) else spectrum
         full = fft.irfft(chosen * kernel_spectra[which], length, axis=-1, workers=-1)
         start = _kept_start(size)
-        return full[..., start:start + size].astype(np.float64)
+        return full[..., start:start + size]
 
     def error(self, sigma: np.ndarray) -> np.ndarray:
         """smECE_σ of each row at its own bandwidth ``sigma`` (B,)."""
         out = np.empty(len(sigma))
-        sizes = np.array([_grid_size(value) for value in sigma])
+        sizes = _grid_sizes(sigma)
         for size in np.unique(sizes):
             rows = np.flatnonzero(sizes == size)
             smoothed = self.smoothed(sigma[rows], rows if len(rows) < len(sigma) else slice(None))
             for value in np.unique(sigma[rows]):
                 same = sigma[rows] == value
                 residual, density = _interpolate(_mesh(value), smoothed[:, same])
-                out[rows[same]] = np.abs(residual).sum(axis=1) / (density + _DENSITY_FLOOR).sum(axis=1)
+                out[rows[same]] = (np.abs(residual).sum(axis=1, dtype=np.float64)
+                                   / (density + _DENSITY_FLOOR).sum(axis=1, dtype=np.float64))
         return out
 
     def bandwidth(self) -> np.ndarray:
@@ -133,10 +138,12 @@ class SmoothedResiduals:
         """The smooth reliability curve at ``t``: E[y | f = t] ≈ t − smoothed residual,
         and the smoothed density of the scores, each (B, len(t))."""
         residual, density = _interpolate(t, self.smoothed(np.full(len(self.weights), sigma)))
-        return t - residual / (density + _DENSITY_FLOOR), density
+        return t - residual / (density + _DENSITY_FLOOR), density.astype(np.float64)
 
 
-def smooth_ece_weighted(f: np.ndarray, y: np.ndarray, weights: np.ndarray, single: bool = False) -> np.ndarray:
-    """smECE at its fixed-point bandwidth for each row of ``weights`` (B,)."""
-    smoothed = SmoothedResiduals(f, y, weights, single)
+def smooth_ece_weighted(f: np.ndarray, y: np.ndarray, weights: np.ndarray, single: bool = False,
+                        columns: np.ndarray | None = None) -> np.ndarray:
+    """smECE at its fixed-point bandwidth for each row of ``weights`` (B,); ``columns``,
+    if given, the same weights as a C-ordered n × B array."""
+    smoothed = SmoothedResiduals(f, y, weights, single, columns)
     return smoothed.error(smoothed.bandwidth())

@@ -228,7 +228,8 @@ def test_external_pt_logits_equal_npz_and_the_folder_refits_like_a_run(tmp_path)
                    tmp_path / f"{split}.pt")
     for kind in ("npz", "pt"):
         calibrate(["--val", str(tmp_path / f"val.{kind}"), "--test", str(tmp_path / f"test.{kind}"),
-                   "--out", str(tmp_path / kind), "calibrator=[temperature,histogram]", "metrics.n_bins=10"])
+                   "--out", str(tmp_path / kind), "calibrator=[temperature,histogram]", "metrics.n_bins=10",
+                   "metrics.resamples=100"])
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "pt" / "metrics.csv"),
                                   pd.read_csv(tmp_path / "npz" / "metrics.csv"))
     assert (pd.read_csv(tmp_path / "pt" / "bins.csv").groupby("calibrator").size() == 10).all()

@@ -55,6 +55,7 @@ def test_cifar_sample_run_writes_the_run_folder(run_cli, tmp_path):
     proc = run_cli([
         "data=cifar10_sample", "data.train_subset=400", "data.val_size=200", "data.test_subset=200",
         "model=resnet110", "model.depth=8", "trainer=quick", "trainer.epochs=2", "trainer.batch_size=64", "trainer.progress=false",
+        "metrics.resamples=100",
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)

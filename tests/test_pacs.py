@@ -315,7 +315,7 @@ def test_cli_run_on_the_pacs_sample(run_cli, tmp_path):
     proc = run_cli([
         "data=pacs_sample", f"data.image_size={IMAGE_SIZE}",
         "model=resnet18", "model.stem=imagenet", "model.pretrained=false", "trainer=quick", "trainer.epochs=1",
-        "trainer.batch_size=8", "trainer.progress=false",
+        "trainer.batch_size=8", "trainer.progress=false", "metrics.resamples=100",
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(only_run_dir(tmp_path) / "logits" / "test.npz") as f:

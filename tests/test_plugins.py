@@ -75,7 +75,8 @@ class FixedTemperature(calibrun.Calibrator):
 '''
 
 # A short run on the synthetic data, with the model and loss left to each test.
-QUICK = ["data=synthetic", "trainer=quick", "trainer.epochs=1", "trainer.batch_size=64", "trainer.progress=false"]
+QUICK = ["data=synthetic", "trainer=quick", "trainer.epochs=1", "trainer.batch_size=64", "trainer.progress=false",
+         "metrics.resamples=100"]
 
 CONFIGS = {
     "loss/brier.yaml": "_target_: my_components.BrierLoss\n",

@@ -394,7 +394,7 @@ def test_a_collapsed_run_is_flagged_in_its_metrics_and_in_the_report(run_cli, tm
     chance, and both its metrics.md and calibrun-report say it is not a result; a model that
     learnt (CE on the synthetic set) is not flagged."""
     quick = ["model=resnet110", "model.depth=8", "trainer=quick", "trainer.epochs=1", "trainer.batch_size=64",
-             "trainer.progress=false", "calibrator=[temperature]", "run_name=flag"]
+             "trainer.progress=false", "calibrator=[temperature]", "run_name=flag", "metrics.resamples=100"]
     broken = run_cli(["-m", "data=cifar10_sample", "data.train_subset=1000", "data.test_subset=500",
                       "loss=gap_cap", "loss.lam=1000", *quick])
     assert broken.returncode == 0, broken.stderr[-2000:]
@@ -448,7 +448,7 @@ def _external_group(tmp_path, name, seed, logits, labels, val):
 
     test = tmp_path / f"{name}{seed}_test.npz"
     save_logits(test, logits, labels)
-    calibrate_external(val, test, tmp_path / "runs" / f"{name}{seed}", ["calibrator=[temperature]"],
+    calibrate_external(val, test, tmp_path / "runs" / f"{name}{seed}", ["calibrator=[temperature]", "metrics.resamples=100"],
                        __import__("pathlib").Path(config_dir()), name=name, seed=seed)
 
 
@@ -506,3 +506,18 @@ def test_baseline_naming_no_group_is_refused(tmp_path):
     assert result.returncode == 1 and "--baseline: loss does not tell the runs apart; the keys that do: model" in result.stderr
     result = report_cli([str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--baseline", "model=Z"], tmp_path)
     assert result.returncode == 1 and "no finished run is in that group; the groups: model=A; model=B" in result.stderr
+
+
+def test_a_run_evaluated_before_the_new_metrics_still_reports_with_empty_cells(tmp_path):
+    from conftest import REPO
+
+    fixture = REPO / "tests" / "fixtures" / "demo_logits"
+    with np.load(fixture / "test.npz") as data:
+        logits, labels = data["logits"], data["labels"]
+    _external_group(tmp_path, "A", 0, logits, labels, fixture / "val.npz")
+    metrics_csv = tmp_path / "runs" / "A0" / "metrics.csv"
+    old = pd.read_csv(metrics_csv)
+    old.drop(columns=[c for c in old if c.startswith(("smooth_ece", "debiased_l2_ce")) or c.endswith(("_lo", "_hi"))]).to_csv(
+        metrics_csv, index=False)
+    summary = write_report([tmp_path / "runs"], tmp_path / "r", table_metrics=["ece", "smooth_ece"])
+    assert summary["ece_mean"].notna().all() and summary["smooth_ece_mean"].isna().all()

@@ -10,13 +10,15 @@ images gets the same resamples: the difference of two calibrators per resample i
 paired bootstrap of their difference.
 
 Intervals are basic bootstrap intervals by default (``metrics.interval=basic``):
-[2θ̂ − q_hi, 2θ̂ − q_lo], with q_lo, q_hi the (1 − level)/2 and (1 + level)/2 quantiles of
-the metric over the resamples, clipped to the metric's range. Unlike the percentile
-interval [q_lo, q_hi] (``metrics.interval=percentile``), it corrects for the upward bias
-that every binned calibration error has on a finite sample: in calibrun's simulations
-(tests/test_bootstrap.py) percentile intervals of classwise ECE and MCE covered the
-population value in 0% and 30% of draws, basic ones in over 90%. Neither covers a
-calibration error of nearly 0 reliably (README "Intervals").
+[θ̂ + T − q_hi, θ̂ + T − q_lo], with q_lo, q_hi the (1 − level)/2 and (1 + level)/2
+quantiles of the metric over the resamples and T what the metric estimates when the
+sample is the population, as it is for its resamples: θ̂ itself for a plug-in estimator
+(the familiar [2θ̂ − q_hi, 2θ̂ − q_lo]), the plug-in ℓ2 error for the debiased one;
+clipped to the metric's range. Unlike the percentile interval [q_lo, q_hi]
+(``metrics.interval=percentile``), it corrects for the upward bias that every binned
+calibration error has on a finite sample: in calibrun's simulations percentile intervals
+of classwise ECE and MCE covered the population value in 0% and 30% of draws, basic ones
+in over 90%. Neither covers a calibration error of nearly 0 reliably (README "Intervals").
 
 References: Efron & Tibshirani (1993), "An Introduction to the Bootstrap", §13.3
 (percentile interval); Davison & Hinkley (1997), "Bootstrap Methods and their
@@ -33,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from calibrun.config import check_bootstrap
-from calibrun.metrics import METRIC_NAMES, ArrayLike, metric, validated, weighted_scores
+from calibrun.metrics import METRIC_NAMES, ArrayLike, metric, population_scores, validated, weighted_scores
 from calibrun.smooth import SmoothedResiduals
 
 # Rows of the weight matrix drawn at once: about this many weights (8 bytes each) in
@@ -92,18 +94,15 @@ def resampled(probs: ArrayLike, labels: ArrayLike, n_bins: int, settings: Settin
     return np.concatenate([weighted_scores(p, y, n_bins, w) for w in resample_weights(len(y), settings)], axis=1)
 
 
-def _percentile_rows(settings: Settings) -> np.ndarray:
-    """Which metrics (:data:`METRIC_NAMES` order) take the percentile interval: all with
-    ``metrics.interval=percentile``, else those already corrected for their bias; for
-    them reflecting the quantiles around the estimate (the debiased ℓ2 error, clipped at
-    0) would undo the clipping: [0, 0] around a 0."""
-    return np.array([settings.interval == "percentile" or metric(name).debiased for name in METRIC_NAMES])
-
-
-def _distribution(values: np.ndarray, point: np.ndarray, settings: Settings) -> np.ndarray:
+def _distribution(values: np.ndarray, point: np.ndarray, population: np.ndarray | None,
+                  settings: Settings) -> np.ndarray:
     """What the interval is read from, per metric: the resampled values (percentile) or
-    their reflection 2·estimate − value (basic)."""
-    return np.where(_percentile_rows(settings)[:, None], values, 2 * point[:, None] - values)
+    their reflection around the estimate, θ̂ + T − θ̂* with T the metric's value on the
+    samples as a population (basic; T = θ̂ for a plug-in estimator)."""
+    if settings.interval == "percentile":
+        return values
+    population = point if population is None else population
+    return (point + population)[:, None] - values
 
 
 def _quantiles(distribution: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -111,27 +110,36 @@ def _quantiles(distribution: np.ndarray, level: float) -> tuple[np.ndarray, np.n
     return lo, hi
 
 
-def interval(values: np.ndarray, point: np.ndarray, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """The interval of each metric (rows of ``values``, :data:`METRIC_NAMES` order, over
-    the resamples; with ``point`` its values on the sample) of ``settings.interval``'s
-    kind, the percentile one for a metric already corrected for its bias."""
-    return _quantiles(_distribution(values, point, settings), settings.level)
+def interval(values: np.ndarray, point: np.ndarray, settings: Settings,
+             population: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``settings.interval`` interval of each metric (rows of ``values``, over the
+    resamples; ``point`` its values on the sample, ``population`` what it estimates with
+    the sample as the population, :func:`population_values`; default ``point``)."""
+    return _quantiles(_distribution(values, point, population, settings), settings.level)
 
 
-def p_value(values: np.ndarray, point: np.ndarray, settings: Settings) -> np.ndarray:
+def p_value(values: np.ndarray, point: np.ndarray, settings: Settings,
+            population: np.ndarray | None = None) -> np.ndarray:
     """The two-sided bootstrap p-value of "the difference is 0" per metric (``values``:
     resampled differences): twice the smaller share, counted as (1 + k)/(1 + B), of the
     interval's distribution on either side of 0, so that p < 1 − level where the interval
     of that level leaves 0 out."""
-    spread = _distribution(values, point, settings)
+    spread = _distribution(values, point, population, settings)
     below, above = (1 + (spread <= 0).sum(axis=1)), (1 + (spread >= 0).sum(axis=1))
     return np.minimum(1.0, 2 * np.minimum(below, above) / (1 + spread.shape[1]))
 
 
-def interval_columns(values: np.ndarray, point: np.ndarray, settings: Settings) -> dict[str, float]:
+def population_values(probs: ArrayLike, labels: ArrayLike, n_bins: int) -> np.ndarray:
+    """Every metric's value with the sample as the population, what its resamples
+    estimate (:func:`calibrun.metrics.population_scores`)."""
+    return population_scores(*validated(probs, labels, n_bins), n_bins)
+
+
+def interval_columns(values: np.ndarray, point: np.ndarray, settings: Settings,
+                     population: np.ndarray | None = None) -> dict[str, float]:
     """``<metric>_lo`` and ``<metric>_hi`` of every metric, from :func:`resampled`'s values
     and the metrics' values on the sample (``point``), clipped to each metric's range."""
-    lo, hi = interval(values, point, settings)
+    lo, hi = interval(values, point, settings, population)
     low, high = (np.array(side) for side in zip(*(metric(name).bounds for name in METRIC_NAMES)))
     lo, hi = np.clip(lo, low, high), np.clip(hi, low, high)
     return {column: float(value) for name, a, b in zip(METRIC_NAMES, lo, hi)
@@ -158,7 +166,8 @@ def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, intervals: boo
         return point
     settings = check_settings(Settings(resamples, level, seed, interval))
     values = np.array([point[name] for name in METRIC_NAMES])
-    return {**point, **interval_columns(resampled(probs, labels, n_bins, settings), values, settings)}
+    return {**point, **interval_columns(resampled(probs, labels, n_bins, settings), values, settings,
+                                        population_values(probs, labels, n_bins))}
 
 
 def smooth_curve(probs: ArrayLike, labels: ArrayLike, settings: Settings, points: int = 200) -> pd.DataFrame:
@@ -188,17 +197,20 @@ def smooth_curve(probs: ArrayLike, labels: ArrayLike, settings: Settings, points
 
 
 def paired_differences(point: dict[str, np.ndarray], values: dict[str, np.ndarray], baseline: str,
-                       settings: Settings) -> list[dict[str, object]]:
+                       settings: Settings, population: dict[str, np.ndarray] | None = None) -> list[dict[str, object]]:
     """Each entry of ``values`` (name -> :func:`resampled` array, all on the same
     resamples) against ``baseline``: one row per name and metric with the difference of
-    the point values (``point``: name -> metric values), its percentile interval, and
+    the point values (``point``: name -> metric values; ``population``: name ->
+    :func:`population_values`, default ``point``), its interval, and
     whether the interval lies wholly on the better (``better``) or worse (``worse``) side
     of 0 for that metric."""
     rows = []
     for name, resamples in values.items():
         if name == baseline:
             continue
-        lo, hi = interval(resamples - values[baseline], point[name] - point[baseline], settings)
+        truth = population or point
+        lo, hi = interval(resamples - values[baseline], point[name] - point[baseline], settings,
+                          truth[name] - truth[baseline])
         for i, metric_name in enumerate(METRIC_NAMES):
             up = metric(metric_name).higher_is_better
             rows.append({"metric": metric_name, "calibrator": name, "baseline": baseline,

@@ -87,7 +87,7 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     splits = {split: load_logits(logits_file(run_dir, split)) for split in ("val", "test")}
     rows, bins, params, differences = [], [], {}, []
     threshold = collapse_threshold(splits["test"][0].shape[1], collapse_margin)
-    resampled: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {split: {} for split in splits}
+    resampled: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {split: {} for split in splits}
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
         started = time.perf_counter()
         params[name] = calibrator.fit(*splits["val"]).params()
@@ -104,8 +104,8 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     if intervals is not None:
         differences = [{"split": split, **row} for split, by_name in resampled.items()
                        for row in bootstrap.paired_differences({k: v[0] for k, v in by_name.items()},
-                                                               {k: v[1] for k, v in by_name.items()},
-                                                               "none", intervals)]
+                                                               {k: v[2] for k, v in by_name.items()},
+                                                               "none", intervals, {k: v[1] for k, v in by_name.items()})]
     table = _keep_others(run_dir / METRICS, pd.DataFrame(rows, columns=METRIC_COLUMNS))
     paired = _keep_others(run_dir / DIFFERENCES, pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS))
     write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(bins)[BIN_COLUMNS]), n_bins,
@@ -114,20 +114,21 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     return table
 
 
-def _intervals(resampled: dict[str, tuple[np.ndarray, np.ndarray]], name: str, probs: np.ndarray,
+def _intervals(resampled: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], name: str, probs: np.ndarray,
                labels: np.ndarray, scored: dict[str, float], n_bins: int,
                settings: bootstrap.Settings | None) -> dict[str, float]:
-    """The interval columns of one row (none without ``settings``); keeps the resampled
-    values in ``resampled[name]`` for the paired differences."""
+    """The interval columns of one row (none without ``settings``); keeps the point,
+    population and resampled values in ``resampled[name]`` for the paired differences."""
     if settings is None:
         return {}
     started = time.perf_counter()
     values = bootstrap.resampled(probs, labels, n_bins, settings)
     point = np.array([scored[name] for name in METRIC_NAMES])
-    resampled[name] = (point, values)
+    population = bootstrap.population_values(probs, labels, n_bins)
+    resampled[name] = (point, population, values)
     log.info("Bootstrap intervals of %s (%d resamples of %d images) in %.1f s", name, settings.resamples,
              len(labels), time.perf_counter() - started)
-    return bootstrap.interval_columns(values, point, settings)
+    return bootstrap.interval_columns(values, point, settings, population)
 
 
 def _test_bins_and_figures(figures: Path, name: str, probs: np.ndarray, labels: np.ndarray,
@@ -311,8 +312,7 @@ def legend(intervals: bootstrap.Settings | None) -> list[str]:
     """What the columns and brackets of metrics.md mean."""
     how = ("Brackets: the bootstrap interval of the run's earlier settings" if intervals is None else
            f"Brackets: the {intervals.level:.0%} {intervals.interval} bootstrap interval over {intervals.resamples} "
-           f"resamples of the evaluated images (metrics.interval; percentile for debiased_l2_ce, which corrects its own "
-           f"bias; metrics.bootstrap_seed={intervals.seed})")
+           f"resamples of the evaluated images (metrics.interval, metrics.bootstrap_seed={intervals.seed})")
     columns = "; ".join(f"{name}: {metric_of(name).header}" for name in METRIC_NAMES)
     return [f"{how}; {MARK} after ECE or NLL: lower than none's on the same resamples, the interval of the "
             "difference below 0 (differences.csv has every metric's).", "", f"Columns: {columns}."]

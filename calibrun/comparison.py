@@ -75,9 +75,10 @@ def _paired_images(base: tuple, other: tuple) -> tuple[np.ndarray, np.ndarray] |
 
 
 def _differences(base_run: str, run: str, calibrator: str, n_bins: int,
-                 settings: bootstrap.Settings) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """(point differences, resampled differences (metrics × resamples), images) of one
-    pair of runs, ``run`` minus ``base_run``; None when they share no test images."""
+                 settings: bootstrap.Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """(point differences, their population values, resampled differences (metrics ×
+    resamples), images) of one pair of runs, ``run`` minus ``base_run``; None when they
+    share no test images."""
     base, other = _test_probabilities(base_run, calibrator), _test_probabilities(run, calibrator)
     rows = _paired_images(base, other)
     if rows is None:
@@ -87,8 +88,9 @@ def _differences(base_run: str, run: str, calibrator: str, n_bins: int,
     a, b, y = p_a[rows[0]], p_b[rows[1]], labels[rows[0]]
     scored_a, scored_b = scores(a, y, n_bins), scores(b, y, n_bins)
     point = np.array([scored_b[name] - scored_a[name] for name in METRIC_NAMES])
+    population = bootstrap.population_values(b, y, n_bins) - bootstrap.population_values(a, y, n_bins)
     resampled = bootstrap.resampled(b, y, n_bins, settings) - bootstrap.resampled(a, y, n_bins, settings)
-    return point, resampled, len(y)
+    return point, population, resampled, len(y)
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
@@ -132,15 +134,14 @@ def _table(rows: list[tuple[tuple, list]], keys: list[str], shown: list[str], se
     """The comparison rows: each group's differences averaged over its seeds."""
     out = []
     for values, found in rows:
-        point = np.mean([d[0] for d in found], axis=0)
-        resampled = np.mean([d[1] for d in found], axis=0)
-        lo, hi = bootstrap.interval(resampled, point, settings)
-        p = bootstrap.p_value(resampled, point, settings)
+        point, population, resampled = (np.mean([d[i] for d in found], axis=0) for i in range(3))
+        lo, hi = bootstrap.interval(resampled, point, settings, population)
+        p = bootstrap.p_value(resampled, point, settings, population)
         for i, name in enumerate(METRIC_NAMES):
             if name in shown:
                 better = point[i] > 0 if metric(name).higher_is_better else point[i] < 0
                 out.append({**dict(zip([*keys, "calibrator"], values)), "metric": name, "seeds": len(found),
-                            "images": int(np.mean([d[2] for d in found])), "difference": point[i], "lo": lo[i],
+                            "images": int(np.mean([d[3] for d in found])), "difference": point[i], "lo": lo[i],
                             "hi": hi[i], "p": p[i], "better": bool(better)})
     table = pd.DataFrame(out, columns=[*keys, *COLUMNS])
     if len(table):

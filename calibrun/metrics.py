@@ -326,35 +326,49 @@ def _adaptive_ece_weighted(s: Weighted) -> np.ndarray:
     return np.abs(np.diff(hit, axis=1) - np.diff(conf, axis=1)).sum(axis=1) / s.total
 
 
-def _debiased_squared(s: Weighted) -> np.ndarray:
-    """Kumar et al.'s estimate of the binned squared ℓ2 error, before the root (may be < 0)."""
-    prefix, total, w = s.sorted_prefix, s.total, s.w
+def _equal_mass_value_bins(s: Weighted) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted count, confidence sum and hit sum of Kumar et al.'s bins, each (B, M):
+    equal-mass groups, each boundary halfway between a group's last confidence and the
+    next one's first, a confidence on a boundary in the lower bin (so tied confidences
+    share a bin); as many bins as samples at most."""
+    prefix, total = s.sorted_prefix, s.total
     n = len(prefix.conf)
-    # Kumar et al.'s bins: equal-mass groups, each boundary halfway between a group's last
-    # confidence and the next one's first, a confidence on a boundary in the lower bin
-    # (so tied confidences share a bin); as many bins as samples at most.
     bins = int(min(s.n_bins, total.min()))
     starts = _equal_mass_starts(total, bins)[:, 1:-1]
     last, first = _item_at(prefix.count, starts - 1), _item_at(prefix.count, starts)
     boundaries = (prefix.conf[last] + prefix.conf[first]) / 2
-    ends = np.concatenate([np.zeros((len(w), 1), np.int64), np.searchsorted(prefix.conf, boundaries, side="right"),
-                           np.full((len(w), 1), n)], axis=1)
+    rows = len(total)
+    ends = np.concatenate([np.zeros((rows, 1), np.int64), np.searchsorted(prefix.conf, boundaries, side="right"),
+                           np.full((rows, 1), n)], axis=1)
 
     def per_bin(running: np.ndarray) -> np.ndarray:
         at = np.where(ends > 0, np.take_along_axis(running, np.clip(ends - 1, 0, n - 1), axis=1), 0.0)
         return np.diff(at, axis=1)
 
-    count, conf, hit = per_bin(prefix.count), per_bin(prefix.conf_sum), per_bin(prefix.hit_sum)
+    return per_bin(prefix.count), per_bin(prefix.conf_sum), per_bin(prefix.hit_sum)
+
+
+def _debiased_squared(s: Weighted) -> np.ndarray:
+    """Kumar et al.'s estimate of the binned squared ℓ2 error, before the root (may be < 0)."""
+    count, conf, hit = _equal_mass_value_bins(s)
     enough = count >= 2
     safe = np.where(enough, count, 2.0)
     accuracy = hit / safe
     # The plug-in squared gap minus its expected excess, the variance of a bin's accuracy.
     corrected = (conf / safe - accuracy) ** 2 - accuracy * (1 - accuracy) / (safe - 1)
-    return np.where(enough, count * corrected, 0.0).sum(axis=1) / total
+    return np.where(enough, count * corrected, 0.0).sum(axis=1) / s.total
 
 
 def _debiased_l2_weighted(s: Weighted) -> np.ndarray:
     return np.sqrt(np.maximum(_debiased_squared(s), 0.0))
+
+
+def _plugin_l2_weighted(s: Weighted) -> np.ndarray:
+    """The plug-in ℓ2 error over the same bins: what the debiased estimator estimates when
+    the samples themselves are the population, as they are for a bootstrap resample."""
+    count, conf, hit = _equal_mass_value_bins(s)
+    gap = np.divide((conf - hit) ** 2, count, out=np.zeros_like(count), where=count > 0)
+    return np.sqrt(gap.sum(axis=1) / s.total)
 
 
 def _accuracy_weighted(s: Weighted) -> np.ndarray:
@@ -490,14 +504,16 @@ class Metric(NamedTuple):
     """A metric of :func:`scores`: ``weighted(sample)`` gives its value under each row of
     the sample weights of a :class:`Weighted` sample; ``higher_is_better`` says which
     way an improvement goes; ``header`` is what a table's legend says it is; ``bounds``
-    the range of its values (where intervals are clipped); ``debiased`` that it corrects
-    its own finite-sample bias (``calibrun.bootstrap`` then takes a percentile interval)."""
+    the range of its values (where intervals are clipped). ``population``, if given, is
+    what the metric estimates when the samples are the whole population, as they are for
+    their bootstrap resamples (``calibrun.bootstrap``'s basic interval reflects around
+    it); without it the metric is its own plug-in value."""
 
     weighted: Callable[[Weighted], np.ndarray]
     header: str
     higher_is_better: bool = False
     bounds: tuple[float, float] = (0.0, np.inf)
-    debiased: bool = False
+    population: Callable[[Weighted], np.ndarray] | None = None
 
 
 # The metrics of ``scores`` in the column order of metrics.csv and the sweep reports.
@@ -509,7 +525,8 @@ _METRICS: dict[str, Metric] = {
     "classwise_ece": Metric(_classwise_ece_weighted, "classwise ECE (Kull et al. 2019)"),
     "oe": Metric(_oe_weighted, "overconfidence error (Thulasidasan et al. 2019)"),
     "debiased_l2_ce": Metric(_debiased_l2_weighted,
-                             "debiased ℓ2 calibration error, equal-mass bins (Kumar et al. 2019)", debiased=True),
+                             "debiased ℓ2 calibration error, equal-mass bins (Kumar et al. 2019)",
+                             population=_plugin_l2_weighted),
     "smooth_ece": Metric(_smooth_ece_weighted,
                          "smooth ECE, reflected Gaussian kernel at σ* = smECE (Błasiok & Nakkiran 2023)"),
     "nll": Metric(_nll_weighted, "negative log-likelihood"),
@@ -558,6 +575,13 @@ def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, f
     p, y = _validate(probs, labels, n_bins)
     values = weighted_scores(p, y, n_bins, _once(len(y)))[:, 0]
     return {**{name: float(value) for name, value in zip(METRIC_NAMES, values)}, "n": int(len(y))}
+
+
+def population_scores(p: np.ndarray, y: np.ndarray, n_bins: int) -> np.ndarray:
+    """Each metric's value with the samples as the population (:attr:`Metric.population`),
+    for validated ``p`` and ``y``, in :data:`METRIC_NAMES` order."""
+    sample = Weighted(p, y, n_bins, _once(len(y)))
+    return np.array([(entry.population or entry.weighted)(sample)[0] for entry in _METRICS.values()])
 
 
 def weighted_scores(p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:

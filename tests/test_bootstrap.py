@@ -211,3 +211,24 @@ def test_smooth_reliability_curve_is_relplots_kernel_regression_at_sigma_star() 
     assert curve.attrs["sigma"] == width
     assert np.allclose(curve["acc"][inside], expected[inside], atol=1e-9)
     assert (curve["acc_lo"] <= curve["acc_hi"]).all()
+
+
+def test_smooth_curve_and_intervals_off_through_the_run_folder(tmp_path: Path) -> None:
+    """metrics.smooth_curve=true draws the curve on every test diagram; with
+    metrics.intervals=false the interval columns stay empty and no difference is written."""
+    from calibrun.calibration import calibrate_external
+    from calibrun.compose import config_dir
+
+    with_curve = tmp_path / "curve"
+    calibrate_external(FIXTURE / "val.npz", FIXTURE / "test.npz", with_curve,
+                       ["calibrator=[temperature]", "metrics.smooth_curve=true", "metrics.resamples=50"],
+                       Path(config_dir()))
+    assert {p.name for p in (with_curve / "figures").glob("reliability_*.png")} == {
+        "reliability_none.png", "reliability_temperature.png"}
+    off = tmp_path / "off"
+    calibrate_external(FIXTURE / "val.npz", FIXTURE / "test.npz", off,
+                       ["calibrator=[temperature]", "metrics.intervals=false"], Path(config_dir()))
+    table = pd.read_csv(off / "metrics.csv")
+    assert table[bootstrap.interval_names()].isna().all().all()
+    assert len(pd.read_csv(off / "differences.csv")) == 0
+    assert "[" not in (off / "metrics.md").read_text().split("| split")[1].split("\n\n")[0]

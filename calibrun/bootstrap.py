@@ -151,8 +151,8 @@ def interval_names() -> list[str]:
     return [f"{name}_{end}" for name in METRIC_NAMES for end in ("lo", "hi")]
 
 
-def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, intervals: bool = False,
-           resamples: int = 1000, level: float = 0.95, seed: int = 0, interval: str = "basic") -> dict[str, float | int]:
+def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, intervals: bool = False, resamples: int = 1000,
+           level: float = 0.95, seed: int = 0, interval: str = "basic") -> dict[str, float | int]:
     """:func:`calibrun.metrics.scores`, and with ``intervals=True`` each metric's
     bootstrap interval (:class:`Settings`) as ``<metric>_lo`` and ``<metric>_hi``: the numbers a
     run folder's ``metrics.csv`` holds for the same probabilities and settings.

@@ -103,15 +103,20 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
                                                    (intervals or bootstrap.Settings()).level, curve))
     if intervals is not None:
         differences = [{"split": split, **row} for split, by_name in resampled.items()
-                       for row in bootstrap.paired_differences({k: v[0] for k, v in by_name.items()},
-                                                               {k: v[2] for k, v in by_name.items()},
-                                                               "none", intervals, {k: v[1] for k, v in by_name.items()})]
+                       for row in _against_none(by_name, intervals)]
     table = _keep_others(run_dir / METRICS, pd.DataFrame(rows, columns=METRIC_COLUMNS))
     paired = _keep_others(run_dir / DIFFERENCES, pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS))
     write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(bins)[BIN_COLUMNS]), n_bins,
                      (threshold, collapse_margin), paired, intervals)
     write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
     return table
+
+
+def _against_none(by_name: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  settings: bootstrap.Settings) -> list[dict[str, object]]:
+    """Each calibrator's paired differences to none from :func:`_intervals`' values."""
+    point, population, values = ({name: kept[i] for name, kept in by_name.items()} for i in range(3))
+    return bootstrap.paired_differences(point, values, "none", settings, population)
 
 
 def _intervals(resampled: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], name: str, probs: np.ndarray,
@@ -302,9 +307,9 @@ def improvement_lines(differences: pd.DataFrame) -> list[str]:
         test = differences[(differences["split"] == "test") & (differences["metric"] == metric)]
         better = test.loc[test["better"].astype(bool), "calibrator"].tolist()
         worse = test.loc[test["worse"].astype(bool), "calibrator"].tolist()
-        lines.append(f"- Test {metric.upper()}: significantly lower than none's with {', '.join(better) or 'no calibrator'}"
-                     + (f"; significantly higher with {', '.join(worse)}" if worse else "")
-                     + f" (of {len(test)}).")
+        lower = ", ".join(better) or "no calibrator"
+        higher = f"; significantly higher with {', '.join(worse)}" if worse else ""
+        lines.append(f"- Test {metric.upper()}: significantly lower than none's with {lower}{higher} (of {len(test)}).")
     return [*lines, ""]
 
 

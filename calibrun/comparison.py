@@ -130,7 +130,8 @@ def compare_to_baseline(metrics: pd.DataFrame, keys: list[str], baseline: dict[s
     return _table(rows, keys, shown, settings)
 
 
-def _table(rows: list[tuple[tuple, list]], keys: list[str], shown: list[str], settings: bootstrap.Settings) -> pd.DataFrame:
+def _table(rows: list[tuple[tuple, list]], keys: list[str], shown: list[str],
+           settings: bootstrap.Settings) -> pd.DataFrame:
     """The comparison rows: each group's differences averaged over its seeds."""
     out = []
     for values, found in rows:
@@ -160,8 +161,8 @@ def markdown(table: pd.DataFrame, keys: list[str], baseline: dict[str, str], set
              "in this table. A negative difference is lower than the baseline's (better for all but accuracy).", ""]
     if not len(table):
         return [*lines, "No group shares test images and seeds with the baseline.", ""]
-    cells = table.assign(cell=[f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]{'*' if s else ''}"
-                               for d, lo, hi, s in zip(table["difference"], table["lo"], table["hi"], table["significant"])])
+    columns = zip(table["difference"], table["lo"], table["hi"], table["significant"])
+    cells = table.assign(cell=[f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]{'*' if marked else ''}" for d, lo, hi, marked in columns])
     index = [*keys, "calibrator", "seeds"]
     cells[index] = cells[index].map(_as_text)
     wide = cells.pivot_table(index=index, columns="metric", values="cell", aggfunc="first", sort=False)

@@ -37,6 +37,8 @@ PAPERS = Path(__file__).resolve().parent / "papers"
 TABLE_METRICS = ("accuracy", "ece", "mce", "nll", "brier")
 # The level of the t-intervals over seeds and of --baseline's paired intervals.
 LEVEL = 0.95
+# conf/config.yaml's metrics.n_bins, for --baseline on runs whose config lacks it.
+DEFAULT_BINS = 15
 log = logging.getLogger(__name__)
 # Settings named in a report's "Same for all runs" line when no group differs in them
 # (model.depth too: model=resnet110 with model.depth=56 is a ResNet-56).
@@ -475,8 +477,9 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
 def _baseline_section(metrics: pd.DataFrame, runs: pd.DataFrame, keys: list[str], baseline: dict[str, str],
                       shown: list[str], path: Path) -> list[str]:
     """The paired comparison to ``baseline``'s runs, written to ``path`` and as markdown lines."""
-    n_bins = int(runs["metrics.n_bins"].dropna().mode().iloc[0]) if "metrics.n_bins" in runs and runs[
-        "metrics.n_bins"].notna().any() else 15
+    # The runs' own bins (the most common setting), conf/config.yaml's where a run lacks it.
+    bins = runs["metrics.n_bins"].dropna() if "metrics.n_bins" in runs else pd.Series(dtype=float)
+    n_bins = int(bins.mode().iloc[0]) if len(bins) else DEFAULT_BINS
     settings = bootstrap.Settings(level=LEVEL)
     table = compare_to_baseline(metrics, keys, baseline, shown, n_bins, settings)
     atomic_write_text(path, table.to_csv(index=False))

@@ -296,3 +296,22 @@ class FocalLoss(Loss):
             return self.gamma
         p_y = log_p[is_target].exp()
         return torch.where(p_y < self.SD53_THRESHOLD, self.SD53_LOW_GAMMA, self.SD53_HIGH_GAMMA).to(log_p.dtype)
+
+
+class BrierLoss(Loss):
+    """The Brier score as a training loss: Σ_k (p_k − [k = y])², averaged over the batch.
+
+    A proper scoring rule, so its minimiser is the true class distribution; unlike
+    cross-entropy it stays bounded (at most 2 per sample) as a wrong prediction becomes
+    confident, which is why it trains less overconfident networks.
+
+    References: Brier 1950, "Verification of Forecasts Expressed in Terms of
+    Probability", Monthly Weather Review 78(1) (the score); Mukhoti et al. 2020,
+    "Calibrating Deep Neural Networks using Focal Loss" (NeurIPS), §3 and Table 1 (the
+    Brier loss as a train-time calibration baseline); docs/design.md §4, row ``brier``.
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=1)
+        onehot = F.one_hot(targets, logits.shape[1]).to(probs.dtype)
+        return ((probs - onehot) ** 2).sum(dim=1).mean()

@@ -80,6 +80,11 @@ def ref_focal(gamma_of_p):
     return float(np.mean(terms))
 
 
+def ref_brier():
+    """Σ_k (p_k − [k = y])², mean over the batch (Brier 1950)."""
+    return float(np.mean([sum((pk - (k == y)) ** 2 for k, pk in enumerate(softmax(z))) for z, y in zip(LOGITS, LABELS)]))
+
+
 def sd53(p_y):
     """FLSD-53 (Mukhoti et al. 2020): γ = 5 for p_y in [0, 0.2), 3 for p_y in [0.2, 1]."""
     return 5.0 if p_y < 0.2 else 3.0
@@ -100,6 +105,7 @@ CONFIG_DEFAULTS = {
     "label_smoothing": lambda: ref_label_smoothing(0.05),
     "mixup": ref_ce,
     "focal": lambda: ref_focal(lambda p: 3.0),
+    "brier": ref_brier,
 }
 
 
@@ -356,3 +362,14 @@ def test_summed_ce_reading_weighs_the_gap_by_lambda_over_the_batch_size(cap):
 def test_an_unknown_lambda_reading_is_refused():
     with pytest.raises(UserError, match="lam_reading"):
         GapLoss(lam_reading="sum")
+
+
+def test_brier_loss_is_bounded_where_cross_entropy_is_not():
+    """A confidently wrong sample costs cross-entropy its logit gap but Brier at most 2,
+    and a confidently right one costs Brier nearly 0."""
+    from calibrun.losses import BrierLoss
+
+    wrong, right = np.array([[0.0, 50.0]]), np.array([[50.0, 0.0]])
+    assert value(BrierLoss(), wrong, np.array([0])) == pytest.approx(2.0, abs=1e-12)
+    assert value(CrossEntropy(), wrong, np.array([0])) == pytest.approx(50.0, abs=1e-9)
+    assert value(BrierLoss(), right, np.array([0])) == pytest.approx(0.0, abs=1e-12)

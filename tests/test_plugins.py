@@ -79,7 +79,7 @@ QUICK = ["data=synthetic", "trainer=quick", "trainer.epochs=1", "trainer.batch_s
          "metrics.resamples=100"]
 
 CONFIGS = {
-    "loss/brier.yaml": "_target_: my_components.BrierLoss\n",
+    "loss/my_brier.yaml": "_target_: my_components.BrierLoss\n",
     "model/mlp.yaml": "_target_: my_components.mlp\nnum_classes: ${data.num_classes}\n"
                       "image_size: ${data.image_size}\nhidden: 32\n",
     # A calibrator YAML holds its name, so that calibrator=[a,b] can choose several.
@@ -107,10 +107,10 @@ def user_project(tmp_path, monkeypatch):
 def test_a_loss_model_and_calibrator_from_the_users_package_train_one_epoch(run_cli, tmp_path, user_project, how):
     conf = user_project / "my_conf"
     select = ["--config-dir", str(conf)] if how == "--config-dir" else [f"hydra.searchpath=[file://{conf}]"]
-    proc = run_cli([*select, *QUICK, "loss=brier", "model=mlp", "model.hidden=16",
+    proc = run_cli([*select, *QUICK, "loss=my_brier", "model=mlp", "model.hidden=16",
                     "calibrator=[temperature,fixed]", "run_name=mine"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "brier" / "mine"
+    run_dir = tmp_path / "outputs" / "runs" / "synthetic" / "my_brier" / "mine"
 
     components = importlib.import_module("my_components")
     # Every training step went through the user's loss (512 training images, batch 64).
@@ -133,8 +133,8 @@ def test_a_loss_model_and_calibrator_from_the_users_package_train_one_epoch(run_
 
 def test_the_users_options_and_keys_get_the_same_suggestions_as_calibruns(run_cli, user_project):
     conf = str(user_project / "my_conf")
-    proc = run_cli(["--config-dir", conf, *QUICK, "loss=brierr"])
-    assert proc.returncode == 1 and "loss=brierr: no such option. Did you mean 'brier'?" in proc.stderr
+    proc = run_cli(["--config-dir", conf, *QUICK, "loss=my_brierr"])
+    assert proc.returncode == 1 and "loss=my_brierr: no such option. Did you mean 'my_brier'?" in proc.stderr
     proc = run_cli([f"hydra.searchpath=[file://{conf}]", *QUICK, "model=mlp", "model.hiden=8"])
     assert proc.returncode == 1 and "Did you mean 'hidden'?" in proc.stderr
 
@@ -142,7 +142,7 @@ def test_the_users_options_and_keys_get_the_same_suggestions_as_calibruns(run_cl
 def test_a_component_that_cannot_be_imported_is_a_one_line_error(run_cli, user_project, monkeypatch):
     monkeypatch.delitem(sys.modules, "my_components", raising=False)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(user_project)])
-    proc = run_cli(["--config-dir", str(user_project / "my_conf"), *QUICK, "loss=brier"])
+    proc = run_cli(["--config-dir", str(user_project / "my_conf"), *QUICK, "loss=my_brier"])
     assert proc.returncode == 1
     assert "loss._target_='my_components.BrierLoss' cannot be imported: No module named 'my_components'" in proc.stderr
     assert "PYTHONPATH" in proc.stderr and "Traceback" not in proc.stderr

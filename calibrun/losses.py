@@ -141,27 +141,39 @@ class GapLoss(PenalizedLoss):
 
 
 class NonTargetSmoothing(PenalizedLoss):
-    """CE + λ·(1/(K−1))·Σ_{j≠y} −log q_j, q = softmax over the non-target logits.
+    """CE + λ·(1/(K−1))·Σ_{j≠y} −log p′_j: the cross-entropy between the uniform
+    distribution over the K−1 non-target classes and p′, "the probabilities of the
+    classes other than the target", which the paper leaves open to two readings
+    (``p_prime``):
 
-    The penalty is the cross-entropy between the uniform distribution over the K−1
-    non-target classes and q. q is a log-softmax over the logits with the target masked
-    out, so it is independent of the target logit and stays finite as p_y → 1, where
-    renormalising p would divide by 1 − p_y ≈ 0.
+    - ``renormalised`` (the default): p′ = softmax over the non-target logits, a
+      log-softmax with the target masked out. The penalty is then independent of the
+      target logit (its gradient there is exactly 0) and stays finite as p_y → 1, where
+      renormalising p would divide by 1 − p_y ≈ 0.
+    - ``raw``: p′_j = p_j, the full softmax's. The loss is then −log p_y − λ/(K−1)·Σ_{j≠y}
+      log p_j = (1 + λ) × label smoothing (``spread=others``) with α = λ/(1 + λ): a
+      rescaled label smoothing, not a separate objective (a test checks it to 1e-12).
 
     References: the non-target smoothing paper of the PACS experiments (CE + NTS,
     λ = 0.5); docs/design.md §4, row ``nts``.
     """
 
-    def __init__(self, lam: float = 0.5, warmup_epochs: int = 0) -> None:
+    P_PRIMES = ("renormalised", "raw")
+
+    def __init__(self, lam: float = 0.5, warmup_epochs: int = 0, p_prime: str = "renormalised") -> None:
         super().__init__(lam, warmup_epochs)
+        if p_prime not in self.P_PRIMES:
+            raise UserError(f"loss.p_prime={p_prime!r} is not a reading of p′; allowed: {', '.join(self.P_PRIMES)}.")
+        self.p_prime = p_prime
 
     def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
         if k < 2:
             raise ValueError("non-target smoothing needs at least 2 classes")
         is_target = F.one_hot(targets, k).bool()
-        log_q = torch.log_softmax(logits.masked_fill(is_target, float("-inf")), dim=1)
-        # The target's log q is −inf; select it away rather than multiply (0·inf = nan).
+        masked = logits.masked_fill(is_target, float("-inf")) if self.p_prime == "renormalised" else logits
+        log_q = torch.log_softmax(masked, dim=1)
+        # The target's log q is −inf when masked; select it away rather than multiply (0·inf = nan).
         non_target = torch.where(is_target, torch.zeros_like(log_q), log_q)
         return (-non_target.sum(dim=1) / (k - 1)).mean()
 

@@ -373,3 +373,24 @@ def test_brier_loss_is_bounded_where_cross_entropy_is_not():
     assert value(BrierLoss(), wrong, np.array([0])) == pytest.approx(2.0, abs=1e-12)
     assert value(CrossEntropy(), wrong, np.array([0])) == pytest.approx(50.0, abs=1e-9)
     assert value(BrierLoss(), right, np.array([0])) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 3.0])
+def test_nts_raw_reading_is_rescaled_label_smoothing(lam):
+    """With p′ the full softmax's probabilities, CE + λ·NTS = (1 + λ)·LS(α = λ/(1 + λ))."""
+    raw = value(NonTargetSmoothing(lam=lam, p_prime="raw"))
+    smoothing = value(LabelSmoothing(alpha=lam / (1 + lam), spread="others"))
+    assert raw == pytest.approx((1 + lam) * smoothing, abs=1e-12, rel=0)
+    assert value(NonTargetSmoothing(lam=lam)) != pytest.approx(raw, abs=1e-6)
+
+
+def test_nts_renormalised_penalty_has_no_gradient_on_the_target_logit():
+    logits = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
+    NonTargetSmoothing(lam=1.0).penalty(logits, torch.tensor(LABELS)).backward()
+    on_target = logits.grad[torch.arange(len(LABELS)), torch.tensor(LABELS)]
+    assert torch.equal(on_target, torch.zeros_like(on_target))
+
+
+def test_nts_unknown_reading_names_the_key():
+    with pytest.raises(UserError, match="loss.p_prime='softmax' is not a reading of p′; allowed: renormalised, raw"):
+        NonTargetSmoothing(p_prime="softmax")

@@ -66,14 +66,15 @@ def with_intervals(rows: dict, labels: dict, settings: bootstrap.Settings) -> fl
     """Seconds for calibrun's intervals and paired differences of every row."""
     started = time.perf_counter()
     for split in ("val", "test"):
-        values, points = {}, {}
+        values, points, population = {}, {}, {}
         for (row_split, name), probs in rows.items():
             if row_split == split:
                 scored = scores(probs, labels[split])
                 points[name] = np.array([scored[m] for m in METRIC_NAMES])
                 values[name] = bootstrap.resampled(probs, labels[split], 15, settings)
-                bootstrap.interval_columns(values[name], points[name], settings)
-        bootstrap.paired_differences(points, values, "none", settings)
+                population[name] = bootstrap.population_values(probs, labels[split], 15, points[name])
+                bootstrap.interval_columns(values[name], points[name], settings, population[name])
+        bootstrap.paired_differences(points, values, "none", settings, population)
     return time.perf_counter() - started
 
 

@@ -129,10 +129,10 @@ def p_value(values: np.ndarray, point: np.ndarray, settings: Settings,
     return np.minimum(1.0, 2 * np.minimum(below, above) / (1 + spread.shape[1]))
 
 
-def population_values(probs: ArrayLike, labels: ArrayLike, n_bins: int) -> np.ndarray:
+def population_values(probs: ArrayLike, labels: ArrayLike, n_bins: int, point: np.ndarray) -> np.ndarray:
     """Every metric's value with the sample as the population, what its resamples
-    estimate (:func:`calibrun.metrics.population_scores`)."""
-    return population_scores(*validated(probs, labels, n_bins), n_bins)
+    estimate (:func:`calibrun.metrics.population_scores`); ``point``: the metrics' values."""
+    return population_scores(*validated(probs, labels, n_bins), n_bins, point)
 
 
 def interval_columns(values: np.ndarray, point: np.ndarray, settings: Settings,
@@ -167,7 +167,7 @@ def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15, intervals: boo
     settings = check_settings(Settings(resamples, level, seed, interval))
     values = np.array([point[name] for name in METRIC_NAMES])
     return {**point, **interval_columns(resampled(probs, labels, n_bins, settings), values, settings,
-                                        population_values(probs, labels, n_bins))}
+                                        population_values(probs, labels, n_bins, values))}
 
 
 def smooth_curve(probs: ArrayLike, labels: ArrayLike, settings: Settings, points: int = 200) -> pd.DataFrame:

@@ -88,6 +88,8 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     rows, bins, params, differences = [], [], {}, []
     threshold = collapse_threshold(splits["test"][0].shape[1], collapse_margin)
     resampled: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {split: {} for split in splits}
+    # The level of the bins' Wilson intervals and the smooth curve's band, intervals off or on.
+    band = intervals or bootstrap.Settings()
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
         started = time.perf_counter()
         params[name] = calibrator.fit(*splits["val"]).params()
@@ -98,9 +100,9 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
             rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < threshold,
                          **_intervals(resampled[split], name, probs, y, scored, n_bins, intervals)})
             if split == "test":
-                curve = bootstrap.smooth_curve(probs, y, intervals or bootstrap.Settings()) if smooth_curve else None
-                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins,
-                                                   (intervals or bootstrap.Settings()).level, curve))
+                curve = bootstrap.smooth_curve(probs, y, band) if smooth_curve else None
+                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins, band.level,
+                                                   curve))
     if intervals is not None:
         differences = [{"split": split, **row} for split, by_name in resampled.items()
                        for row in _against_none(by_name, intervals)]
@@ -129,7 +131,7 @@ def _intervals(resampled: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], 
     started = time.perf_counter()
     values = bootstrap.resampled(probs, labels, n_bins, settings)
     point = np.array([scored[name] for name in METRIC_NAMES])
-    population = bootstrap.population_values(probs, labels, n_bins)
+    population = bootstrap.population_values(probs, labels, n_bins, point)
     resampled[name] = (point, population, values)
     log.info("Bootstrap intervals of %s (%d resamples of %d images) in %.1f s", name, settings.resamples,
              len(labels), time.perf_counter() - started)
@@ -286,10 +288,11 @@ def markdown_table(table: pd.DataFrame, differences: pd.DataFrame) -> str:
     """The metrics table of metrics.md: ``value [lo, hi]`` where the row has an interval,
     :data:`MARK` after an ECE or NLL that improves significantly on none's."""
     marked = _marked(differences)
-    shown = grouped_by_split(table)[["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]].astype(object)
+    ordered = grouped_by_split(table)
+    shown = ordered[["split", "calibrator", *METRIC_NAMES, "n", "collapsed"]].astype(object)
     for metric in METRIC_NAMES:
         cells = []
-        for _, row in grouped_by_split(table).iterrows():
+        for _, row in ordered.iterrows():
             lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
             cell = f"{row[metric]:.4f}" if pd.isna(lo) or pd.isna(hi) else f"{row[metric]:.4f} [{lo:.4f}, {hi:.4f}]"
             cells.append(cell + (MARK if (row["split"], row["calibrator"], metric) in marked else ""))

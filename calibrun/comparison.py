@@ -87,8 +87,9 @@ def _differences(base_run: str, run: str, calibrator: str, n_bins: int,
     (p_a, labels, _), (p_b, _, _) = base, other
     a, b, y = p_a[rows[0]], p_b[rows[1]], labels[rows[0]]
     scored_a, scored_b = scores(a, y, n_bins), scores(b, y, n_bins)
-    point = np.array([scored_b[name] - scored_a[name] for name in METRIC_NAMES])
-    population = bootstrap.population_values(b, y, n_bins) - bootstrap.population_values(a, y, n_bins)
+    point_a, point_b = (np.array([scored[name] for name in METRIC_NAMES]) for scored in (scored_a, scored_b))
+    point = point_b - point_a
+    population = bootstrap.population_values(b, y, n_bins, point_b) - bootstrap.population_values(a, y, n_bins, point_a)
     resampled = bootstrap.resampled(b, y, n_bins, settings) - bootstrap.resampled(a, y, n_bins, settings)
     return point, population, resampled, len(y)
 

@@ -577,11 +577,13 @@ def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, f
     return {**{name: float(value) for name, value in zip(METRIC_NAMES, values)}, "n": int(len(y))}
 
 
-def population_scores(p: np.ndarray, y: np.ndarray, n_bins: int) -> np.ndarray:
+def population_scores(p: np.ndarray, y: np.ndarray, n_bins: int, point: np.ndarray) -> np.ndarray:
     """Each metric's value with the samples as the population (:attr:`Metric.population`),
-    for validated ``p`` and ``y``, in :data:`METRIC_NAMES` order."""
+    for validated ``p`` and ``y``, in :data:`METRIC_NAMES` order: ``point`` (the metrics'
+    values on the sample) where a metric has no population form of its own."""
     sample = Weighted(p, y, n_bins, _once(len(y)))
-    return np.array([(entry.population or entry.weighted)(sample)[0] for entry in _METRICS.values()])
+    return np.array([entry.population(sample)[0] if entry.population else value
+                     for entry, value in zip(_METRICS.values(), point)])
 
 
 def weighted_scores(p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:

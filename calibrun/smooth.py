@@ -101,8 +101,7 @@ class SmoothedResiduals:
         t = np.linspace(0, 1, size)
         kernels = np.exp(-(t - 0.5) ** 2 / (2 * values[:, None] ** 2)) / (np.sqrt(2 * np.pi) * values[:, None])
         kernel_spectra = fft.rfft(kernels.astype(self.dtype), length, axis=-1)
-        chosen = spectrum[:, rows] if len(values) > 1 or not isinstance(rows, slice) else spectrum
-        full = fft.irfft(chosen * kernel_spectra[which], length, axis=-1, workers=-1)
+        full = fft.irfft(spectrum[:, rows] * kernel_spectra[which], length, axis=-1, workers=-1)
         start = _kept_start(size)
         return full[..., start:start + size]
 

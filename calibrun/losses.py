@@ -1,16 +1,19 @@
 """Training objectives (docs/design.md §4). Each is called as ``loss(logits, targets)`` and
 returns the mean over the batch; p = softmax(z), K classes, y the label.
 
-The training loop calls two hooks on every loss, whatever it is: ``set_epoch(epoch)``
-before each epoch and ``mix(inputs, targets)`` before each forward pass. Both do
-nothing by default; losses that need the epoch (λ warm-up) or the inputs (mixup)
-override them, so the loop never branches on which loss it runs.
+The training loop calls three hooks on every loss, whatever it is: ``set_epoch(epoch)``
+before each epoch, ``mix(inputs, targets)`` before each forward pass and
+``observe_validation(logits, labels)`` after each epoch's validation. All do nothing by
+default; losses that need the epoch (λ warm-up), the inputs (mixup) or the validation
+split's calibration (AdaFocal) override them, so the loop never branches on which loss
+it runs. A loss's state (its buffers) travels in the run's checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +30,10 @@ class Loss(nn.Module):
     def mix(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, object]:
         """May transform a training batch before the forward pass; identity by default."""
         return inputs, targets
+
+    def observe_validation(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Shown the validation split's logits and labels after each epoch (the weights the
+        next epoch starts from); a loss that adapts to its calibration (AdaFocal) learns here."""
 
 
 class PlainLoss(Loss):
@@ -107,8 +114,16 @@ class GapLoss(PenalizedLoss):
     gap by λ/B, and the learning rate keeps its meaning). README "Reproducing Table 1"
     gives the measurements that chose ``summed_ce`` for the Table 1 presets.
 
+    The gap term is also DCA, the "difference between confidence and accuracy" of Liang et
+    al. 2020: config ``dca`` is this class with β = λ = 1 and no cap, one implementation
+    for both papers. β = 1 is the DCA baseline of the MDCA authors' CIFAR-10 script; the
+    DCA authors' own code defaults to β = 10 (for medical images).
+
     References: the gap+cap paper reproduced by ``make reproduce-table1`` (its Table 1:
-    CE, CE + gap, capped CE + gap, λ = 10); docs/design.md §4, rows ``gap`` and ``gap_cap``.
+    CE, CE + gap, capped CE + gap, λ = 10); Liang, Zhang, Wang and Zhou 2020, "Improved
+    Trainable Calibration Method for Neural Networks on Medical Imaging Classification"
+    (BMVC), its loss CE + β·DCA (authors' code: GB-TonyLiang/DCA, loss_fn.py);
+    docs/design.md §4, rows ``gap``, ``gap_cap``, ``dca``.
     """
 
     READINGS = ("mean_ce", "summed_ce")
@@ -327,3 +342,236 @@ class BrierLoss(Loss):
         probs = torch.softmax(logits, dim=1)
         onehot = F.one_hot(targets, logits.shape[1]).to(probs.dtype)
         return ((probs - onehot) ** 2).sum(dim=1).mean()
+
+
+def _top_label_correctness(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's top-label confidence (in the graph) and whether its top label is right
+    (a constant 0/1 of the same dtype)."""
+    confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
+    return confidence, (predicted == targets).to(confidence.dtype)
+
+
+class MMCE(PenalizedLoss):
+    """CE + λ·MMCE: the maximum mean calibration error, a kernel measure of the gap
+    between top-label confidence r_i and correctness c_i over the batch.
+
+    ``weighted=False``: MMCE² = Σ_ij (c_i − r_i)(c_j − r_j) k(r_i, r_j) / m² (the paper's
+    MMCE_m, m the batch size). ``weighted=True`` (the default, the paper's MMCE_w for training):
+    the correct (n of them) and wrong (m − n) samples are averaged separately, so the
+    many correct ones do not swamp the few wrong ones:
+    MMCE_w² = Σ_{c_i=c_j=0} r_i r_j k/(m−n)² + Σ_{c_i=c_j=1} (1−r_i)(1−r_j) k/n²
+    − 2 Σ_{c_i=1, c_j=0} (1−r_i) r_j k/((m−n) n). The penalty is √MMCE², with the
+    Laplacian kernel k(r, r′) = exp(−|r − r′|/ω), ω = ``kernel_width`` = 0.4. A batch
+    that is all right or all wrong has no weighted penalty (one of the averages is empty).
+
+    ``normalisation`` names a reading of the code the field compares against:
+    ``paper`` (the default) is the formula above; ``focal_calibration`` repeats Mukhoti
+    et al. 2020's MMCE_w (their repository's Losses/mmce.py), which divides each pair sum
+    by the square of its group's size twice (a mean over the pairs, then n² again), so
+    its penalty is smaller by about a factor of the batch's group sizes and λ = 2 there is
+    a far weaker penalty than λ = 2 here.
+
+    References: Kumar, Sarawagi and Jain 2018, "Trainable Calibration Measures for Neural
+    Networks from Kernel Mean Embeddings" (ICML): MMCE_m and MMCE_w as above, the loss
+    NLL + λ·MMCE, the Laplacian kernel of width 0.4 (their code, aviralkumar2907/MMCE:
+    exp(−|r_i − r_j|/(2·0.2))); λ = 2 is Mukhoti et al. 2020's CIFAR-10 setting (their
+    train_scripts/cifar10.sh, with their normalisation); docs/design.md §4, row ``mmce``.
+    """
+
+    NORMALISATIONS = ("paper", "focal_calibration")
+
+    def __init__(self, lam: float = 2.0, weighted: bool = True, kernel_width: float = 0.4,
+                 normalisation: str = "paper", warmup_epochs: int = 0) -> None:
+        super().__init__(lam, warmup_epochs)
+        if not kernel_width > 0:
+            raise UserError(f"loss.kernel_width must be > 0, got {kernel_width}.")
+        if normalisation not in self.NORMALISATIONS:
+            raise UserError(f"loss.normalisation={normalisation!r} is not supported; allowed: "
+                            f"{', '.join(self.NORMALISATIONS)}.")
+        self.weighted, self.kernel_width, self.normalisation = bool(weighted), float(kernel_width), normalisation
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The square root's derivative is infinite at 0; the clamp keeps a perfectly
+        # calibrated batch's gradient finite (the paper's code adds 1e-10 likewise).
+        return self.squared(*_top_label_correctness(logits, targets)).clamp(min=1e-10).sqrt()
+
+    def squared(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """MMCE² (or MMCE_w²) of confidences ``r`` and 0/1 correctness ``c``."""
+        kernel = torch.exp(-(r[:, None] - r[None, :]).abs() / self.kernel_width)
+        if self.weighted:
+            return self._weighted_squared(r, c, kernel)
+        return (c - r) @ kernel @ (c - r) / len(r) ** 2
+
+    def _weighted_squared(self, r: torch.Tensor, c: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        n_right, n_wrong = c.sum(), (1 - c).sum()
+        if n_right == 0 or n_wrong == 0:
+            return torch.zeros((), dtype=r.dtype, device=r.device)
+        # Each sample's weight within its group: 1 − r if right, r if wrong, signed so that
+        # the cross term enters with −2.
+        right_weight, wrong_weight = c * (1 - r), (1 - c) * r
+        power = 4 if self.normalisation == "focal_calibration" else 2
+        right_right = right_weight @ kernel @ right_weight / n_right ** power
+        wrong_wrong = wrong_weight @ kernel @ wrong_weight / n_wrong ** power
+        cross = right_weight @ kernel @ wrong_weight / (n_right * n_wrong) ** (power // 2)
+        return right_right + wrong_wrong - 2 * cross
+
+
+class MDCA(Loss):
+    """A base loss plus β·MDCA, the multi-class difference of confidence and accuracy:
+    (1/K)·Σ_k |mean_i p_ik − mean_i [y_i = k]|, each class's mean predicted probability
+    against its frequency in the batch.
+
+    ``base`` is any loss (a config node with its own ``_target_``): cross-entropy by
+    default, or the paper's focal loss or label smoothing
+    (``loss.base._target_=calibrun.losses.FocalLoss +loss.base.gamma=1``). The base loss's
+    hooks are called through this one.
+
+    References: Hebbalaguppe, Prakash, Madan and Arora 2022, "A Stitch in Time Saves Nine:
+    A Train-Time Regularizing Loss for Improved Neural Network Calibration" (CVPR): L_MDCA
+    as above and L_C + β·L_MDCA; β = 1 with CE, focal (γ = 1) or label smoothing (α = 0.1)
+    in their CIFAR-10 script (mdca-loss/MDCA-Calibration, scripts/cifar10.sh);
+    docs/design.md §4, row ``mdca``.
+    """
+
+    def __init__(self, beta: float = 1.0, base: nn.Module | None = None) -> None:
+        super().__init__()
+        if beta < 0:
+            raise UserError(f"loss.beta must be >= 0, got {beta}.")
+        self.beta = float(beta)
+        self.base = as_loss(base) if base is not None else CrossEntropy()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def observe_validation(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.base.observe_validation(logits, labels)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.base(logits, targets) + self.beta * self.penalty(logits, targets)
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=1)
+        frequency = F.one_hot(targets, logits.shape[1]).to(probs.dtype).mean(dim=0)
+        return (probs.mean(dim=0) - frequency).abs().mean()
+
+
+class MarginLabelSmoothing(PenalizedLoss):
+    """MbLS: CE + λ·Σ_k max(0, max_j z_j − z_k − m), a linear penalty on the logit
+    distances to the largest logit that exceed the margin m. Below the margin it is plain
+    CE; label smoothing is the case that pushes every distance to 0 (m = 0, squared).
+
+    ``class_reduction`` names a difference between the paper and its code: ``mean`` (the
+    default, the authors' LogitMarginL1, which produced their numbers: a mean over the
+    batch and the K classes) or ``sum`` (the paper's Σ_k, K times larger at the same λ).
+
+    References: Liu, Ben Ayed, Galdran and Dolz 2022, "The Devil is in the Margins:
+    Margin-based Label Smoothing for Network Calibration" (CVPR): min L_CE + λ·Σ_k max(0,
+    max_j l_j − l_k − m) (Eq. 4 of the authors' poster); m = 10 and λ = 0.1 are their code's
+    defaults (by-liu/MbLS, configs/loss/logit_margin.yaml); docs/design.md §4, row ``mbls``.
+    """
+
+    REDUCTIONS = ("mean", "sum")
+
+    def __init__(self, margin: float = 10.0, lam: float = 0.1, class_reduction: str = "mean",
+                 warmup_epochs: int = 0) -> None:
+        super().__init__(lam, warmup_epochs)
+        if margin < 0:
+            raise UserError(f"loss.margin must be >= 0, got {margin}.")
+        if class_reduction not in self.REDUCTIONS:
+            raise UserError(f"loss.class_reduction={class_reduction!r} is not supported; allowed: "
+                            f"{', '.join(self.REDUCTIONS)}.")
+        self.margin, self.class_reduction = float(margin), class_reduction
+
+    def penalty(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        distance = logits.max(dim=1, keepdim=True).values - logits
+        excess = F.relu(distance - self.margin)
+        per_sample = excess.mean(dim=1) if self.class_reduction == "mean" else excess.sum(dim=1)
+        return per_sample.mean()
+
+
+class AdaFocal(Loss):
+    """Focal loss with one γ per confidence bin, adapted after every epoch to the
+    validation split's calibration, switching a bin to inverse focal loss where the model
+    is underconfident.
+
+    A sample's γ is that of the bin its true-class probability p_y falls in (each edge
+    belongs to the bin above it; the end bins are open). γ ≥ 0: −(1 − p_y)^γ log p_y
+    (focal); γ < 0: −(1 + p_y)^|γ| log p_y (inverse focal, which pushes confident samples
+    harder). After each epoch the validation split's top-label confidences are cut into
+    ``n_bins`` equal-mass bins, which become the new bins, and each bin's γ moves by its
+    gap E_b = mean confidence − accuracy: γ ← γ·exp(λ·E_b) for γ > 0, γ·exp(−λ·E_b)
+    otherwise (an overconfident bin, E_b > 0, grows a focal γ and shrinks an inverse one).
+    A γ that ends within ``switch_threshold`` of 0 jumps to the other side (γ > 0 to
+    −S_th, γ ≤ 0 to +S_th), then γ is clipped to [``gamma_min``, ``gamma_max``]. Epoch 1
+    uses ``gamma_initial`` in ``n_bins`` equal-width bins of [0, 1].
+
+    The state (γ and edges) is part of the module, so a resumed run continues it. The
+    validation split steers training here, as in the paper; it still never sees the test
+    split, but the calibrators fitted on it afterwards see a split the loss adapted to.
+    The authors' code sums over the batch; calibrun averages (the same objective over B).
+
+    References: Ghosh, Schaaf and Gormley 2022, "AdaFocal: Calibration-aware Adaptive
+    Focal Loss" (NeurIPS): the γ update and the switch to inverse focal loss; the
+    defaults (λ = 1, γ₀ = 1, S_th = 0.2, γ ∈ [−2, 20], 15 bins) and the binning are their
+    code's (github.com/3mcloud/adafocal, main.py and losses/adafocal.py); docs/design.md
+    §4, row ``adafocal``.
+    """
+
+    def __init__(self, lam: float = 1.0, gamma_initial: float = 1.0, switch_threshold: float = 0.2,
+                 gamma_min: float = -2.0, gamma_max: float = 20.0, n_bins: int = 15) -> None:
+        super().__init__()
+        if n_bins < 1:
+            raise UserError(f"loss.n_bins must be >= 1, got {n_bins}.")
+        if not gamma_min <= gamma_initial <= gamma_max:
+            raise UserError(f"loss.gamma_initial={gamma_initial} must lie in [loss.gamma_min, loss.gamma_max] = "
+                            f"[{gamma_min}, {gamma_max}].")
+        if switch_threshold < 0:
+            raise UserError(f"loss.switch_threshold must be >= 0, got {switch_threshold}.")
+        self.lam, self.switch_threshold = float(lam), float(switch_threshold)
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+        self.register_buffer("gamma", torch.full((n_bins,), float(gamma_initial), dtype=torch.float64))
+        self.register_buffer("edges", torch.linspace(0, 1, n_bins + 1, dtype=torch.float64))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits, dim=1)
+        log_p_y = log_p.gather(1, targets[:, None]).squeeze(1)
+        gamma = self.sample_gamma(log_p_y.detach().exp()).to(log_p.dtype)
+        is_target = F.one_hot(targets, logits.shape[1]).bool()
+        # log(1 − p_y) through the other classes (finite where p_y rounds to 1), log(1 + p_y) directly.
+        log_rest = torch.logsumexp(log_p.masked_fill(is_target, float("-inf")), dim=1)
+        log_base = torch.where(gamma >= 0, log_rest, torch.log1p(log_p_y.exp()))
+        return -(torch.exp(gamma.abs() * log_base) * log_p_y).mean()
+
+    def sample_gamma(self, p_y: torch.Tensor) -> torch.Tensor:
+        """Each sample's γ: that of the bin its p_y falls in."""
+        inner = self.edges[1:-1].to(p_y.dtype)
+        return self.gamma[torch.searchsorted(inner, p_y.contiguous(), right=True)]
+
+    @torch.no_grad()
+    def observe_validation(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        confidence, predicted = torch.softmax(logits.double(), dim=1).max(dim=1)
+        correct = (predicted == labels).double()
+        edges = self.equal_mass_edges(confidence, len(self.gamma))
+        bin_of = torch.searchsorted(edges[1:-1].contiguous(), confidence, right=True)
+        count = torch.bincount(bin_of, minlength=len(self.gamma)).double()
+        # An empty bin has gap 0 (its γ stays), as in the authors' code.
+        gap = (torch.bincount(bin_of, confidence - correct, minlength=len(self.gamma)) / count.clamp(min=1))
+        self.gamma.copy_(self.updated_gamma(self.gamma, gap.to(self.gamma.device)))
+        self.edges.copy_(edges.to(self.edges.device))
+
+    @staticmethod
+    def equal_mass_edges(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+        """``n_bins + 1`` edges holding equal numbers of the sorted confidences, interpolated
+        between order statistics (Mukhoti et al.'s adaptive-ECE edges)."""
+        ordered = confidence.sort().values.cpu().numpy()
+        positions = np.linspace(0, len(ordered), n_bins + 1)
+        return torch.from_numpy(np.interp(positions, np.arange(len(ordered)), ordered))
+
+    def updated_gamma(self, gamma: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        """The paper's rule: multiplicative step, switch across 0, clip."""
+        step = torch.where(gamma > 0, self.lam * gap, -self.lam * gap)
+        new = gamma * torch.exp(step)
+        threshold = torch.full_like(new, self.switch_threshold)
+        flipped = torch.where(new > 0, -threshold, threshold)
+        new = torch.where(new.abs() < self.switch_threshold, flipped, new)
+        return new.clamp(self.gamma_min, self.gamma_max)

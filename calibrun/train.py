@@ -180,25 +180,30 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "fingerprint", "epo
 
 class Checkpointer:
     """Saves and restores what a resumed run needs to continue exactly: the weights, the
-    optimizer and scheduler, every RNG stream and the :class:`Progress`, stamped with the
-    config fingerprint so that a changed experiment is never resumed."""
+    optimizer and scheduler, the loss's own state (AdaFocal's γ), every RNG stream and the
+    :class:`Progress`, stamped with the config fingerprint so that a changed experiment is
+    never resumed."""
 
-    def __init__(self, path: Path, fingerprint: str, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+    def __init__(self, path: Path, fingerprint: str, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                 loss_fn: Loss) -> None:
         self.path, self.fingerprint = path, fingerprint
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler, self.loss_fn = model, optimizer, scheduler, loss_fn
 
     def save(self, progress: Progress) -> None:
         atomic_torch_save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "fingerprint": self.fingerprint,
-            "epoch": progress.epoch, "history": progress.history, "partial": progress.partial,
+            "scheduler": self.scheduler.state_dict(), "loss": self.loss_fn.state_dict(), "rng": rng_state(),
+            "fingerprint": self.fingerprint, "epoch": progress.epoch, "history": progress.history,
+            "partial": progress.partial,
         }, self.path)
 
     def restore(self, device: torch.device) -> Progress:
         """The saved progress, with every part restored; a fresh start if there is none."""
         if not self.path.exists():
             return Progress()
-        state = load_checkpoint(self.path, device, CHECKPOINT_KEYS)
+        # A stateless loss needs no "loss" entry: checkpoints written before losses had state resume.
+        stateful = ("loss",) if self.loss_fn.state_dict() else ()
+        state = load_checkpoint(self.path, device, CHECKPOINT_KEYS + stateful)
         if state["fingerprint"] != self.fingerprint:
             # Config differences were named before anything was built (runfolder); what is
             # left is the data: other images or labels under the same config.
@@ -211,6 +216,8 @@ class Checkpointer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if stateful:
+            self.loss_fn.load_state_dict(state["loss"])
         set_rng_state(state["rng"])
         progress = Progress(state["epoch"], state["history"], state["partial"])
         log.info("Resuming from %s after epoch %d%s.", self.path, progress.epoch,
@@ -374,8 +381,10 @@ def train_epoch(tr: Training, epoch: int, progress: Progress, interrupt: SignalF
 
 
 def validation_scores(tr: Training, n_bins: int) -> dict:
-    """Accuracy and ECE of the current weights on the validation split."""
+    """Accuracy and ECE of the current weights on the validation split, whose logits the
+    loss is shown too (its ``observe_validation`` hook, before the next epoch)."""
     logits, labels = predict(tr.forward, tr.eval_loaders["val"])
+    tr.loss_fn.observe_validation(logits, labels)
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()
     labels = labels.cpu().numpy()
     return {"val_acc": accuracy(probs, labels), "val_ece": ece(probs, labels, n_bins)}
@@ -500,7 +509,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
         optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, amp=amp,
         # The data's content, not its location, is part of what a checkpoint continues.
         checkpointer=Checkpointer(checkpoints / "last.pt", f"{config_fingerprint(cfg)}-{data_fingerprint(splits)}",
-                                  model, optimizer, scheduler),
+                                  model, optimizer, scheduler, loss_fn),
         best=BestWeights(checkpoints / "best.pt", t.select == Select.best_val),
     )
     return tr, splits, calibrators

@@ -12,11 +12,15 @@ from hydra.utils import instantiate
 from calibrun import UserError
 from calibrun.compose import config_dir
 from calibrun.losses import (
+    MDCA,
+    MMCE,
+    AdaFocal,
     CrossEntropy,
     EntropyRegularized,
     FocalLoss,
     GapLoss,
     LabelSmoothing,
+    MarginLabelSmoothing,
     Mixup,
     NonTargetSmoothing,
 )
@@ -85,6 +89,44 @@ def ref_brier():
     return float(np.mean([sum((pk - (k == y)) ** 2 for k, pk in enumerate(softmax(z))) for z, y in zip(LOGITS, LABELS)]))
 
 
+def top_label(z, y):
+    """Top-label confidence r and correctness c (0/1) of each sample of LOGITS."""
+    probs = [softmax(row) for row in z]
+    return [max(p) for p in probs], [int(int(np.argmax(p)) == label) for p, label in zip(probs, y)]
+
+
+def ref_mmce_squared(weighted, pair_power=2, width=0.4, z=LOGITS, y=LABELS):
+    """Kumar et al. 2018, Eq. 3 (MMCE²) and §4 (MMCE_w²), Laplacian kernel, by loops.
+    ``pair_power=4`` divides each pair sum by its group size to the 4th, as Mukhoti et
+    al.'s code does (a mean over the pairs, then the square of the group size again)."""
+    r, c = top_label(z, y)
+    m = len(r)
+
+    def k(a, b):
+        return math.exp(-abs(a - b) / width)
+
+    if not weighted:
+        return sum((c[i] - r[i]) * (c[j] - r[j]) * k(r[i], r[j]) for i in range(m) for j in range(m)) / m**2
+    right, wrong = [i for i in range(m) if c[i]], [i for i in range(m) if not c[i]]
+    n = len(right)
+    s_ww = sum(r[i] * r[j] * k(r[i], r[j]) for i in wrong for j in wrong) / (m - n) ** pair_power
+    s_rr = sum((1 - r[i]) * (1 - r[j]) * k(r[i], r[j]) for i in right for j in right) / n**pair_power
+    s_rw = sum((1 - r[i]) * r[j] * k(r[i], r[j]) for i in right for j in wrong) / ((m - n) * n) ** (pair_power // 2)
+    return s_ww + s_rr - 2 * s_rw
+
+
+def ref_mdca(z=LOGITS, y=LABELS):
+    """Hebbalaguppe et al. 2022, Eq. 3: (1/K)·Σ_k |mean_i p_ik − mean_i [y_i = k]|."""
+    k = z.shape[1]
+    probs = [softmax(row) for row in z]
+    return sum(abs(np.mean([p[j] for p in probs]) - np.mean([int(label == j) for label in y])) for j in range(k)) / k
+
+
+def ref_margin_penalty(margin, reduce_classes=np.mean, z=LOGITS):
+    """Liu et al. 2022: max(0, max_j z_j − z_k − m) per class k, reduced over k, mean over i."""
+    return float(np.mean([reduce_classes([max(0.0, max(row) - v - margin) for v in row]) for row in z]))
+
+
 def sd53(p_y):
     """FLSD-53 (Mukhoti et al. 2020): γ = 5 for p_y in [0, 0.2), 3 for p_y in [0.2, 1]."""
     return 5.0 if p_y < 0.2 else 3.0
@@ -106,6 +148,12 @@ CONFIG_DEFAULTS = {
     "mixup": ref_ce,
     "focal": lambda: ref_focal(lambda p: 3.0),
     "brier": ref_brier,
+    "dca": lambda: ref_ce() + 1.0 * ref_gap_term(),
+    "mmce": lambda: ref_ce() + 2.0 * math.sqrt(ref_mmce_squared(weighted=True)),
+    "mdca": lambda: ref_ce() + 1.0 * ref_mdca(),
+    "mbls": lambda: ref_ce() + 0.1 * ref_margin_penalty(10.0),
+    # Before its first validation every bin has γ = 1: focal loss with γ = 1.
+    "adafocal": lambda: ref_focal(lambda p: 1.0),
 }
 
 
@@ -139,8 +187,19 @@ def test_cap_and_gap_act_on_the_samples_they_should():
         (FocalLoss(gamma=1), lambda: ref_focal(lambda p: 1.0)),
         (FocalLoss(gamma=0.5), lambda: ref_focal(lambda p: 0.5)),
         (FocalLoss(gamma_schedule="sd53"), lambda: ref_focal(sd53)),
+        (MMCE(lam=0.5, weighted=False), lambda: ref_ce() + 0.5 * math.sqrt(ref_mmce_squared(weighted=False))),
+        (MMCE(lam=1.0, kernel_width=0.2), lambda: ref_ce() + math.sqrt(ref_mmce_squared(weighted=True, width=0.2))),
+        (MMCE(lam=2.0, normalisation="focal_calibration"),
+         lambda: ref_ce() + 2.0 * math.sqrt(ref_mmce_squared(weighted=True, pair_power=4))),
+        (MDCA(beta=3.0), lambda: ref_ce() + 3.0 * ref_mdca()),
+        (MDCA(beta=1.0, base=FocalLoss(gamma=1)), lambda: ref_focal(lambda p: 1.0) + ref_mdca()),
+        (MDCA(beta=1.0, base=LabelSmoothing(alpha=0.1)), lambda: ref_label_smoothing(0.1) + ref_mdca()),
+        (MarginLabelSmoothing(margin=2.0, lam=0.5), lambda: ref_ce() + 0.5 * ref_margin_penalty(2.0)),
+        (MarginLabelSmoothing(margin=2.0, lam=0.5, class_reduction="sum"),
+         lambda: ref_ce() + 0.5 * ref_margin_penalty(2.0, reduce_classes=np.sum)),
     ],
-    ids=["gap_2.5", "gap_cap_0.9", "nts_2", "erl_1", "ls_0.3", "focal_1", "focal_0.5", "flsd_53"],
+    ids=["gap_2.5", "gap_cap_0.9", "nts_2", "erl_1", "ls_0.3", "focal_1", "focal_0.5", "flsd_53", "mmce_unweighted",
+         "mmce_width_0.2", "mmce_focal_calibration", "mdca_3", "mdca_focal", "mdca_ls", "mbls_m2", "mbls_sum"],
 )
 def test_loss_matches_its_formula_away_from_the_defaults(loss, expected):
     assert value(loss) == pytest.approx(expected(), abs=1e-10, rel=0)
@@ -394,3 +453,99 @@ def test_nts_renormalised_penalty_has_no_gradient_on_the_target_logit():
 def test_nts_unknown_reading_names_the_key():
     with pytest.raises(UserError, match="loss.p_prime='softmax' is not a reading of p′; allowed: renormalised, raw"):
         NonTargetSmoothing(p_prime="softmax")
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_mmce_is_zero_when_every_confidence_equals_its_correctness(weighted):
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    assert float(MMCE(weighted=weighted).squared(r, r.clone())) == 0.0
+    # Confidence 0.9 on every sample, 3 of 5 right: miscalibrated, so positive.
+    assert float(MMCE(weighted=weighted).squared(torch.full((5,), 0.9, dtype=torch.float64), r)) > 0.01
+
+
+def test_mmce_weighted_has_no_penalty_on_a_batch_that_is_all_right():
+    z, y = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64), torch.tensor([0, 1])
+    assert float(MMCE().squared(*torch.softmax(z, 1).max(1)[0:1], torch.ones(2, dtype=torch.float64))) == 0.0
+    assert value(MMCE(), z.numpy(), y.numpy()) == pytest.approx(value(CrossEntropy(), z.numpy(), y.numpy()), abs=1e-4)
+
+
+def test_mdca_is_zero_when_mean_probabilities_equal_class_frequencies():
+    # Uniform predictions (1/4 each, exact in binary) on a batch with every class once.
+    z, y = torch.zeros(4, 4, dtype=torch.float64), torch.arange(4)
+    assert float(MDCA().penalty(z, y)) == 0.0
+    assert float(MDCA().penalty(torch.tensor(LOGITS), torch.tensor(LABELS))) == pytest.approx(ref_mdca(), abs=1e-12)
+
+
+def test_mbls_is_cross_entropy_where_every_logit_gap_is_within_the_margin():
+    # LOGITS' largest gap to the top logit is exactly 10: not above the default margin.
+    assert value(MarginLabelSmoothing()) == value(CrossEntropy())
+    assert value(MarginLabelSmoothing(margin=9.0)) > value(CrossEntropy())
+
+
+def test_adafocal_gamma_update_follows_the_papers_rule_on_a_hand_made_bin_table():
+    loss = AdaFocal()
+    gamma = torch.tensor([1.0, 1.0, -0.5, 0.25, 19.0, -1.9], dtype=torch.float64)
+    gap = torch.tensor([0.1, -0.1, 0.1, -0.5, 0.2, -0.1], dtype=torch.float64)  # confidence − accuracy
+    expected = [
+        math.exp(0.1),  # overconfident bin: the focal γ grows
+        math.exp(-0.1),  # underconfident: it shrinks
+        -0.5 * math.exp(-0.1),  # inverse focal (γ < 0) in an overconfident bin: |γ| shrinks
+        -0.2,  # 0.25·e^−0.5 = 0.152 < S_th = 0.2: switches to inverse focal at −S_th
+        20.0,  # 19·e^0.2 = 23.2, clipped to γ_max
+        -2.0,  # −1.9·e^0.1 = −2.10, clipped to γ_min
+    ]
+    np.testing.assert_allclose(loss.updated_gamma(gamma, gap).numpy(), expected, rtol=1e-12, atol=0)
+
+
+def test_adafocal_learns_its_bins_from_the_validation_split():
+    """Four validation samples, two classes, confidences 0.6 (wrong), 0.7, 0.8, 0.9 (right);
+    two equal-mass bins [0.6, 0.8) and [0.8, 0.9] with gaps 0.65 − 0.5 and 0.85 − 1."""
+    conf = torch.tensor([0.8, 0.6, 0.9, 0.7], dtype=torch.float64)
+    logits = torch.stack([torch.log(conf / (1 - conf)), torch.zeros(4, dtype=torch.float64)], dim=1)
+    labels = torch.tensor([0, 1, 0, 0])
+    loss = AdaFocal(n_bins=2)
+    loss.observe_validation(logits, labels)
+    np.testing.assert_allclose(loss.edges.numpy(), [0.6, 0.8, 0.9], rtol=1e-12)
+    np.testing.assert_allclose(loss.gamma.numpy(), [math.exp(0.15), math.exp(-0.15)], rtol=1e-9)
+    # A training sample with p_y = 0.85 takes the upper bin's γ; p_y = 0.3 the lower bin's.
+    assert loss.sample_gamma(torch.tensor([0.85, 0.3], dtype=torch.float64)).tolist() == pytest.approx(
+        [math.exp(-0.15), math.exp(0.15)], rel=1e-9)
+
+
+def test_adafocal_inverse_focal_loss_matches_its_formula():
+    """With every γ negative the loss is −(1 + p_y)^|γ| log p_y."""
+    loss = AdaFocal(gamma_initial=-1.5)
+    expected = float(np.mean([-((1 + softmax(z)[y]) ** 1.5) * math.log(softmax(z)[y]) for z, y in zip(LOGITS, LABELS)]))
+    assert value(loss) == pytest.approx(expected, abs=1e-12, rel=0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MMCE(kernel_width=0), "loss.kernel_width must be > 0"),
+        (lambda: MMCE(normalisation="mean"), "loss.normalisation='mean' is not supported; allowed: paper"),
+        (lambda: MDCA(beta=-1), "loss.beta must be >= 0"),
+        (lambda: MarginLabelSmoothing(margin=-1), "loss.margin must be >= 0"),
+        (lambda: MarginLabelSmoothing(class_reduction="max"), "loss.class_reduction='max'"),
+        (lambda: AdaFocal(n_bins=0), "loss.n_bins must be >= 1"),
+        (lambda: AdaFocal(gamma_initial=30), r"loss.gamma_initial=30 must lie in \[loss.gamma_min, loss.gamma_max\]"),
+    ],
+)
+def test_new_losses_refuse_bad_hyperparameters_naming_the_key(build, message):
+    with pytest.raises(UserError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("batch_size", [64, 128])
+@pytest.mark.parametrize("cap", [None, 0.5])
+def test_summed_ce_reading_is_summed_cross_entropy_plus_lambda_gap(batch_size, cap):
+    """λ = 10 against Σ_i CE_i: calibrun's loss times B is Σ_i CE_i + λ·gap at any batch size."""
+    generator = torch.Generator().manual_seed(batch_size)
+    logits = torch.randn(batch_size, 10, generator=generator, dtype=torch.float64) * 3
+    targets = torch.randint(0, 10, (batch_size,), generator=generator)
+    loss = GapLoss(lam=10, cap=cap, lam_reading="summed_ce")
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    if cap is not None:
+        nll = nll.clamp(min=-math.log(cap))
+    summed = nll.sum() + 10 * loss.penalty(logits, targets)
+    assert float(loss(logits, targets) * batch_size) == pytest.approx(float(summed), rel=1e-12)

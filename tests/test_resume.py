@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import CIFAR_SAMPLE, FAST
 
-from calibrun import UserError, train
+from calibrun import UserError, plots, train
 from calibrun.train import Interrupted
 
 ARGS = [*FAST, "trainer.epochs=4", "trainer.deterministic=true", "trainer.batch_size=32", "calibrator=[temperature]"]
@@ -167,3 +167,51 @@ def test_rng_state_holds_and_restores_the_cuda_generators():
     first = torch.randperm(1000, device="cuda")
     train.set_rng_state(state)
     assert torch.equal(torch.randperm(1000, device="cuda"), first)
+
+
+# Every loss a user can pick: the YAML files of conf/loss.
+LOSSES = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "loss").glob("*.yaml"))
+# Two short epochs of 4 steps each: the cut falls in epoch 2, after a loss with state
+# (AdaFocal) has learnt from epoch 1's validation.
+TINY = [*FAST, "data.train_size=64", "data.val_size=64", "data.test_size=64", "trainer.batch_size=16",
+        "trainer.epochs=2", "trainer.deterministic=true", "calibrator=[temperature]", "metrics.intervals=false"]
+CUT_AT_STEP = 6
+
+
+def run_cut_at_step(cfg, run_dir, monkeypatch):
+    """Run in this process and raise SIGTERM's flag after the CUT_AT_STEP-th optimizer
+    step, so the loop checkpoints mid-epoch at a known batch and raises Interrupted."""
+    steps = {"done": 0}
+    real_step = train.optimizer_step
+
+    def counting_step(tr, x, y):
+        result = real_step(tr, x, y)
+        steps["done"] += 1
+        if steps["done"] == CUT_AT_STEP:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this thread: the flag is set
+        return result
+
+    monkeypatch.setattr(train, "optimizer_step", counting_step)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with pytest.raises(Interrupted):
+            train.run(cfg, run_dir)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(train, "optimizer_step", real_step)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["partial"]["step"] == CUT_AT_STEP - 4
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_resumed_mid_epoch_equals_an_uninterrupted_run(compose_cfg, tmp_path, monkeypatch, loss):
+    # Figures are half of such a short run's time and play no part in what is compared.
+    monkeypatch.setattr(plots, "_save", lambda fig, path: plots.plt.close(fig))
+    args = [*TINY, f"loss={loss}"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train.run(compose_cfg(args), straight)
+    run_cut_at_step(compose_cfg(args), cut, monkeypatch)
+    train.run(compose_cfg(args), cut)
+    np.testing.assert_array_equal(logits_of(cut), logits_of(straight))
+    pd.testing.assert_frame_equal(pd.read_csv(cut / "history.csv")[["train_loss", "val_acc", "val_ece"]],
+                                  pd.read_csv(straight / "history.csv")[["train_loss", "val_acc", "val_ece"]])

@@ -18,6 +18,8 @@ EPOCHS ?=
 # averages five runs).
 SEEDS ?=
 # Extra overrides passed to every calibrun call, e.g. ARGS="model.depth=20 trainer.device=cuda".
+# SHIFT=cifar10c evaluates reproduce-baselines' runs under that shift too.
+SHIFT ?=
 ARGS ?=
 # Options of benchmarks/bench_gpu.py, e.g. BENCH_ARGS="--models resnet110 --repeats 5".
 BENCH_ARGS ?=
@@ -36,7 +38,7 @@ data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(T
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench bench-intervals bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls sweep-lambda report clean
+.PHONY: help install test test-slow test-gpu demo bench bench-intervals bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls reproduce-baselines sweep-lambda report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -145,6 +147,23 @@ reproduce-ls: install ## Müller et al. 2019 Table 3: ResNet-56 on CIFAR-100, CE
 	$(BIN)/calibrun-report outputs/multirun/ls --out outputs/tables --name ls --calibrators none,temperature \
 		--paper ls --table-metrics accuracy,ece,nll,temperature.T --grid-name ls_reliability.png \
 		--caption "$(ls_caption)" && exit $$status
+
+# The baselines table: one preset per loss (conf/experiment/baseline_*.yaml), one recipe.
+baseline_experiments = $(subst $(space),$(comma),$(sort $(basename $(notdir $(wildcard conf/experiment/baseline_*.yaml)))))
+space := $(subst ,, )
+baselines_caption = Train-time calibration baselines under one recipe: data=$(or $(DATA),cifar10), model=resnet110$(if \
+	$(filter model.%,$(ARGS)), $(filter model.%,$(ARGS))), trainer=$(or $(TRAINER),default)$(if $(EPOCHS), trainer.epochs=$(EPOCHS)), \
+	seeds $(call seeds_or,3), 15-bin metrics, T fitted on the validation split$(if $(SHIFT),$(comma) shift=$(SHIFT))$(if \
+	$(ARGS),; extra overrides: $(ARGS)). Each loss at its paper's CIFAR-10 hyperparameters (README, Train-time \
+	baselines). Paper columns: Mukhoti et al. 2020's CIFAR-10 ResNet-110 rows (test error and ECE before/after \
+	temperature scaling, 15 bins, 350 epochs), from the tables of github.com/torrvision/focal_calibration's README; \
+	no published CIFAR-10 ResNet-110 number was found for DCA, MDCA, MbLS or AdaFocal, so those are left empty.
+reproduce-baselines: install ## every train-time baseline (CE, Brier, MMCE, LS, FL-3, FLSD-53, DCA, MDCA, MbLS, AdaFocal) on CIFAR-10 ResNet-110, SEEDS (default 3) -> outputs/tables/baselines.md
+	$(BIN)/calibrun -m experiment=$(baseline_experiments) seed=$(call seeds_or,3) $(data_args) $(epochs_arg) \
+		$(if $(SHIFT),shift=$(SHIFT)) trainer.progress=false run_name=baselines $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/baselines --out outputs/tables --name baselines --calibrators none,temperature \
+		--paper baselines --keys experiment,loss --table-metrics accuracy,ece,ada_ece,nll --grid-name baselines_reliability.png \
+		--caption "$(baselines_caption)" && exit $$status
 
 sweep-lambda: install ## gap_cap over λ in {0, 0.1, 1, 3, 10, 30} on CIFAR-10, then the report
 	$(BIN)/calibrun -m loss=gap_cap loss.lam=0,0.1,1,3,10,30 seed=$(seed_list) $(data_args) $(epochs_arg) \

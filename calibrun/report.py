@@ -429,12 +429,15 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
                  calibrators: list[str] | None = None, paper: str | None = None,
                  grid_calibrator: str = "none", grid_name: str = "reliability_grid.png",
                  table_metrics: list[str] | None = None, pivot: str | None = None,
-                 caption: str | None = None, baseline: str | None = None) -> pd.DataFrame:
+                 caption: str | None = None, baseline: str | None = None,
+                 table_keys: list[str] | None = None) -> pd.DataFrame:
     """Aggregate run folders into ``<name>.csv``/``.md`` (mean ± std over seeds with the
     t-interval of the mean), an ``ece_vs_lam.png`` when λ varies, and a grid of pooled
     reliability diagrams. ``caption`` goes under the title of ``<name>.md`` (the setting
     a reader must know). ``baseline`` (``key=value,...``) adds each group's paired
-    difference to that group on the same test images (``<name>_differences.csv``)."""
+    difference to that group on the same test images (``<name>_differences.csv``).
+    ``table_keys`` are the config-key columns of the markdown table (default: every key
+    that differs); the CSV keeps them all."""
     shown = table_metrics or list(TABLE_METRICS)
     _check_metrics([metric], "--metric")
     _check_metrics(shown, "--table-metrics")
@@ -455,7 +458,8 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
                f"[{LEVEL:.0%} t-interval of the mean].", ""]
     unfinished = runs[runs["state"] != "done"]
     out.mkdir(parents=True, exist_ok=True)
-    body = report_body(runs, keys, summary, shown, pivot, reference)
+    columns = _table_keys(table_keys, keys, summary) if table_keys else keys
+    body = report_body(runs, keys, summary, shown, pivot, reference, columns)
     if wanted is not None and len(metrics):
         body += _baseline_section(metrics, runs, keys, wanted, [m for m in shown if m in METRIC_NAMES], out / f"{name}_differences.csv")
     atomic_write_text(out / f"{name}.md", "\n".join(heading + body))
@@ -486,10 +490,27 @@ def _baseline_section(metrics: pd.DataFrame, runs: pd.DataFrame, keys: list[str]
     return comparison_markdown(table, keys, baseline, settings)
 
 
+def _table_keys(wanted: list[str], keys: list[str], summary: pd.DataFrame) -> list[str]:
+    """``wanted`` as the table's key columns, if they are keys that differ and still tell
+    every row apart (else a row's numbers could be read as another's)."""
+    unknown = [k for k in wanted if k not in keys]
+    if unknown:
+        raise UserError(f"--keys: {', '.join(unknown)} is not a config key that differs between the runs; "
+                        f"those are: {', '.join(keys) or '(none)'}.")
+    shown = summary[[*wanted, "calibrator"]].astype(str) if len(summary) else pd.DataFrame()
+    if len(shown) and shown.duplicated().any():
+        clashing = summary[shown.duplicated(keep=False)].astype(str).groupby([*wanted, "calibrator"])
+        hidden = [k for k in keys if k not in wanted and (clashing[k].nunique() > 1).any()]
+        raise UserError(f"--keys {','.join(wanted)}: rows that differ in {', '.join(hidden)} would look the same; "
+                        "add the keys that tell them apart.")
+    return wanted
+
+
 def report_body(runs: pd.DataFrame, keys: list[str], summary: pd.DataFrame, shown: list[str], pivot: str | None,
-                reference: pd.DataFrame | None) -> list[str]:
+                reference: pd.DataFrame | None, columns: list[str] | None = None) -> list[str]:
     """The lines of a report under its heading: the settings every run shares, the table
-    (one per metric with ``pivot`` across the columns), and the runs not finished."""
+    (one per metric with ``pivot`` across the columns; ``columns``, default ``keys``, the
+    config keys shown), and the runs not finished."""
     lines = []
     done = runs[runs["state"] == "done"] if (runs["state"] == "done").any() else runs
     # Named only when every run has it with one value (logits made elsewhere have no data).
@@ -501,7 +522,7 @@ def report_body(runs: pd.DataFrame, keys: list[str], summary: pd.DataFrame, show
         lines += [f"{pivot} across the columns; avg is the mean of the column means.", ""]
         lines += [block for metric in shown for block in (pivot_markdown(summary, keys, pivot, metric, reference), "")]
     elif len(summary):
-        lines += [markdown(summary, keys, shown, reference), ""]
+        lines += [markdown(summary, columns or keys, shown, reference), ""]
     lines += collapsed_section(summary)
     unfinished = runs[runs["state"] != "done"]
     if len(unfinished):

@@ -549,3 +549,25 @@ def test_summed_ce_reading_is_summed_cross_entropy_plus_lambda_gap(batch_size, c
         nll = nll.clamp(min=-math.log(cap))
     summed = nll.sum() + 10 * loss.penalty(logits, targets)
     assert float(loss(logits, targets) * batch_size) == pytest.approx(float(summed), rel=1e-12)
+
+
+# The presets of `make reproduce-baselines`: conf/experiment/baseline_*.yaml.
+BASELINES = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("baseline_*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", BASELINES)
+def test_every_baseline_preset_shares_one_recipe_and_has_a_named_row(compose_cfg, experiment):
+    """Only the loss differs between the baselines' rows, and each has a name in
+    calibrun/papers/baselines.csv (with published numbers only where the CSV gives them)."""
+    import pandas as pd
+
+    from calibrun.losses import as_loss
+    from calibrun.report import PAPERS
+
+    cfg, reference = compose_cfg([f"experiment={experiment}"]), compose_cfg(["experiment=baseline_ce"])
+    for key in ("data", "model", "trainer", "optimizer", "scheduler", "calibrator", "metrics"):
+        assert cfg[key] == reference[key], f"{experiment} changes {key}"
+    assert isinstance(as_loss(instantiate(cfg.loss)), torch.nn.Module)
+    paper = pd.read_csv(PAPERS / "baselines.csv")
+    rows = paper[paper.experiment == experiment]
+    assert sorted(rows.calibrator) == ["none", "temperature"] and rows.label.notna().all()

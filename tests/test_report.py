@@ -521,3 +521,29 @@ def test_a_run_evaluated_before_the_new_metrics_still_reports_with_empty_cells(t
         metrics_csv, index=False)
     summary = write_report([tmp_path / "runs"], tmp_path / "r", table_metrics=["ece", "smooth_ece"])
     assert summary["ece_mean"].notna().all() and summary["smooth_ece_mean"].isna().all()
+
+
+def test_keys_choose_the_tables_columns_but_must_still_tell_the_rows_apart(tmp_path):
+    """Three runs that differ in loss.lam and loss.margin: --keys loss.lam shows one key
+    column (the CSV keeps both); a key set that would merge two rows is refused."""
+    for name, lam, margin in (("a", 1.0, 5.0), ("b", 2.0, 5.0), ("c", 2.0, 10.0)):
+        fake_run(tmp_path / "runs" / name, {"seed": 0, "loss": {"lam": lam, "margin": margin}}, 0.1)
+    write_report([tmp_path / "runs"], tmp_path / "out", name="narrow", table_keys=["loss.lam", "loss.margin"])
+    header = next(line for line in (tmp_path / "out" / "narrow.md").read_text().splitlines() if line.startswith("|"))
+    assert "loss.lam" in header and "loss.margin" in header
+    write_report([tmp_path / "runs"], tmp_path / "out", name="full")
+    with pytest.raises(UserError, match=r"--keys loss.lam: rows that differ in loss.margin would look the same"):
+        write_report([tmp_path / "runs"], tmp_path / "out", name="merged", table_keys=["loss.lam"])
+    with pytest.raises(UserError, match=r"--keys: loss.gamma is not a config key that differs"):
+        write_report([tmp_path / "runs"], tmp_path / "out", name="unknown", table_keys=["loss.gamma"])
+    assert {"loss.lam", "loss.margin"} <= set(pd.read_csv(tmp_path / "out" / "narrow.csv").columns)
+
+
+def test_keys_leave_out_a_column_the_rows_do_not_need(tmp_path):
+    for name, experiment, lam in (("a", "one", 1.0), ("b", "two", 2.0)):
+        fake_run(tmp_path / "runs" / name, {"seed": 0, "loss": {"lam": lam}}, 0.1)
+        hydra = {"hydra": {"runtime": {"choices": {"experiment": experiment}}}}
+        (tmp_path / "runs" / name / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    write_report([tmp_path / "runs"], tmp_path / "out", name="r", table_keys=["experiment"])
+    header = next(line for line in (tmp_path / "out" / "r.md").read_text().splitlines() if line.startswith("|"))
+    assert "experiment" in header and "loss.lam" not in header

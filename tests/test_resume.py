@@ -106,20 +106,6 @@ def logits_of(run_dir):
         return f["logits"]
 
 
-def test_mixup_resumed_mid_epoch_equals_an_uninterrupted_run(compose_cfg, tmp_path, caplog):
-    """Mixup draws its mixing weights and partners from torch's RNG: the checkpoint must
-    carry every RNG stream for the resumed run to be the run it replaces."""
-    args = [*ARGS, "loss=mixup", "trainer.epochs=3"]
-    straight, cut = tmp_path / "straight", tmp_path / "cut"
-    train.run(compose_cfg(args), straight)
-    run_interrupted(compose_cfg(args), cut)
-    caplog.set_level(logging.INFO, logger="calibrun")
-    train.run(compose_cfg(args), cut)
-    assert "Resuming from" in caplog.text
-    np.testing.assert_array_equal(logits_of(cut), logits_of(straight))
-    pd.testing.assert_frame_equal(pd.read_csv(cut / "metrics.csv"), pd.read_csv(straight / "metrics.csv"))
-
-
 def test_resume_follows_the_data_to_a_new_root_but_not_a_new_lr(compose_cfg, tmp_path, caplog, monkeypatch):
     """data.root does not change the experiment: a run resumes after its data moves to
     a copy. trainer.lr does: resuming with another is refused."""

@@ -52,3 +52,14 @@ def test_full_multirun_over_every_loss_with_the_quick_trainer(run_cli, tmp_path)
     proc = run_cli(["-m", f"loss={','.join(LOSSES)}", "data=synthetic", "trainer=quick", "trainer.progress=false",
                     "run_name=all"])
     _check_sweep(tmp_path, proc, len(LOSSES))
+
+
+def test_mdca_sweeps_over_its_base_loss(run_cli, tmp_path):
+    """A nested setting (the base loss's _target_) sweeps like a flat one: one folder and
+    one config per value."""
+    bases = "calibrun.losses.CrossEntropy,calibrun.losses.LabelSmoothing"
+    proc = run_cli(["-m", "loss=mdca", "loss.beta=0.5", f"loss.base._target_={bases}", *FAST, "trainer.epochs=1",
+                    "data.train_size=128", "data.val_size=64", "data.test_size=64", "run_name=mdca"])
+    jobs = _check_sweep(tmp_path, proc, 2)
+    used = sorted(yaml.safe_load((job / "config.yaml").read_text())["loss"]["base"]["_target_"] for job in jobs)
+    assert used == bases.split(",")

@@ -31,6 +31,8 @@ def report(argv: list[str] | None = None) -> None:
     parser.add_argument("--table-metrics", default=",".join(report_lib.TABLE_METRICS),
                         help="comma-separated metrics and scalar fitted parameters (e.g. temperature.T) to show")
     parser.add_argument("--pivot", help="config key spread across the columns, e.g. data.target")
+    parser.add_argument("--keys", help="comma-separated config keys shown as the table's columns (default: every "
+                        "key that differs; the CSV keeps them all)")
     parser.add_argument("--caption", help="text written under the table's title, e.g. the setting it was run in")
     parser.add_argument("--baseline", metavar="KEY=VALUE[,KEY=VALUE]",
                         help="compare every group with this one on the same test images (paired bootstrap, Holm)")
@@ -43,7 +45,7 @@ def report(argv: list[str] | None = None) -> None:
             calibrators=args.calibrators.split(",") if args.calibrators else None, paper=args.paper,
             grid_calibrator=args.grid_calibrator, grid_name=args.grid_name,
             table_metrics=args.table_metrics.split(","), pivot=args.pivot, caption=args.caption,
-            baseline=args.baseline,
+            baseline=args.baseline, table_keys=args.keys.split(",") if args.keys else None,
         )
     log.info("%s\nWrote %s and %s", (out / f"{args.name}.md").read_text(), out / f"{args.name}.csv",
              "plots" if len(summary) else "no plots (no finished runs)")

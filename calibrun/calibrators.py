@@ -255,10 +255,14 @@ class MatrixScaling(Calibrator):
 
     Unpenalised, the K² + K parameters overfit when K is large: Guo et al. report matrix
     scaling far worse than temperature scaling on CIFAR-100 (K = 100: 10 100 parameters
-    for 5 000 validation samples). Like the ODIR regulariser of Kull et al., the penalty
-    falls on the off-diagonal entries only, so it shrinks towards vector scaling (W
-    diagonal), which costs nothing: at the optimum the validation NLL is never higher
-    than vector or temperature scaling's.
+    for 5 000 validation samples). The penalty falls on the off-diagonal entries only, so
+    it shrinks towards vector scaling (W diagonal), which costs nothing: at the optimum
+    the validation NLL is never higher than vector or temperature scaling's.
+
+    This is not Kull et al.'s ODIR (Dirichlet calibration): ODIR maps log-probabilities,
+    penalises the off-diagonal entries and the intercepts with two weights chosen by
+    cross-validation; here the map acts on logits, the intercepts b are free and the one
+    weight is fixed, so its rows cannot be compared with the paper's.
 
     Why the factor K: the curvature of the mean NLL in one entry W_ij scales like 1/K
     (softmax probabilities are ~1/K), so a fixed weight that is ample for K = 10 leaves
@@ -272,8 +276,9 @@ class MatrixScaling(Calibrator):
     Kull et al. tune the weight by cross-validation, worth doing for a paper table.
 
     References: Guo et al. 2017, "On Calibration of Modern Neural Networks", §4.2
-    (matrix scaling); Kull et al. 2019, "Beyond temperature scaling: Obtaining
-    well-calibrated multiclass probabilities with Dirichlet calibration" (ODIR).
+    (matrix scaling; the unpenalised fit is ``off_diagonal_l2=0``); Kull et al. 2019,
+    "Beyond temperature scaling: Obtaining well-calibrated multiclass probabilities with
+    Dirichlet calibration" (ODIR, the penalty this one is not).
     """
 
     def __init__(self, max_iter: int = 100, off_diagonal_l2: float = 1e-2) -> None:

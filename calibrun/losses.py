@@ -11,6 +11,7 @@ it runs. A loss's state (its buffers) travels in the run's checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrun import UserError
+
+log = logging.getLogger(__name__)
 
 
 class Loss(nn.Module):
@@ -558,6 +561,8 @@ class AdaFocal(Loss):
         gap = (torch.bincount(bin_of, confidence - correct, minlength=len(self.gamma)) / count.clamp(min=1))
         self.gamma.copy_(self.updated_gamma(self.gamma, gap.to(self.gamma.device)))
         self.edges.copy_(edges.to(self.edges.device))
+        log.info("AdaFocal γ per validation bin (low to high confidence): %s",
+                 " ".join(f"{g:.3g}" for g in self.gamma.tolist()))
 
     @staticmethod
     def equal_mass_edges(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -230,7 +230,8 @@ def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: 
 
 def load_paper(name_or_path: str) -> pd.DataFrame:
     """Published numbers: a CSV whose columns are config keys (``loss``, ``data.target``, ...)
-    and metrics; ``table1`` and ``pacs`` name the files shipped with calibrun."""
+    and metrics; ``table1``, ``pacs``, ``ls`` and ``baselines`` name the files shipped with
+    calibrun (``papers/``)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = PAPERS / f"{name_or_path}.csv"

@@ -110,6 +110,19 @@ def test_sweep_folder_names_leave_out_exactly_the_non_experiment_keys():
     assert set(excluded) == set(NON_EXPERIMENT_KEYS) | {"hydra/launcher"}
 
 
+def test_a_long_sweep_folder_name_is_shortened_the_same_way_every_time():
+    """Past 255 bytes a folder cannot be made; the name keeps its start and gains a hash of
+    the whole, so a requeued job finds its folder and two jobs never share one."""
+    from calibrun.compose import LONGEST_FOLDER_NAME, folder_name
+
+    short = "loss=mdca,loss.beta=0.5"
+    assert folder_name(short) == short
+    long_a, long_b = ",".join(f"key{i}=λ{i}" for i in range(60)), ",".join(f"key{i}=λ{i}" for i in range(61))
+    for name in (folder_name(long_a), folder_name(long_b)):
+        assert len(name.encode()) <= LONGEST_FOLDER_NAME and name.startswith("key0=λ0,key1=λ1")
+    assert folder_name(long_a) == folder_name(long_a) != folder_name(long_b)
+
+
 # --- every option of every group --------------------------------------------------------------
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import FAST
 
 from calibrun import UserError, duration, train
+from calibrun.compose import config_dir
 from calibrun.runfolder import RunLock
 
 RUN = [*FAST, "calibrator=[temperature]"]
@@ -211,6 +213,10 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(run_cli, tm
         np.testing.assert_array_equal(cut["logits"], ref["logits"])
 
 
+LOSSES_WITH_LAM = sorted(p.stem for p in (Path(config_dir()) / "loss").glob("*.yaml")
+                         if "lam" in yaml.safe_load(p.read_text()))
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [("data.colour=red", ["Unknown config key 'data.colour'", "Allowed keys under 'data':", "train_size", "val_size"]),
@@ -218,9 +224,9 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_result(run_cli, tm
      ("calibrator=[temprature]", ["calibrator=temprature: no such option", "Did you mean 'temperature'?",
                                   "histogram, isotonic, matrix, platt, temperature, vector"]),
      ("data=cifar11", ["Did you mean 'cifar10'?", "pacs_sample"]),
-     # λ with the default loss=ce: the message names the losses that have one.
-     ("loss.lam=0.1", ["Unknown config key 'loss.lam'", "loss.lam belongs to loss=erl, gap, gap_cap, nts",
-                       "e.g. loss=erl loss.lam=..."])],
+     # λ with the default loss=ce: the message names the losses that have one (read from conf/loss).
+     ("loss.lam=0.1", ["Unknown config key 'loss.lam'", f"loss.lam belongs to loss={', '.join(LOSSES_WITH_LAM)}",
+                       f"e.g. loss={LOSSES_WITH_LAM[0]} loss.lam=..."])],
 )
 def test_unknown_keys_and_options_list_the_allowed_ones(run_cli, override, expected):
     proc = run_cli([*RUN, override])

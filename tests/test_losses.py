@@ -229,6 +229,9 @@ def test_penalised_losses_equal_their_base_with_lam_zero():
     assert value(EntropyRegularized(lam=0)) == ce
     assert value(LabelSmoothing(alpha=0)) == ce
     assert value(FocalLoss(gamma=0)) == ce
+    assert value(MMCE(lam=0)) == ce
+    assert value(MarginLabelSmoothing(margin=0, lam=0)) == ce
+    assert value(MDCA(beta=0)) == ce
     assert value(GapLoss(lam=0, cap=0.5)) == pytest.approx(ref_capped_ce(0.5), abs=1e-12)
 
 

@@ -12,7 +12,7 @@ from calibrun import samples
 
 # Most file systems refuse a path component over 255 bytes; a sweep job's folder is named
 # by its overrides, which a long command line takes past that.
-LONGEST_FOLDER_NAME = 200
+LONGEST_FOLDER_NAME = 240
 
 
 def folder_name(overrides: str) -> str:

@@ -13,8 +13,10 @@ from calibrun.compose import config_dir
 LOSS_DIR = Path(config_dir()) / "loss"
 # Every loss a user can pick: the YAML files of conf/loss.
 LOSSES = sorted(p.stem for p in LOSS_DIR.glob("*.yaml"))
-# A quarter of the synthetic data and two calibrators: one epoch per loss still trains and calibrates.
-SMALL = ["data.train_size=128", "data.val_size=64", "data.test_size=64", "calibrator=[temperature,isotonic]"]
+# A slice of the bundled CIFAR-10 sample and two calibrators: one epoch per loss still
+# trains and calibrates.
+SMALL = [*(a for a in FAST if not a.startswith("data=")), "data=cifar10_sample", "data.train_subset=200",
+         "data.val_size=100", "data.test_subset=100", "calibrator=[temperature,isotonic]"]
 
 
 def _check_sweep(tmp_path, proc, expected_jobs):
@@ -29,7 +31,7 @@ def _check_sweep(tmp_path, proc, expected_jobs):
 
 
 def test_one_epoch_multirun_over_every_loss(run_cli, tmp_path):
-    proc = run_cli(["-m", f"loss={','.join(LOSSES)}", *FAST, "trainer.epochs=1", *SMALL, "run_name=losses"])
+    proc = run_cli(["-m", f"loss={','.join(LOSSES)}", *SMALL, "trainer.epochs=1", "run_name=losses"])
     jobs = _check_sweep(tmp_path, proc, len(LOSSES))
     loss_of = {job: next(p for p in job.name.split(",") if p.startswith("loss=")).removeprefix("loss=") for job in jobs}
     # Folders are named by Hydra's override_dirname, so each loss has its own.
@@ -60,8 +62,8 @@ def test_mdca_sweeps_over_its_base_loss(run_cli, tmp_path):
     """A nested setting (the base loss's _target_) sweeps like a flat one: one folder and
     one config per value."""
     bases = "calibrun.losses.CrossEntropy,calibrun.losses.LabelSmoothing"
-    proc = run_cli(["-m", "loss=mdca", "loss.beta=0.5", f"loss.base._target_={bases}", *FAST, "trainer.epochs=1",
-                    *SMALL, "run_name=mdca"])
+    proc = run_cli(["-m", "loss=mdca", "loss.beta=0.5", f"loss.base._target_={bases}", *SMALL,
+                    "trainer.epochs=1", "run_name=mdca"])
     jobs = _check_sweep(tmp_path, proc, 2)
     used = sorted(yaml.safe_load((job / "config.yaml").read_text())["loss"]["base"]["_target_"] for job in jobs)
     assert used == bases.split(",")

@@ -574,3 +574,10 @@ def test_every_baseline_preset_shares_one_recipe_and_has_a_named_row(compose_cfg
     paper = pd.read_csv(PAPERS / "baselines.csv")
     rows = paper[paper.experiment == experiment]
     assert sorted(rows.calibrator) == ["none", "temperature"] and rows.label.notna().all()
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/design.md"])
+def test_every_loss_has_a_row_in_the_documented_loss_tables(document):
+    text = (Path(__file__).parent.parent / document).read_text()
+    missing = [name for name in LOSS_NAMES if f"\n| `{name}` |" not in text]
+    assert not missing, f"{document} has no loss-table row for {missing}"

@@ -506,3 +506,30 @@ def test_the_readme_example_on_your_own_logits_runs(tmp_path, monkeypatch, capsy
     assert set(calibrun.__all__) >= {"scores", "TemperatureScaling", "reliability_diagram", "load_calibrators"}
     with pytest.raises(AttributeError):
         calibrun.not_a_name
+
+
+def test_temperature_is_the_nll_optimum_that_scipy_finds_on_real_logits():
+    """Newton on the inverse temperature against a bounded scalar search of the same NLL
+    (float64, written here from the definition) on the demo model's validation logits."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    z, y = _demo_split("val")
+    z = z.astype(np.float64)
+
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(y)), y]))
+
+    reference = float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded", options={"xatol": 1e-12}).x))
+    assert TemperatureScaling().fit(z, y).temperature == pytest.approx(reference, rel=1e-8)
+
+
+def test_temperature_fit_in_blocks_equals_the_fit_in_one(monkeypatch):
+    """The blocks that bound the fit's memory do not change the temperature."""
+    from calibrun import calibrators
+
+    z, y = _logits_with_temperature(1.7, n=3000, seed=5)
+    whole = TemperatureScaling().fit(z, y).temperature
+    monkeypatch.setattr(calibrators, "_BLOCK_ELEMENTS", 7 * z.shape[1])  # blocks of 7 rows
+    assert TemperatureScaling().fit(z, y).temperature == pytest.approx(whole, rel=1e-12)

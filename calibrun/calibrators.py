@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from calibrun.metrics import equal_width_bins, equal_width_index
 
@@ -426,6 +425,67 @@ class _OneVsRest(Calibrator, ABC, Generic[State]):
         """log g_k(score), with -inf where g_k is 0."""
 
 
+def _logistic_terms(scores: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray, C: float,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For t_ik = a_k s_ik + b_k and targets [y_i = k]: each class's penalised log-loss
+    Σ_i softplus(t_ik) − Σ_{y_i = k} t_ik + a_k²/(2C), its gradient (K×2) and Hessian
+    (K×3: aa, ab, bb) in (a_k, b_k), summed over row blocks of bounded size."""
+    n, k = scores.shape
+    loss, grad, hess = np.zeros(k), np.zeros((k, 2)), np.zeros((k, 3))
+    rows = max(1, _BLOCK_ELEMENTS // k)
+    for start in range(0, n, rows):
+        s = scores[start:start + rows]
+        t = s * a + b
+        prob = 0.5 * (1.0 + np.tanh(0.5 * t))  # σ(t) without overflow
+        weight = prob * (1.0 - prob)
+        loss += np.logaddexp(0.0, t).sum(axis=0)
+        grad[:, 0] += (prob * s).sum(axis=0)
+        grad[:, 1] += prob.sum(axis=0)
+        hess += np.stack([(weight * s * s).sum(axis=0), (weight * s).sum(axis=0), weight.sum(axis=0)], axis=1)
+    # The targets' part: each sample's own class only.
+    own = scores[np.arange(n), y]
+    own_sum, own_count = np.bincount(y, weights=own, minlength=k), np.bincount(y, minlength=k)
+    loss -= a * own_sum + b * own_count - a * a / (2 * C)
+    grad -= np.stack([own_sum - a / C, own_count], axis=1)
+    hess[:, 0] += 1.0 / C
+    return loss, grad, hess
+
+
+def _fit_logistic_columns(scores: np.ndarray, y: np.ndarray, C: float, fitted: np.ndarray,
+                          max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """K one-feature logistic regressions at once, column k of ``scores`` against
+    [y = k], each minimising its log-loss summed over the samples plus a_k²/(2C)
+    (scikit-learn's ``LogisticRegression(C)``, the intercept unpenalised): Newton's
+    method on every (a_k, b_k) together from (1, 0), halving the step of any class whose
+    loss would rise. Classes outside ``fitted`` stay at (1, 0)."""
+    k = scores.shape[1]
+    a, b = np.ones(k), np.zeros(k)
+    loss, grad, hess = _logistic_terms(scores, y, a, b, C)
+    active = fitted.copy()
+    # A damping of the Hessian's diagonal: where every σ(t) saturates (a class the scores
+    # separate) the Hessian is singular; the damping changes the steps, not the optimum.
+    damping = 1e-9 * len(scores)
+    for _ in range(max_iter):
+        h_aa, h_ab, h_bb = hess[:, 0] + damping, hess[:, 1], hess[:, 2] + damping
+        det = h_aa * h_bb - h_ab**2
+        step_a = np.where(active, (h_bb * grad[:, 0] - h_ab * grad[:, 1]) / det, 0.0)
+        step_b = np.where(active, (h_aa * grad[:, 1] - h_ab * grad[:, 0]) / det, 0.0)
+        scale = np.ones(k)
+        for _ in range(30):
+            new_loss, new_grad, new_hess = _logistic_terms(scores, y, a - scale * step_a, b - scale * step_b, C)
+            worse = active & (new_loss > loss + 1e-12 * np.abs(loss))
+            if not worse.any():
+                break
+            scale[worse] /= 2
+        a, b = a - scale * step_a, b - scale * step_b
+        loss, grad, hess = new_loss, new_grad, new_hess
+        done = np.abs(scale * step_a) + np.abs(scale * step_b) <= 1e-12 * (1 + np.abs(a) + np.abs(b))
+        active &= ~done
+        if not active.any():
+            break
+    return a, b
+
+
 class PlattScaling(_OneVsRest[tuple[float, float]]):
     """One-vs-rest Platt scaling on each class's softmax log-odds:
 
@@ -439,8 +499,10 @@ class PlattScaling(_OneVsRest[tuple[float, float]]):
     s_k carries exactly what the binning calibrators read from p_k. With a_k = 1, b_k = 0
     the sigmoid gives back p_k, so the fit starts from the uncalibrated probabilities.
 
-    Each (a_k, b_k) is a scikit-learn ``LogisticRegression`` of [y = k] on the single
-    feature s_k; ``per_class[k] = (a_k, b_k)``. ``C`` is scikit-learn's inverse L2
+    Each (a_k, b_k) is the logistic regression of [y = k] on the single feature s_k that
+    scikit-learn's ``LogisticRegression(C)`` fits (the same objective, solved for every
+    class at once by Newton's method, :func:`_fit_logistic_columns`, so 1,000 classes cost
+    a few passes over the scores); ``per_class[k] = (a_k, b_k)``. ``C`` is scikit-learn's inverse L2
     strength on a_k (the intercept is not penalised): the penalty a_k² / (2C) is set
     against a *sum* of log-losses over the validation set, so C = 1 is negligible with
     thousands of samples, yet it keeps a_k finite when s_k separates class k perfectly,
@@ -476,23 +538,35 @@ class PlattScaling(_OneVsRest[tuple[float, float]]):
         return self
 
     def _scores(self, z: torch.Tensor) -> np.ndarray:
-        """The log-odds s_k = z_k − logsumexp_{j≠k} z_j of every class (N×K)."""
-        # One class at a time, masking its own logit: an N×K×K mask would not fit in
-        # memory for 10 000 samples of 100 classes.
-        log_odds = torch.empty_like(z)
-        for k in range(z.shape[1]):
-            others = z.clone()
-            others[:, k] = -torch.inf
-            log_odds[:, k] = z[:, k] - torch.logsumexp(others, dim=1)
-        return log_odds.numpy()
+        """The log-odds s_k = log p_k − log(1 − p_k) of every class (N×K), in O(N·K).
+
+        log(1 − p_k) is log1p(−p_k) for every class but the row's top one, whose p_k ≤ ½
+        cannot cancel; for the top class, where p_k may round to 1, it is the log of the
+        other classes' total, a log-sum-exp over the row with the top class left out."""
+        log_p = torch.log_softmax(z, dim=1)
+        log_rest = torch.log1p(-log_p.exp())
+        top = log_p.argmax(dim=1, keepdim=True)
+        others = log_p.scatter(1, top, -torch.inf)
+        log_rest.scatter_(1, top, torch.logsumexp(others, dim=1, keepdim=True))
+        return (log_p - log_rest).numpy()
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> PlattScaling:
+        """Every class's (a_k, b_k) at once: :func:`_fit_logistic_columns`."""
+        z = _as_logits(logits)
+        y = _as_labels(labels, z).numpy()
+        n, k = z.shape
+        positives = np.bincount(y, minlength=k)
+        a, b = _fit_logistic_columns(self._scores(z), y, self.C, fitted=(positives > 0) & (positives < n))
+        # A class with one label only: the log-odds of (N₊ + 1) / (N + 2), Platt's smoothed targets.
+        one_label = (positives == 0) | (positives == n)
+        a[one_label] = 0.0
+        b[one_label] = np.log((positives[one_label] + 1) / (n - positives[one_label] + 1))
+        self.per_class = list(zip(a.tolist(), b.tolist()))
+        return self
 
     def _fit_class(self, score: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-        n, positives = len(target), int(target.sum())
-        if positives in (0, n):
-            # log-odds of (N₊ + 1) / (N + 2): Platt's smoothed targets for a one-label set.
-            return 0.0, float(np.log((positives + 1) / (n - positives + 1)))
-        model = LogisticRegression(C=self.C).fit(score[:, None], target)
-        return float(model.coef_[0, 0]), float(model.intercept_[0])
+        # Not used: fit() solves every class at once.
+        raise NotImplementedError
 
     def _log_calibrated_class(self, state: tuple[float, float], score: np.ndarray) -> np.ndarray:
         a, b = state

@@ -91,7 +91,9 @@ def _draw_weights(n: int, settings: Settings) -> Iterator[np.ndarray]:
 def resampled(probs: ArrayLike, labels: ArrayLike, n_bins: int, settings: Settings) -> np.ndarray:
     """Every metric on every resample: (len(METRIC_NAMES), resamples)."""
     p, y = validated(probs, labels, n_bins)
-    return np.concatenate([weighted_scores(p, y, n_bins, w) for w in resample_weights(len(y), settings)], axis=1)
+    shared: dict = {}  # the bins' layout, built on the first chunk of resamples, reused by the others
+    return np.concatenate([weighted_scores(p, y, n_bins, w, shared) for w in resample_weights(len(y), settings)],
+                          axis=1)
 
 
 def _distribution(values: np.ndarray, point: np.ndarray, population: np.ndarray | None,

@@ -91,6 +91,10 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
     # The level of the bins' Wilson intervals and the smooth curve's band, intervals off or on.
     band = intervals or bootstrap.Settings()
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
+        reason = calibrator.too_costly(*splits["val"][0].shape)
+        if reason is not None:
+            log.warning("%s: %s", name, reason)
+            continue
         started = time.perf_counter()
         params[name] = calibrator.fit(*splits["val"]).params()
         log.info("Fitted %s on %d validation logits in %.1f s", name, len(splits["val"][1]), time.perf_counter() - started)

@@ -193,17 +193,44 @@ def _once(n: int) -> np.ndarray:
     return np.ones((1, n))
 
 
-def _weighted_sums(columns: np.ndarray, sample: np.ndarray, group: np.ndarray, values: np.ndarray,
-                   n_groups: int) -> np.ndarray:
-    """Σ over entries e in group g of ``w[b, sample[e]] * values[e, c]``: (B, n_groups, c),
-    with ``columns`` the weights as n × B (``Weighted.columns``).
-
-    ``sample[e]`` is the sample behind entry e; an entry per sample for top-label bins,
-    an entry per sample and class for classwise ones."""
+def _sums_matrix(n: int, sample: np.ndarray, group: np.ndarray, values: np.ndarray, n_groups: int) -> sparse.csr_matrix:
+    """The sparse (n_groups·c) × n matrix whose product with the weights (n × B) sums
+    ``values[e, c]`` over the entries e of each group g, each entry weighted by its sample
+    ``sample[e]`` (an entry per sample for top-label bins, per sample and class for
+    classwise ones). It depends on the samples only, so resamples reuse it."""
     c = values.shape[1]
     cols = (group[:, None] * c + np.arange(c)).ravel()
-    matrix = sparse.csr_matrix((values.ravel(), (np.repeat(sample, c), cols)), shape=(len(columns), n_groups * c))
-    return np.asarray(matrix.T @ columns).T.reshape(columns.shape[1], n_groups, c)
+    return sparse.csr_matrix((values.ravel(), (cols, np.repeat(sample, c))), shape=(n_groups * c, n))
+
+
+def _weighted_sums(columns: np.ndarray, matrix: sparse.csr_matrix, n_groups: int) -> np.ndarray:
+    """:func:`_sums_matrix`'s sums under the weights ``columns`` (n × B): (B, n_groups, c)."""
+    return np.asarray(matrix @ columns).T.reshape(columns.shape[1], n_groups, -1)
+
+
+class _ClasswiseLayout(NamedTuple):
+    """What classwise ECE needs of the samples alone, computed once for all resamples:
+    each class's most populated bin, the sums matrix of the (sample, class) pairs outside
+    it, and the labels as a sparse one-hot matrix."""
+
+    dominant: np.ndarray
+    outside: sparse.csr_matrix
+    onehot: sparse.csr_matrix
+
+    @classmethod
+    def of(cls, p: np.ndarray, y: np.ndarray, n_bins: int) -> _ClasswiseLayout:
+        n, k = p.shape
+        index = equal_width_index(p, n_bins)
+        offset = n_bins * np.arange(k)
+        # Most (sample, class) pairs sit in one bin per class (p_ik near 0): that bin's sums are
+        # the class's totals (two dense products) minus the other bins' (a sparse one).
+        dominant = np.bincount((index + offset).ravel(), minlength=k * n_bins).reshape(k, n_bins).argmax(axis=1)
+        rows, cols = np.nonzero(index != dominant)
+        hits = (y[rows] == cols).astype(np.float64)
+        outside = _sums_matrix(n, rows, index[rows, cols] + offset[cols], np.column_stack([p[rows, cols], hits]),
+                               k * n_bins)
+        onehot = sparse.csr_matrix((np.ones(n), (y, np.arange(n))), shape=(k, n))
+        return cls(dominant, outside, onehot)
 
 
 class _SortedPrefix(NamedTuple):
@@ -221,9 +248,16 @@ class Weighted:
     """Validated probabilities ``p`` (N × K) and labels ``y`` under the sample weights
     ``w`` (B × n), with the bins of ``n_bins``; keeps what several metrics share."""
 
-    def __init__(self, p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray):
+    def __init__(self, p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray, shared: dict | None = None):
         self.p, self.y, self.n_bins, self.w = p, y, n_bins, w
         self.total = w.sum(axis=1)
+        # What depends on the samples only (not on w), kept across the chunks of resamples.
+        self.shared = {} if shared is None else shared
+
+    def _shared(self, name: str, build: Callable[[], object]) -> object:
+        if name not in self.shared:
+            self.shared[name] = build()
+        return self.shared[name]
 
     @functools.cached_property
     def columns(self) -> np.ndarray:
@@ -237,11 +271,18 @@ class Weighted:
     @functools.cached_property
     def top_label_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Weighted count, confidence sum and hit sum of each equal-width bin, each (B, M)."""
-        conf, hit = self.top_label
-        n = len(conf)
-        sums = _weighted_sums(self.columns, np.arange(n), equal_width_index(conf, self.n_bins),
-                              np.column_stack([np.ones(n), conf, hit]), self.n_bins)
+        def build() -> sparse.csr_matrix:
+            conf, hit = self.top_label
+            n = len(conf)
+            return _sums_matrix(n, np.arange(n), equal_width_index(conf, self.n_bins),
+                                np.column_stack([np.ones(n), conf, hit]), self.n_bins)
+
+        sums = _weighted_sums(self.columns, self._shared("top_label_bins", build), self.n_bins)
         return sums[..., 0], sums[..., 1], sums[..., 2]
+
+    @functools.cached_property
+    def classwise(self) -> _ClasswiseLayout:
+        return self._shared("classwise", lambda: _ClasswiseLayout.of(self.p, self.y, self.n_bins))
 
     @functools.cached_property
     def sorted_prefix(self) -> _SortedPrefix:
@@ -272,19 +313,11 @@ def _oe_weighted(s: Weighted) -> np.ndarray:
 
 
 def _classwise_ece_weighted(s: Weighted) -> np.ndarray:
-    p, y, n_bins, w = s.p, s.y, s.n_bins, s.w
-    n, k = p.shape
-    index = equal_width_index(p, n_bins)
-    group = index + n_bins * np.arange(k)
-    # Most (sample, class) pairs sit in one bin per class (p_ik near 0): that bin's sums are
-    # the class's totals (two dense products) minus the other bins' (a sparse one).
-    dominant = np.bincount(group.ravel(), minlength=k * n_bins).reshape(k, n_bins).argmax(axis=1)
-    rows, cols = np.nonzero(index != dominant)
-    onehot = (y[:, None] == np.arange(k)).astype(np.float64)
-    sums = _weighted_sums(s.columns, rows, group[rows, cols], np.column_stack([p[rows, cols], onehot[rows, cols]]),
-                          k * n_bins).reshape(len(w), k, n_bins, 2)
-    totals = np.stack([w @ p, w @ onehot], axis=-1)
-    sums[:, np.arange(k), dominant] = totals - sums.sum(axis=2)
+    p, n_bins, w, layout = s.p, s.n_bins, s.w, s.classwise
+    k = p.shape[1]
+    sums = _weighted_sums(s.columns, layout.outside, k * n_bins).reshape(len(w), k, n_bins, 2)
+    totals = np.stack([w @ p, np.asarray(layout.onehot @ s.columns).T], axis=-1)
+    sums[:, np.arange(k), layout.dominant] = totals - sums.sum(axis=2)
     per_class = np.abs(sums[..., 1] - sums[..., 0]).sum(axis=2) / s.total[:, None]
     return per_class.mean(axis=1)
 
@@ -380,9 +413,11 @@ def _nll_weighted(s: Weighted) -> np.ndarray:
 
 
 def _brier_weighted(s: Weighted) -> np.ndarray:
-    onehot = np.zeros_like(s.p)
-    onehot[np.arange(len(s.y)), s.y] = 1.0
-    return s.w @ np.sum((s.p - onehot) ** 2, axis=1) / s.total
+    def per_sample() -> np.ndarray:
+        # Σ_k (p_k − [k = y])² = Σ_k p_k² − 2 p_y + 1, without an N × K one-hot array.
+        return np.einsum("ij,ij->i", s.p, s.p) - 2 * s.p[np.arange(len(s.y)), s.y] + 1
+
+    return s.w @ s._shared("brier", per_sample) / s.total
 
 
 def _smooth_ece_weighted(s: Weighted) -> np.ndarray:
@@ -586,10 +621,11 @@ def population_scores(p: np.ndarray, y: np.ndarray, n_bins: int, point: np.ndarr
                      for entry, value in zip(_METRICS.values(), point)])
 
 
-def weighted_scores(p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray) -> np.ndarray:
+def weighted_scores(p: np.ndarray, y: np.ndarray, n_bins: int, w: np.ndarray, shared: dict | None = None) -> np.ndarray:
     """Every metric under each row of the sample weights ``w`` (B × n), for validated
-    ``p`` and ``y``: (number of metrics, B), in :data:`METRIC_NAMES` order."""
-    sample = Weighted(p, y, n_bins, w)
+    ``p`` and ``y``: (number of metrics, B), in :data:`METRIC_NAMES` order. ``shared``
+    (one dict per ``p``, ``y``) keeps what does not depend on ``w`` across calls."""
+    sample = Weighted(p, y, n_bins, w, shared)
     return np.stack([entry.weighted(sample) for entry in _METRICS.values()])
 
 

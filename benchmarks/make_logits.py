@@ -5,7 +5,7 @@ problem sizes users bring (ImageNet: 50,000 × 1,000) without a trained model.
 
 writes OUT_DIR/val.npz and OUT_DIR/test.npz (``logits`` float32, ``labels`` int64), the
 layout ``calibrun-calibrate --val --test`` reads. The logits are an overconfident model's:
-Gaussian noise of standard deviation 2 with the true class raised by 5 on 80% of the
+Gaussian noise of standard deviation 2 with the true class raised by 10 on 80% of the
 rows, then multiplied by 2.5 (so temperature scaling has work to do).
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 
 # The shape of the synthetic model: noise scale, margin of the true class, how often the
 # true class gets it, and the overconfidence factor applied to everything.
-NOISE, MARGIN, HIT_RATE, OVERCONFIDENCE = 2.0, 5.0, 0.8, 2.5
+NOISE, MARGIN, HIT_RATE, OVERCONFIDENCE = 2.0, 10.0, 0.8, 2.5
 
 
 def synthetic_logits(n: int, classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

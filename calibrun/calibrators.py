@@ -788,3 +788,311 @@ class DirichletCalibration(Calibrator):
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
         _check_fitted(self, self.bias, z)
         return torch.log_softmax(z, dim=1) @ self.weight.T + self.bias
+
+
+def _softmax_np(z: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(z, dtype=torch.float64), dim=1).numpy()
+
+
+def _onehot(y: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((len(y), k))
+    out[np.arange(len(y)), y] = 1.0
+    return out
+
+
+class EnsembleTemperatureScaling(Calibrator):
+    """p = w₀·softmax(z/T) + w₁·softmax(z) + w₂/K: temperature scaling mixed with the
+    uncalibrated model and the uniform distribution, weights on the simplex.
+
+    T is fitted first, then w with T fixed, both on the validation split. ``loss=mse``
+    (the default, as the authors' code does for both steps whatever its argument says):
+    T minimises the mean squared error to the one-hot labels within ``temperature_bounds``
+    (their (0.05, 5)), w the same error by SLSQP from (1, 0, 0). ``loss=nll``: T is
+    :class:`TemperatureScaling`'s NLL optimum and w minimises the NLL. A mixture with
+    w₁ or w₂ > 0 can change the arg-max only where softmax(z/T) and softmax(z) disagree,
+    which they never do (same order), so accuracy is kept.
+
+    References: Zhang, Kailkhura and Han 2020, "Mix-n-Match: Ensemble and Compositional
+    Methods for Uncertainty Calibration in Deep Learning" (ICML), ensemble temperature
+    scaling; authors' code github.com/zhang64-llnl/Mix-n-Match-Calibration
+    (util_calibration.py: temperature_scaling, ensemble_scaling, ets_calibrate).
+    """
+
+    LOSSES = ("mse", "nll")
+
+    def __init__(self, loss: str = "mse", temperature_bounds: tuple[float, float] = (0.05, 5.0)) -> None:
+        if loss not in self.LOSSES:
+            raise ValueError(f"loss={loss!r} is not supported; allowed: {', '.join(self.LOSSES)}")
+        low, high = temperature_bounds
+        if not 0 < low < high:
+            raise ValueError(f"temperature_bounds must be 0 < low < high, got {list(temperature_bounds)}")
+        self.loss, self.temperature_bounds = loss, (float(low), float(high))
+        self.temperature: float | None = None
+        self.weights: np.ndarray | None = None
+
+    def _error(self, p: np.ndarray, onehot: np.ndarray) -> float:
+        if self.loss == "mse":
+            return float(np.mean((p - onehot) ** 2))
+        return float(-np.mean(np.log(np.clip((p * onehot).sum(axis=1), 1e-300, None))))
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> EnsembleTemperatureScaling:
+        from scipy.optimize import minimize, minimize_scalar
+
+        z = _as_logits(logits)
+        y = _as_labels(labels, z).numpy()
+        onehot, zz = _onehot(y, z.shape[1]), z.numpy()
+        if self.loss == "nll":
+            self.temperature = TemperatureScaling().fit(zz, y).temperature
+        else:
+            found = minimize_scalar(lambda t: self._error(_softmax_np(zz / t), onehot), bounds=self.temperature_bounds,
+                                    method="bounded", options={"xatol": 1e-10})
+            self.temperature = float(found.x)
+        parts = self._parts(zz)
+        found = minimize(lambda w: self._error(np.tensordot(w, parts, axes=1), onehot), np.array([1.0, 0.0, 0.0]),
+                         method="SLSQP", bounds=[(0.0, 1.0)] * 3, tol=1e-12,
+                         constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}])
+        # SLSQP keeps the constraints to its tolerance; project exactly onto the simplex.
+        weights = np.clip(found.x, 0.0, None)
+        self.weights = weights / weights.sum()
+        return self
+
+    def _parts(self, z: np.ndarray) -> np.ndarray:
+        """The three distributions mixed: softmax(z/T), softmax(z), uniform (3 × N × K)."""
+        return np.stack([_softmax_np(z / self.temperature), _softmax_np(z), np.full(z.shape, 1.0 / z.shape[1])])
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        weights = _require_fitted(self, self.weights)
+        return np.tensordot(weights, self._parts(_as_logits(logits).numpy()), axes=1)
+
+    def params(self) -> dict:
+        """``{"T": T, "w": [w₀, w₁, w₂]}``."""
+        return {"T": self.temperature, "w": _floats(_require_fitted(self, self.weights))}
+
+    def load_params(self, params: dict) -> EnsembleTemperatureScaling:
+        self.temperature, self.weights = float(params["T"]), np.asarray(params["w"], dtype=np.float64)
+        return self
+
+
+class MixNMatch(Calibrator):
+    """Ensemble, then composition: :class:`EnsembleTemperatureScaling` followed by one
+    isotonic regression shared by all classes (IRM), fitted on the ETS probabilities of
+    every (sample, class) pair against the one-hot labels, then renormalised.
+
+    The isotonic map is the same for every class and increasing, and a 10⁻⁹·p tie-break
+    (as in the authors' code) keeps each row's order, so the arg-max and the accuracy
+    are those of ETS. ``base=none`` applies IRM to softmax(z) alone. Departure from the
+    authors' code: their IRM output is not renormalised; calibrun's calibrators return
+    rows summing to 1, so it is divided by its row sum (which keeps the order).
+
+    References: Zhang, Kailkhura and Han 2020, "Mix-n-Match: Ensemble and Compositional
+    Methods for Uncertainty Calibration in Deep Learning" (ICML): the ensemble (ETS) and
+    composition strategies and the accuracy-preserving multi-class isotonic regression;
+    authors' code (util_calibration.py: mir_calibrate, ets_calibrate).
+    """
+
+    BASES = ("ets", "none")
+    # Adding this fraction of p breaks the isotonic map's ties in each row's own order.
+    TIE_BREAK = 1e-9
+
+    def __init__(self, base: str = "ets", loss: str = "mse") -> None:
+        if base not in self.BASES:
+            raise ValueError(f"base={base!r} is not supported; allowed: {', '.join(self.BASES)}")
+        self.base = base
+        self.ensemble = EnsembleTemperatureScaling(loss=loss) if base == "ets" else None
+        self.isotonic: IsotonicRegression | None = None
+
+    def _base_proba(self, z: np.ndarray) -> np.ndarray:
+        return self.ensemble.predict_proba(z) if self.ensemble is not None else _softmax_np(_as_logits(z))
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> MixNMatch:
+        z = _as_logits(logits)
+        y = _as_labels(labels, z).numpy()
+        if self.ensemble is not None:
+            self.ensemble.fit(z.numpy(), y)
+        p = self._base_proba(z.numpy())
+        self.isotonic = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(
+            p.ravel(), _onehot(y, p.shape[1]).ravel())
+        return self
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        isotonic = _require_fitted(self, self.isotonic)
+        p = self._base_proba(np.asarray(logits))
+        q = isotonic.predict(p.ravel()).reshape(p.shape) + self.TIE_BREAK * p
+        return q / q.sum(axis=1, keepdims=True)
+
+    def params(self) -> dict:
+        """``{"ets": ETS's params or {}, "thresholds": [...], "values": [...]}`` (the isotonic knots)."""
+        isotonic = _require_fitted(self, self.isotonic)
+        return {"ets": self.ensemble.params() if self.ensemble is not None else {},
+                "thresholds": _floats(isotonic.X_thresholds_), "values": _floats(isotonic.y_thresholds_)}
+
+    def load_params(self, params: dict) -> MixNMatch:
+        if self.ensemble is not None:
+            self.ensemble.load_params(params["ets"])
+        self.isotonic = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(
+            params["thresholds"], params["values"])
+        return self
+
+
+class SplineCalibration(Calibrator):
+    """Top-label recalibration by a spline of the cumulative accuracy.
+
+    On the validation split, sorted by top-label confidence s: the cumulative difference
+    of accuracy and confidence, (Σ_{j≤i} [correct_j] − Σ_{j≤i} s_j)/N, against the rank
+    fraction i/(N − 1) is fitted by least squares with a natural cubic spline through
+    ``knots`` equally spaced knots; its derivative is the local accuracy minus s, so the
+    recalibrated confidence of the i-th sample is s_i plus that derivative, clipped to
+    [0, 1], and a new confidence is interpolated linearly between the validation ones
+    (constant beyond the ends). The other classes keep their ratios and share the rest,
+    1 − s′ (uniformly where the top class held everything).
+
+    The authors' map is not monotone in general (s plus the spline's slope can fall where
+    the slope falls faster than s rises: by 0.001 on the demo's 500 validation logits).
+    ``monotone=true`` replaces the recalibrated values by their isotonic regression on s
+    (a departure from the paper, off by default), so a higher confidence never maps lower.
+
+    References: Gupta, Rahimi, Ajanthan, Mensink, Sminchisescu and Hartley 2021,
+    "Calibration of Neural Networks using Splines" (ICLR): the cumulative-accuracy spline
+    and its derivative; 6 knots and the natural runout are the authors' code's
+    (github.com/kartikgupta-at-anu/spline-calibration, recalibrate.py). The paper
+    recalibrates the top label only; the rest of the row is calibrun's completion.
+    """
+
+    def __init__(self, knots: int = 6, monotone: bool = False) -> None:
+        if knots < 2:
+            raise ValueError(f"knots must be at least 2, got {knots}")
+        self.knots, self.monotone = knots, bool(monotone)
+        self.scores: np.ndarray | None = None
+        self.calibrated: np.ndarray | None = None
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> SplineCalibration:
+        from scipy.interpolate import CubicSpline
+
+        z = _as_logits(logits)
+        y = _as_labels(labels, z).numpy()
+        p = _softmax_np(z)
+        order = np.argsort(p.max(axis=1), kind="stable")
+        scores = p.max(axis=1)[order]
+        correct = (p.argmax(axis=1) == y)[order].astype(np.float64)
+        n = len(scores)
+        rank = np.linspace(0.0, 1.0, n)
+        target = (np.cumsum(correct) - np.cumsum(scores)) / n
+        knots = np.linspace(0.0, 1.0, self.knots)
+        # A natural cubic spline is linear in its values at the knots: one basis spline per knot.
+        basis = [CubicSpline(knots, np.eye(self.knots)[j], bc_type="natural") for j in range(self.knots)]
+        design = np.column_stack([b(rank) for b in basis])
+        values = np.linalg.lstsq(design, target, rcond=None)[0]
+        slope = sum(v * b(rank, 1) for v, b in zip(values, basis))
+        calibrated = np.clip(scores + slope, 0.0, 1.0)
+        if self.monotone:
+            calibrated = IsotonicRegression(y_min=0.0, y_max=1.0).fit_transform(scores, calibrated)
+        self.scores, self.calibrated = scores, calibrated
+        return self
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        scores = _require_fitted(self, self.scores)
+        p = _softmax_np(_as_logits(logits))
+        top = p.argmax(axis=1)
+        rows = np.arange(len(p))
+        old = p[rows, top]
+        new = np.interp(old, scores, self.calibrated)
+        rest = 1.0 - old
+        # The other classes keep their ratios; a row whose top class held everything shares 1 − s′ evenly.
+        scale = np.divide(1.0 - new, rest, out=np.zeros_like(rest), where=rest > 0)
+        out = p * scale[:, None]
+        empty = rest <= 0
+        out[empty] = (1.0 - new[empty, None]) / max(1, p.shape[1] - 1)
+        out[rows, top] = new
+        return out
+
+    def params(self) -> dict:
+        """``{"scores": validation confidences (sorted), "calibrated": their recalibrated values}``."""
+        return {"scores": _floats(_require_fitted(self, self.scores)), "calibrated": _floats(self.calibrated)}
+
+    def load_params(self, params: dict) -> SplineCalibration:
+        self.scores, self.calibrated = (np.asarray(params[key], dtype=np.float64) for key in ("scores", "calibrated"))
+        return self
+
+
+class BayesianBinningQuantiles(_OneVsRest[list]):
+    """BBQ: one-vs-rest, each class's probability p_k averaged over equal-frequency
+    binnings of the validation scores, each binning weighted by its Bayesian score.
+
+    For a binning M of B bins (the interior edges at the ⌊iN/B⌋-th smallest score, each
+    edge in the bin above; bin b spans [lo_b, hi_b] with lo_1 = 0 and hi_B = 1), with m_b
+    positives among N_b validation scores and a Beta prior of equivalent sample size N′
+    centred on the bin's midpoint c_b (α_b = N′/B·c_b, β_b = N′/B·(1 − c_b)): the score is
+    Π_b Γ(N′/B)/Γ(N_b + N′/B) · Γ(m_b + α_b)/Γ(α_b) · Γ(N_b − m_b + β_b)/Γ(β_b), and the
+    binning predicts (m_b + α_b)/(N_b + N′/B) in bin b. B runs over
+    ⌈N^{1/3}/C⌉ … ⌈C·N^{1/3}⌉; the prediction is the score-weighted average over all B
+    (Bayesian model averaging). ``per_class[k]`` holds, per binning, its log weight, its
+    interior edges and its per-bin predictions.
+
+    References: Naeini, Cooper and Hauskrecht 2015, "Obtaining Well Calibrated
+    Probabilities Using Bayesian Binning" (AAAI), Eq. 3 (the BDeu score), Eq. 1 (model
+    averaging), §3 (equal-frequency binnings, N′ = 2, C = 10). netcal's BBQ uses
+    equal-width bins and a BIC score instead, so the two differ.
+    """
+
+    # The prior's mean is kept this far from 0 and 1, where its Beta parameters vanish.
+    PRIOR_FLOOR = 1e-6
+
+    def __init__(self, prior_strength: float = 2.0, range_factor: float = 10.0, max_classes: int = 100) -> None:
+        if not prior_strength > 0:
+            raise ValueError(f"prior_strength must be > 0, got {prior_strength}")
+        if not range_factor >= 1:
+            raise ValueError(f"range_factor must be >= 1, got {range_factor}")
+        _check_at_least_one("max_classes", max_classes)
+        super().__init__()
+        self.prior_strength, self.range_factor, self.max_classes = float(prior_strength), float(range_factor), max_classes
+
+    def too_costly(self, n: int, k: int) -> str | None:
+        if k <= self.max_classes:
+            return None
+        return (f"BBQ averages about {int(2 * self.range_factor * n ** (1 / 3)):,} binnings per class for {k:,} "
+                f"classes, above calibrator.bbq.max_classes={self.max_classes}: skipped; raise "
+                f"calibrator.bbq.max_classes to fit it anyway, or leave it out of calibrator=[...].")
+
+    def _bin_counts(self, n: int) -> range:
+        cube = n ** (1 / 3)
+        return range(max(1, math.ceil(cube / self.range_factor)), max(1, math.ceil(self.range_factor * cube)) + 1)
+
+    def _fit_class(self, score: np.ndarray, target: np.ndarray) -> list:
+        from scipy.special import gammaln
+
+        order = np.argsort(score, kind="stable")
+        ordered, hits = score[order], np.concatenate([[0.0], np.cumsum(target[order])])
+        n, models = len(ordered), []
+        for bins in self._bin_counts(n):
+            interior = ordered[(np.arange(1, bins) * n) // bins]
+            # Samples before each edge (the edge itself belongs to the bin above), then per bin.
+            cuts = np.concatenate([[0], np.searchsorted(ordered, interior, side="left"), [n]])
+            count, positive = np.diff(cuts), np.diff(hits[cuts])
+            bounds = np.concatenate([[0.0], interior, [1.0]])
+            # A bin squeezed to the score 0 (or 1) would give the prior a zero parameter.
+            centre = np.clip((bounds[:-1] + bounds[1:]) / 2, self.PRIOR_FLOOR, 1 - self.PRIOR_FLOOR)
+            share = self.prior_strength / bins
+            alpha, beta = share * centre, share * (1 - centre)
+            log_score = float(np.sum(gammaln(share) - gammaln(count + share) + gammaln(positive + alpha)
+                                     - gammaln(alpha) + gammaln(count - positive + beta) - gammaln(beta)))
+            models.append((log_score, interior, (positive + alpha) / (count + share)))
+        return models
+
+    def _log_calibrated_class(self, state: list, score: np.ndarray) -> np.ndarray:
+        log_scores = np.array([m[0] for m in state])
+        weights = np.exp(log_scores - log_scores.max())
+        weights /= weights.sum()
+        q = sum(w * values[np.searchsorted(interior, score, side="right")]
+                for w, (_, interior, values) in zip(weights, state))
+        return _log(q)
+
+    def params(self) -> dict:
+        """``{"models": K lists of {"log_score", "edges", "values"}}`` (every binning averaged)."""
+        fitted = _require_fitted(self, self.per_class)
+        return {"models": [[{"log_score": m[0], "edges": _floats(m[1]), "values": _floats(m[2])} for m in state]
+                           for state in fitted]}
+
+    def load_params(self, params: dict) -> BayesianBinningQuantiles:
+        self.per_class = [[(float(m["log_score"]), np.asarray(m["edges"], dtype=np.float64),
+                            np.asarray(m["values"], dtype=np.float64)) for m in state] for state in params["models"]]
+        return self

@@ -222,7 +222,7 @@ LOSSES_WITH_LAM = sorted(p.stem for p in (Path(config_dir()) / "loss").glob("*.y
     [("data.colour=red", ["Unknown config key 'data.colour'", "Allowed keys under 'data':", "train_size", "val_size"]),
      ("trainer.epoch=3", ["Unknown config key 'trainer.epoch'", "Did you mean 'epochs'?", "batch_size"]),
      ("calibrator=[temprature]", ["calibrator=temprature: no such option", "Did you mean 'temperature'?",
-                                  "histogram, isotonic, matrix, platt, temperature, vector"]),
+                                  ", ".join(sorted(p.stem for p in (Path(config_dir()) / "calibrator").glob("*.yaml")))]),
      ("data=cifar11", ["Did you mean 'cifar10'?", "pacs_sample"]),
      # λ with the default loss=ce: the message names the losses that have one (read from conf/loss).
      ("loss.lam=0.1", ["Unknown config key 'loss.lam'", f"loss.lam belongs to loss={', '.join(LOSSES_WITH_LAM)}",

@@ -571,6 +571,55 @@ def test_temperature_fit_in_blocks_equals_the_fit_in_one(monkeypatch):
     assert TemperatureScaling().fit(z, y).temperature == pytest.approx(whole, rel=1e-12)
 
 
+def _dirichlet_fixed(**kwargs):
+    from calibrun.calibrators import DirichletCalibration
+
+    return DirichletCalibration(lambdas=(0.1,), mus=(0.01,), **kwargs)  # one grid point: no cross-validation
+
+
+def _autograd_objective(name: str, calibrator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each linear map's penalised mean NLL, written from its docstring and differentiated by autograd."""
+    k = z.shape[1]
+    off = 1.0 - torch.eye(k, dtype=torch.float64)
+    if name == "vector":
+        return torch.nn.functional.cross_entropy(z * calibrator.scale + calibrator.bias, y)
+    if name == "matrix":
+        return (torch.nn.functional.cross_entropy(z @ calibrator.weight.T + calibrator.bias, y)
+                + calibrator.off_diagonal_l2 * k * (calibrator.weight * off).square().sum())
+    lam, mu = calibrator.chosen
+    return (torch.nn.functional.cross_entropy(torch.log_softmax(z, 1) @ calibrator.weight.T + calibrator.bias, y)
+            + lam * (calibrator.weight * off).square().sum() + mu * calibrator.bias.square().sum())
+
+
+LINEAR_MAPS = {"vector": lambda: VectorScaling(max_iter=1000), "matrix": lambda: MatrixScaling(max_iter=1000),
+               "dirichlet": lambda: _dirichlet_fixed(max_iter=1000)}
+
+
+@pytest.mark.parametrize("name", LINEAR_MAPS)
+def test_linear_maps_stop_where_the_autograd_gradient_of_their_objective_vanishes(name):
+    """The analytic gradients of the fits (their pullbacks) are right: at the fitted
+    parameters, autograd's gradient of the objective written independently is ~0."""
+    z, y = (torch.as_tensor(a) for a in _demo_split("val"))
+    z = z.double()
+    calibrator = LINEAR_MAPS[name]().fit(z.numpy(), y.numpy())
+    params = [calibrator.scale, calibrator.bias] if name == "vector" else [calibrator.weight, calibrator.bias]
+    for p in params:
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(_autograd_objective(name, calibrator, z, y), params)
+    assert max(float(g.abs().max()) for g in grads) < 1e-6
+
+
+@pytest.mark.parametrize("name", LINEAR_MAPS)
+def test_linear_map_fits_in_blocks_equal_the_fit_in_one(name, monkeypatch):
+    """The blocks that bound the fits' memory do not change what they fit."""
+    from calibrun import calibrators
+
+    z, y = _demo_split("val")
+    whole = LINEAR_MAPS[name]().fit(z, y).predict_proba(z)
+    monkeypatch.setattr(calibrators, "_FIT_BLOCK_ELEMENTS", 7 * z.shape[1])  # blocks of 7 rows
+    np.testing.assert_allclose(LINEAR_MAPS[name]().fit(z, y).predict_proba(z), whole, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- the newer calibrators
 
 

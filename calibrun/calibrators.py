@@ -745,8 +745,8 @@ class DirichletCalibration(Calibrator):
     REGULARISATIONS = ("odir", "l2", "none")
     # The time of one NLL evaluation, to tell beforehand a fit that would run for hours:
     # a fixed overhead plus N·K·(K + 1) multiply-adds at the rate 2 cores reach (measured:
-    # 11 ms per evaluation at 500 × 10, 0.06 s at 10,000 × 100).
-    EVALUATION_OVERHEAD_S, MULTIPLY_ADDS_PER_S = 5e-3, 2e9
+    # 0.65 ms per evaluation at 500 × 10, 20 ms at 10,000 × 100, 85 ms at 50,000 × 100).
+    EVALUATION_OVERHEAD_S, MULTIPLY_ADDS_PER_S = 5e-4, 5e9
 
     def __init__(self, regularisation: str = "odir", lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
                  mus: tuple[float, ...] = (1e-3, 1e-1, 10.0), folds: int = 5, cv_seed: int = 0,
@@ -996,6 +996,11 @@ class MixNMatch(Calibrator):
         return self
 
 
+# How far (relative) the top label stays above 1/K and the others below it, so that the
+# argmax is unambiguous in float64 (1e-9 of a gap of 1e-10 is below its resolution).
+_STRICT = 1e-6
+
+
 class SplineCalibration(Calibrator):
     """Top-label recalibration by a spline of the cumulative accuracy.
 
@@ -1005,8 +1010,11 @@ class SplineCalibration(Calibrator):
     ``knots`` equally spaced knots; its derivative is the local accuracy minus s, so the
     recalibrated confidence of the i-th sample is s_i plus that derivative, clipped to
     [0, 1], and a new confidence is interpolated linearly between the validation ones
-    (constant beyond the ends). The other classes keep their ratios and share the rest,
-    1 − s′ (uniformly where the top class held everything).
+    (constant beyond the ends). The top label stays the prediction, as in the paper: s′ is
+    at least 1/K, and the other classes share the rest, 1 − s′, in their ratios, pulled
+    towards an even split just enough that none exceeds s′ (evenly where the top class
+    held everything). Without that pull, 1.4% of the predictions of an overconfident
+    model on 50,000 × 1,000 logits moved to another class.
 
     The authors' map is not monotone in general (s plus the spline's slope can fall where
     the slope falls faster than s rises: by 0.001 on the demo's 500 validation logits).
@@ -1057,15 +1065,30 @@ class SplineCalibration(Calibrator):
         top = p.argmax(axis=1)
         rows = np.arange(len(p))
         old = p[rows, top]
-        new = np.interp(old, scores, self.calibrated)
-        rest = 1.0 - old
-        # The other classes keep their ratios; a row whose top class held everything shares 1 − s′ evenly.
-        scale = np.divide(1.0 - new, rest, out=np.zeros_like(rest), where=rest > 0)
-        out = p * scale[:, None]
-        empty = rest <= 0
-        out[empty] = (1.0 - new[empty, None]) / max(1, p.shape[1] - 1)
+        k = p.shape[1]
+        # The top label stays the prediction, as in the paper: a most probable class holds
+        # at least 1/K (just above, so that the argmax is unambiguous).
+        new = np.maximum(np.interp(old, scores, self.calibrated), (1.0 + _STRICT) / k)
+        out = self._others(p, top, old, new)
         out[rows, top] = new
         return out
+
+    @staticmethod
+    def _others(p: np.ndarray, top: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """The other classes' share of 1 − s′: their ratios (evenly where the top class held
+        everything), pulled towards even just enough that none exceeds s′."""
+        rows, rest = np.arange(len(p)), 1.0 - old
+        ratios = np.divide(p, rest[:, None], out=np.zeros_like(p), where=rest[:, None] > 0)
+        ratios[rest <= 0] = 1.0
+        ratios[rows, top] = 0.0
+        ratios /= ratios.sum(1, keepdims=True)
+        even = 1.0 / (p.shape[1] - 1)
+        # shares = t·ratios + (1 − t)·even with the largest t ≤ 1 that keeps (1 − s′)·share ≤ s′.
+        allowed = np.divide(new, 1.0 - new, out=np.full_like(new, np.inf), where=new < 1.0)
+        largest = ratios.max(1)
+        bound = np.divide(allowed - even, largest - even, out=np.full_like(new, np.inf), where=largest > even)
+        t = np.where(bound < 1.0, bound * (1.0 - _STRICT), 1.0)[:, None]
+        return (1.0 - new)[:, None] * (t * ratios + (1.0 - t) * even)
 
     def params(self) -> dict:
         """``{"scores": validation confidences (sorted), "calibrated": their recalibrated values}``."""

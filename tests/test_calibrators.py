@@ -436,12 +436,17 @@ def _ets(prm: dict, z: np.ndarray) -> np.ndarray:
 
 
 def _spline(prm: dict, p: np.ndarray) -> np.ndarray:
-    out = p.copy()
+    """Row by row: the top label's recalibrated confidence (at least 1/K, 1e-6 above), the
+    others' ratios pulled towards even by the largest t that keeps them (1e-6) below it."""
+    out, k = p.copy(), p.shape[1]
     for row, probs in enumerate(p):
         top = int(np.argmax(probs))
-        new = np.interp(probs[top], prm["scores"], prm["calibrated"])
-        out[row] = probs * (1 - new) / (1 - probs[top])
-        out[row, top] = new
+        new = max(np.interp(probs[top], prm["scores"], prm["calibrated"]), (1 + 1e-6) / k)
+        ratios, even = np.delete(probs, top) / (1 - probs[top]), 1 / (k - 1)
+        t = 1.0
+        if (1 - new) * ratios.max() > new:
+            t = (new / (1 - new) - even) / (ratios.max() - even) * (1 - 1e-6)
+        out[row] = np.insert((1 - new) * (t * ratios + (1 - t) * even), top, new)
     return out
 
 
@@ -686,6 +691,33 @@ def test_spline_map_is_monotone_when_asked_and_near_identity_on_calibrated_score
     z, y = _logits_with_temperature(1.0, n=20000, seed=21)
     fitted = SplineCalibration().fit(z, y).params()
     assert np.abs(np.array(fitted["calibrated"]) - np.array(fitted["scores"])).max() < 0.05
+
+
+def test_spline_keeps_the_prediction_and_gives_the_top_label_its_recalibrated_confidence():
+    """Gupta et al. recalibrate the top label's confidence; the prediction stays the model's
+    even where the others, kept in their ratios, would outgrow a lowered confidence."""
+    from calibrun.calibrators import SplineCalibration
+
+    # Overconfident with a close runner-up: the other classes' ratios put one near the top.
+    rng = np.random.default_rng(22)
+    z = rng.standard_normal((4000, 50)) * 2.0
+    z[:, 1] = z.max(1) + 0.01
+    z[:, 0] = z[:, 1] + 0.3
+    y = np.where(rng.random(4000) < 0.2, 0, rng.integers(1, 50, 4000))
+    calibrator = SplineCalibration().fit(z[:2000], y[:2000])
+    before, after = _softmax(z[2000:]), calibrator.predict_proba(z[2000:])
+    _assert_probabilities(after, 2000, 50)
+    np.testing.assert_array_equal(after.argmax(1), before.argmax(1))
+    expected = np.maximum(np.interp(before.max(1), *calibrator.params().values()), 1 / 50)
+    np.testing.assert_allclose(after.max(1), expected, atol=1e-8)
+    # The lowered confidence is below what the runner-up would keep at its old ratio.
+    runner_up = np.sort(before, 1)[:, -2] * (1 - after.max(1)) / (1 - before.max(1))
+    assert (runner_up > after.max(1)).mean() > 0.2
+    # Real logits: the same, and rows where nothing needed pulling keep their ratios.
+    z_val, y_val = _demo_split("val")
+    z_test, _ = _demo_split("test")
+    demo = SplineCalibration().fit(z_val, y_val).predict_proba(z_test)
+    np.testing.assert_array_equal(demo.argmax(1), z_test.argmax(1))
 
 
 def _bbq_reference(score: np.ndarray, target: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -549,6 +549,15 @@ def test_the_readme_example_on_your_own_logits_runs(tmp_path, monkeypatch, capsy
         calibrun.not_a_name
 
 
+@pytest.mark.parametrize("name", CALIBRATOR_YAMLS)
+def test_every_calibrator_is_importable_from_calibrun(name):
+    """A user's own logits reach every calibrator a run can use: calibrun.<Class>."""
+    import calibrun
+
+    target = OmegaConf.load(CALIBRATOR_YAMLS[name])[name]["_target_"]
+    assert getattr(calibrun, target.rsplit(".", 1)[1]) is get_class(target)
+
+
 def test_temperature_is_the_nll_optimum_that_scipy_finds_on_real_logits():
     """Newton on the inverse temperature against a bounded scalar search of the same NLL
     (float64, written here from the definition) on the demo model's validation logits."""

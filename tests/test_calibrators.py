@@ -702,6 +702,31 @@ def test_spline_map_is_monotone_when_asked_and_near_identity_on_calibrated_score
     assert np.abs(np.array(fitted["calibrated"]) - np.array(fitted["scores"])).max() < 0.05
 
 
+def test_spline_matches_a_constrained_b_spline_least_squares_fit_on_real_logits():
+    """The natural cubic spline by another route: cubic B-splines on the same knots, least
+    squares with f'' = 0 at both ends as two equality constraints (KKT), written here."""
+    from scipy.interpolate import BSpline
+
+    from calibrun.calibrators import SplineCalibration
+
+    z, y = _demo_split("val")
+    p = _softmax(z.astype(np.float64))
+    order = np.argsort(p.max(1), kind="stable")
+    scores, correct = p.max(1)[order], (p.argmax(1) == y)[order].astype(np.float64)
+    n, knots = len(scores), np.linspace(0.0, 1.0, 6)
+    rank, target = np.linspace(0.0, 1.0, n), (np.cumsum(correct) - np.cumsum(scores)) / n
+    t = np.r_[[0.0] * 3, knots, [1.0] * 3]
+    basis = [BSpline(t, np.eye(len(t) - 4)[j], 3) for j in range(len(t) - 4)]
+    design = np.column_stack([b(rank) for b in basis])
+    ends = np.array([[b.derivative(2)(x) for b in basis] for x in (0.0, 1.0)])
+    kkt = np.block([[design.T @ design, ends.T], [ends, np.zeros((2, 2))]])
+    coef = np.linalg.solve(kkt, np.r_[design.T @ target, 0.0, 0.0])[:len(basis)]
+    slope = sum(c * b.derivative(1)(rank) for c, b in zip(coef, basis))
+    fitted = SplineCalibration().fit(z, y).params()
+    np.testing.assert_allclose(fitted["scores"], scores, atol=1e-12)
+    np.testing.assert_allclose(fitted["calibrated"], np.clip(scores + slope, 0.0, 1.0), atol=1e-9)
+
+
 def test_spline_keeps_the_prediction_and_gives_the_top_label_its_recalibrated_confidence():
     """Gupta et al. recalibrate the top label's confidence; the prediction stays the model's
     even where the others, kept in their ratios, would outgrow a lowered confidence."""

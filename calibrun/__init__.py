@@ -17,6 +17,7 @@ _PUBLIC = {
     **dict.fromkeys(["accuracy", "ece", "mce", "adaptive_ece", "classwise_ece", "overconfidence_error",
                      "debiased_l2_ce", "smooth_ece", "nll", "brier", "bin_stats", "METRIC_NAMES"], "calibrun.metrics"),
     "scores": "calibrun.bootstrap",
+    **dict.fromkeys(["risk_coverage", "aurc", "excess_aurc", "augrc", "selective_risk"], "calibrun.selective"),
     **dict.fromkeys(["Calibrator", "Uncalibrated", "TemperatureScaling", "VectorScaling", "MatrixScaling",
                      "PlattScaling", "HistogramBinning", "IsotonicCalibration", "DirichletCalibration",
                      "EnsembleTemperatureScaling", "MixNMatch", "SplineCalibration", "BayesianBinningQuantiles"],

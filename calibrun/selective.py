@@ -1,0 +1,84 @@
+"""Selective prediction: how useful a model's confidence is for abstaining.
+
+A selective classifier answers only where its confidence (here the top-label
+probability, the softmax response) is high enough; at coverage k/n it answers the k
+most confident of n samples. Its selective risk is the error rate among those k. The
+functions below take probabilities and labels, as :mod:`calibrun.metrics` does.
+
+Ties: samples of equal confidence cannot be separated by a threshold, so the errors of
+a tied block are spread evenly over its positions (the average over every order of the
+block); the results do not depend on the order of the samples.
+
+References: Geifman and El-Yaniv 2017, "Selective Classification for Deep Neural
+Networks" (the risk–coverage curve); Geifman, Uziel and El-Yaniv 2019, "Bias-Reduced
+Uncertainty Estimation for Deep Neural Classifiers" (ICLR), §3: AURC and E-AURC; Traub,
+Bungert, Lüth, Baumgartner, Maier-Hein, Jäger and Jaeger 2024, "Overcoming Common Flaws
+in the Evaluation of Selective Classification Systems" (NeurIPS): AUGRC.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from calibrun.metrics import validated
+
+
+def _cumulative_errors(probs: ArrayLike, labels: ArrayLike) -> np.ndarray:
+    """E_k, the errors among the k most confident samples for k = 1..n (ties averaged)."""
+    p, y = validated(probs, labels)
+    confidence, error = p.max(axis=1), (p.argmax(axis=1) != y).astype(np.float64)
+    order = np.argsort(-confidence, kind="stable")
+    confidence, error = confidence[order], error[order]
+    starts = np.flatnonzero(np.r_[True, confidence[1:] != confidence[:-1]])
+    sizes = np.diff(np.r_[starts, len(confidence)])
+    block_errors = np.add.reduceat(error, starts)
+    before = np.repeat(np.r_[0.0, np.cumsum(block_errors)[:-1]], sizes)
+    within = np.arange(1, len(confidence) + 1) - np.repeat(starts, sizes)
+    return before + within * np.repeat(block_errors / sizes, sizes)
+
+
+def risk_coverage(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """The risk–coverage curve: coverage k/n and selective risk E_k/k for k = 1..n."""
+    errors = _cumulative_errors(probs, labels)
+    k = np.arange(1, len(errors) + 1)
+    return k / len(errors), errors / k
+
+
+def aurc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the risk–coverage curve, (1/n)·Σ_k E_k/k (Geifman et al. 2019). Lower is better."""
+    return float(risk_coverage(probs, labels)[1].mean())
+
+
+def optimal_aurc(n: int, errors: float) -> float:
+    """The AURC of a confidence that ranks every correct sample above every wrong one:
+    E*_k = max(0, k − (n − errors)). Geifman et al.'s r + (1 − r)·ln(1 − r), r = errors/n,
+    is its limit for large n."""
+    k = np.arange(1, n + 1)
+    return float((np.maximum(0.0, k - (n - errors)) / k).mean())
+
+
+def excess_aurc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """E-AURC: AURC minus the optimal AURC at the same accuracy (Geifman et al. 2019, §3)."""
+    errors = _cumulative_errors(probs, labels)
+    k = np.arange(1, len(errors) + 1)
+    return float((errors / k).mean()) - optimal_aurc(len(errors), float(errors[-1]))
+
+
+def augrc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the generalized risk–coverage curve, (1/n)·Σ_k E_k/n: the share of samples
+    both answered and wrong, averaged over coverage (Traub et al. 2024). Lower is better."""
+    errors = _cumulative_errors(probs, labels)
+    return float(errors.mean() / len(errors))
+
+
+def selective_risk(probs: ArrayLike, labels: ArrayLike, coverage: float) -> float:
+    """The error rate among the ⌈coverage·n⌉ most confident samples, coverage in (0, 1]."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    errors = _cumulative_errors(probs, labels)
+    # The tolerance keeps 0.7 × 10 (7.000000000000001 in floating point) at 7 samples.
+    k = max(1, math.ceil(coverage * len(errors) - 1e-9))
+    return float(errors[k - 1] / k)

@@ -1,0 +1,84 @@
+"""Selective prediction (calibrun.selective): AURC, E-AURC, AUGRC and the risk–coverage curve."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibrun.logits import load_logits
+from calibrun.selective import aurc, augrc, excess_aurc, optimal_aurc, risk_coverage, selective_risk
+
+DEMO_LOGITS = Path(__file__).resolve().parent / "fixtures" / "demo_logits"
+
+
+def _two_class(confidence: list[float], correct: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Binary probabilities whose top label is class 0 at ``confidence``; label 0 where correct."""
+    c = np.asarray(confidence)
+    return np.column_stack([c, 1 - c]), np.where(np.asarray(correct) == 1, 0, 1)
+
+
+def test_six_samples_by_hand():
+    # By confidence: right, wrong, right, right, wrong, wrong -> errors among the k first: 0 1 1 1 2 3.
+    p, y = _two_class([0.9, 0.8, 0.7, 0.6, 0.55, 0.51], [1, 0, 1, 1, 0, 0])
+    coverage, risk = risk_coverage(p, y)
+    np.testing.assert_allclose(coverage, np.arange(1, 7) / 6)
+    np.testing.assert_allclose(risk, [0, 1 / 2, 1 / 3, 1 / 4, 2 / 5, 3 / 6])
+    assert aurc(p, y) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4 + 2 / 5 + 3 / 6) / 6, abs=1e-15)
+    # The best ranking at 3 errors: 0 0 0 1 2 3 -> (1/4 + 2/5 + 3/6) / 6.
+    assert optimal_aurc(6, 3) == pytest.approx((1 / 4 + 2 / 5 + 3 / 6) / 6, abs=1e-15)
+    assert excess_aurc(p, y) == pytest.approx(aurc(p, y) - (1 / 4 + 2 / 5 + 3 / 6) / 6, abs=1e-15)
+    assert augrc(p, y) == pytest.approx((0 + 1 + 1 + 1 + 2 + 3) / 36, abs=1e-15)
+    assert selective_risk(p, y, 0.5) == pytest.approx(1 / 3)
+    assert selective_risk(p, y, 1.0) == pytest.approx(1 / 2)
+
+
+def test_ties_are_the_average_over_every_order_of_the_tied_samples():
+    p, y = _two_class([0.9, 0.7, 0.7, 0.7, 0.6, 0.6], [1, 0, 1, 1, 0, 1])
+    orders = []
+    for first in itertools.permutations([1, 2, 3]):
+        for second in itertools.permutations([4, 5]):
+            errors = np.cumsum((p.argmax(1) != y)[[0, *first, *second]])
+            orders.append(((errors / np.arange(1, 7)).mean(), errors.mean() / 6))
+    expected_aurc, expected_augrc = np.mean(orders, axis=0)
+    assert aurc(p, y) == pytest.approx(expected_aurc, abs=1e-15)
+    assert augrc(p, y) == pytest.approx(expected_augrc, abs=1e-15)
+    shuffled = np.random.default_rng(0).permutation(6)
+    assert aurc(p[shuffled], y[shuffled]) == pytest.approx(aurc(p, y), abs=1e-15)
+
+
+def _loop_reference(confidence: np.ndarray, wrong: np.ndarray) -> tuple[float, float]:
+    """AURC and AUGRC by thresholds: at each distinct confidence, the samples at or above
+    it are answered; the curve is flat-averaged over the positions a tied block spans."""
+    n, area, generalized, answered, errors = len(wrong), 0.0, 0.0, 0, 0.0
+    for threshold in sorted(set(confidence.tolist()), reverse=True):
+        block = confidence == threshold
+        rate = wrong[block].mean()
+        for _ in range(int(block.sum())):
+            answered += 1
+            errors += rate
+            area += errors / answered
+            generalized += errors / n
+    return area / n, generalized / n
+
+
+def test_aurc_and_augrc_match_a_threshold_loop_on_real_logits():
+    z, y = load_logits(DEMO_LOGITS / "test.npz")
+    p = torch.softmax(torch.as_tensor(z, dtype=torch.float64), dim=1).numpy()
+    expected_aurc, expected_augrc = _loop_reference(p.max(1), (p.argmax(1) != y).astype(float))
+    assert aurc(p, y) == pytest.approx(expected_aurc, abs=1e-12)
+    assert augrc(p, y) == pytest.approx(expected_augrc, abs=1e-12)
+    # Geifman et al.'s closed form approximates the discrete optimum at n = 1,000.
+    r = float((p.argmax(1) != y).mean())
+    assert optimal_aurc(len(y), r * len(y)) == pytest.approx(r + (1 - r) * np.log(1 - r), abs=2e-3)
+    assert 0 < excess_aurc(p, y) < aurc(p, y)
+
+
+@pytest.mark.parametrize("coverage", [0.0, -0.1, 1.5])
+def test_a_coverage_outside_zero_one_is_refused(coverage):
+    p, y = _two_class([0.9, 0.8], [1, 0])
+    with pytest.raises(ValueError, match="coverage must be in"):
+        selective_risk(p, y, coverage)

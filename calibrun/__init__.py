@@ -18,6 +18,7 @@ _PUBLIC = {
                      "debiased_l2_ce", "smooth_ece", "nll", "brier", "bin_stats", "METRIC_NAMES"], "calibrun.metrics"),
     "scores": "calibrun.bootstrap",
     **dict.fromkeys(["risk_coverage", "aurc", "excess_aurc", "augrc", "selective_risk"], "calibrun.selective"),
+    **dict.fromkeys(["prediction_sets", "coverage", "mean_set_size"], "calibrun.conformal"),
     **dict.fromkeys(["Calibrator", "Uncalibrated", "TemperatureScaling", "VectorScaling", "MatrixScaling",
                      "PlattScaling", "HistogramBinning", "IsotonicCalibration", "DirichletCalibration",
                      "EnsembleTemperatureScaling", "MixNMatch", "SplineCalibration", "BayesianBinningQuantiles"],

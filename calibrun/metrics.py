@@ -21,7 +21,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import pandas as pd
 import torch
-from scipy import sparse, stats
+from scipy import sparse, special, stats
 
 from calibrun import UserError
 from calibrun.smooth import smooth_ece_weighted
@@ -285,6 +285,21 @@ class Weighted:
         return self._shared("classwise", lambda: _ClasswiseLayout.of(self.p, self.y, self.n_bins))
 
     @functools.cached_property
+    def selective_blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For each block of equal top-label confidence, most confident first: its weight,
+        its weighted errors, and the weight and errors of the blocks before it (each B × blocks)."""
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            conf = self.top_label[0]
+            order = np.argsort(-conf, kind="stable")
+            return order, np.flatnonzero(np.r_[True, conf[order][1:] != conf[order][:-1]])
+
+        order, starts = self._shared("selective_blocks", build)
+        w = np.take(self.w, order, axis=1)
+        weight = np.add.reduceat(w, starts, axis=1)
+        errors = np.add.reduceat(w * (1.0 - self.top_label[1][order]), starts, axis=1)
+        return weight, errors, np.cumsum(weight, axis=1) - weight, np.cumsum(errors, axis=1) - errors
+
+    @functools.cached_property
     def sorted_prefix(self) -> _SortedPrefix:
         conf, hit = self.top_label
         # Stable: ties keep the samples' order, as an argsort of the resampled images would.
@@ -420,6 +435,35 @@ def _brier_weighted(s: Weighted) -> np.ndarray:
     return s.w @ s._shared("brier", per_sample) / s.total
 
 
+def _harmonic_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """H_b − H_a = Σ_{j=a+1..b} 1/j, for counts (or sums of count weights) a ≤ b."""
+    return special.digamma(b + 1.0) - special.digamma(a + 1.0)
+
+
+def _aurc_weighted(s: Weighted) -> np.ndarray:
+    # The selective risk at position j of the copies ordered by confidence is E_j / j, with
+    # a tied block's errors spread evenly over its positions: over a block of weight W after
+    # a copies and E errors, Σ_j (E + (j − a)·r)/j = (E − a·r)·(H_{a+W} − H_a) + W·r.
+    weight, errors, before, errors_before = s.selective_blocks
+    rate = np.divide(errors, weight, out=np.zeros_like(errors), where=weight > 0)
+    harmonic = _harmonic_between(before, before + weight)
+    return ((errors_before - before * rate) * harmonic + errors).sum(axis=1) / s.total
+
+
+def _eaurc_weighted(s: Weighted) -> np.ndarray:
+    # The optimum ranks every correct copy first: Σ_{k>C} (k − C)/k = (N − C) − C·(H_N − H_C).
+    correct = s.w @ s.top_label[1]
+    optimal = (s.total - correct) - correct * _harmonic_between(correct, s.total)
+    return _aurc_weighted(s) - optimal / s.total
+
+
+def _augrc_weighted(s: Weighted) -> np.ndarray:
+    # The generalized risk at position j is E_j / N; over a block, Σ_j E_j = W·E + r·W(W + 1)/2.
+    weight, errors, _, errors_before = s.selective_blocks
+    rate = np.divide(errors, weight, out=np.zeros_like(errors), where=weight > 0)
+    return (weight * errors_before + rate * weight * (weight + 1) / 2).sum(axis=1) / s.total ** 2
+
+
 def _smooth_ece_weighted(s: Weighted) -> np.ndarray:
     return smooth_ece_weighted(*s.top_label, s.w, single=len(s.w) > 1, columns=s.columns)
 
@@ -523,6 +567,38 @@ def smooth_ece(probs: ArrayLike, labels: ArrayLike) -> float:
     return float(_smooth_ece_weighted(Weighted(p, y, 1, _once(len(y))))[0])
 
 
+def aurc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the risk–coverage curve of the top-label confidence, (1/n)·Σ_k E_k/k with
+    E_k the errors among the k most confident samples (a tied block's errors spread evenly
+    over its positions). Lower is better.
+
+    References: Geifman, Uziel & El-Yaniv (2019), "Bias-Reduced Uncertainty Estimation for
+    Deep Neural Classifiers", §3.
+    """
+    p, y = _validate(probs, labels)
+    return float(_aurc_weighted(Weighted(p, y, 1, _once(len(y))))[0])
+
+
+def excess_aurc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """E-AURC: AURC minus the AURC of a confidence that ranks every correct sample first,
+    (1/n)·Σ_{k>C} (k − C)/k at C correct (Geifman et al.'s r + (1 − r)·ln(1 − r) is its
+    large-n limit). References: Geifman, Uziel & El-Yaniv (2019), §3.
+    """
+    p, y = _validate(probs, labels)
+    return float(_eaurc_weighted(Weighted(p, y, 1, _once(len(y))))[0])
+
+
+def augrc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the generalized risk–coverage curve, (1/n)·Σ_k E_k/n: the share of
+    samples both answered and wrong, averaged over coverage. Lower is better.
+
+    References: Traub et al. (2024), "Overcoming Common Flaws in the Evaluation of
+    Selective Classification Systems".
+    """
+    p, y = _validate(probs, labels)
+    return float(_augrc_weighted(Weighted(p, y, 1, _once(len(y))))[0])
+
+
 def nll(probs: ArrayLike, labels: ArrayLike) -> float:
     """Mean negative log-likelihood of the true class, with p clipped at 1e-12."""
     p, y = _validate(probs, labels)
@@ -566,6 +642,12 @@ _METRICS: dict[str, Metric] = {
                          "smooth ECE, reflected Gaussian kernel at σ* = smECE (Błasiok & Nakkiran 2023)"),
     "nll": Metric(_nll_weighted, "negative log-likelihood"),
     "brier": Metric(_brier_weighted, "multi-class Brier score"),
+    "aurc": Metric(_aurc_weighted, "AURC, area under the risk–coverage curve (Geifman et al. 2019)",
+                   bounds=(0.0, 1.0)),
+    "eaurc": Metric(_eaurc_weighted, "E-AURC, AURC minus its optimum at the same accuracy (Geifman et al. 2019)",
+                    bounds=(0.0, 1.0)),
+    "augrc": Metric(_augrc_weighted, "AUGRC, area under the generalized risk–coverage curve (Traub et al. 2024)",
+                    bounds=(0.0, 1.0)),
 }
 METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
 
@@ -595,7 +677,7 @@ def collapse_threshold(num_classes: int, margin: float = DEFAULT_COLLAPSE_MARGIN
 
 def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, float | int]:
     """All metrics at once, keyed by :data:`METRIC_NAMES` (``accuracy, ece, mce, ada_ece,
-    classwise_ece, oe, debiased_l2_ce, smooth_ece, nll, brier``) in that order, then ``n``,
+    classwise_ece, oe, debiased_l2_ce, smooth_ece, nll, brier, aurc, eaurc, augrc``) in that order, then ``n``,
     the number of samples. ``calibrun.bootstrap.scores_with_intervals`` adds intervals.
 
     References: Guo et al. (2017), "On Calibration of Modern Neural Networks" (ECE, MCE);
@@ -604,7 +686,8 @@ def scores(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, f
     Nixon et al. (2019), "Measuring Calibration in Deep Learning" (classwise ECE, their
     SCE); Thulasidasan et al. (2019), "On Mixup Training" (OE); Kumar, Liang & Ma (2019),
     "Verified Uncertainty Calibration" (debiased ℓ2); Błasiok & Nakkiran (2023), "Smooth
-    ECE" (smooth ECE).
+    ECE" (smooth ECE); Geifman, Uziel & El-Yaniv (2019) (AURC, E-AURC); Traub et al.
+    (2024) (AUGRC).
     """
     # Convert once so that torch inputs are not copied off the device for every metric.
     p, y = _validate(probs, labels, n_bins)

@@ -23,7 +23,9 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibrun.metrics import validated
+# AURC, E-AURC and AUGRC are metrics (columns of every table, with intervals); here for
+# the reader of selective prediction.
+from calibrun.metrics import augrc, aurc, excess_aurc, validated  # noqa: F401
 
 
 def _cumulative_errors(probs: ArrayLike, labels: ArrayLike) -> np.ndarray:
@@ -45,33 +47,6 @@ def risk_coverage(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.n
     errors = _cumulative_errors(probs, labels)
     k = np.arange(1, len(errors) + 1)
     return k / len(errors), errors / k
-
-
-def aurc(probs: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the risk–coverage curve, (1/n)·Σ_k E_k/k (Geifman et al. 2019). Lower is better."""
-    return float(risk_coverage(probs, labels)[1].mean())
-
-
-def optimal_aurc(n: int, errors: float) -> float:
-    """The AURC of a confidence that ranks every correct sample above every wrong one:
-    E*_k = max(0, k − (n − errors)). Geifman et al.'s r + (1 − r)·ln(1 − r), r = errors/n,
-    is its limit for large n."""
-    k = np.arange(1, n + 1)
-    return float((np.maximum(0.0, k - (n - errors)) / k).mean())
-
-
-def excess_aurc(probs: ArrayLike, labels: ArrayLike) -> float:
-    """E-AURC: AURC minus the optimal AURC at the same accuracy (Geifman et al. 2019, §3)."""
-    errors = _cumulative_errors(probs, labels)
-    k = np.arange(1, len(errors) + 1)
-    return float((errors / k).mean()) - optimal_aurc(len(errors), float(errors[-1]))
-
-
-def augrc(probs: ArrayLike, labels: ArrayLike) -> float:
-    """Area under the generalized risk–coverage curve, (1/n)·Σ_k E_k/n: the share of samples
-    both answered and wrong, averaged over coverage (Traub et al. 2024). Lower is better."""
-    errors = _cumulative_errors(probs, labels)
-    return float(errors.mean() / len(errors))
 
 
 def selective_risk(probs: ArrayLike, labels: ArrayLike, coverage: float) -> float:

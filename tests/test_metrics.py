@@ -8,6 +8,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from calibrun import UserError, metrics
 from calibrun.metrics import (
+    METRIC_NAMES,
     accuracy,
     collapse_threshold,
     adaptive_ece,
@@ -187,7 +188,7 @@ def test_torch_and_numpy_inputs_agree() -> None:
     from_torch = scores(probs, torch.from_numpy(labels))
     from_numpy = scores(probs.numpy(), labels)
     assert from_torch == pytest.approx(from_numpy)
-    assert list(from_torch) == ["accuracy", "ece", "mce", "ada_ece", "classwise_ece", "oe", "debiased_l2_ce", "smooth_ece", "nll", "brier", "n"]
+    assert list(from_torch) == [*METRIC_NAMES, "n"]
     assert all(type(v) is float for key, v in from_torch.items() if key != "n")
     assert type(from_torch["n"]) is int and from_torch["n"] == 300
 

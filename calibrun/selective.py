@@ -25,21 +25,17 @@ from numpy.typing import ArrayLike
 
 # AURC, E-AURC and AUGRC are metrics (columns of every table, with intervals); here for
 # the reader of selective prediction.
-from calibrun.metrics import augrc, aurc, excess_aurc, validated  # noqa: F401
+from calibrun.metrics import Weighted, augrc, aurc, excess_aurc, validated  # noqa: F401
 
 
 def _cumulative_errors(probs: ArrayLike, labels: ArrayLike) -> np.ndarray:
-    """E_k, the errors among the k most confident samples for k = 1..n (ties averaged)."""
+    """E_k, the errors among the k most confident samples for k = 1..n (ties averaged),
+    from the blocks of equal confidence that the AURC metrics use."""
     p, y = validated(probs, labels)
-    confidence, error = p.max(axis=1), (p.argmax(axis=1) != y).astype(np.float64)
-    order = np.argsort(-confidence, kind="stable")
-    confidence, error = confidence[order], error[order]
-    starts = np.flatnonzero(np.r_[True, confidence[1:] != confidence[:-1]])
-    sizes = np.diff(np.r_[starts, len(confidence)])
-    block_errors = np.add.reduceat(error, starts)
-    before = np.repeat(np.r_[0.0, np.cumsum(block_errors)[:-1]], sizes)
-    within = np.arange(1, len(confidence) + 1) - np.repeat(starts, sizes)
-    return before + within * np.repeat(block_errors / sizes, sizes)
+    weight, errors, _, errors_before = (block[0] for block in Weighted(p, y, 1, np.ones((1, len(y)))).selective_blocks)
+    sizes = weight.astype(np.int64)
+    within = np.arange(1, len(y) + 1) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.repeat(errors_before, sizes) + within * np.repeat(errors / weight, sizes)
 
 
 def risk_coverage(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

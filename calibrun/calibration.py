@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +25,26 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from calibrun import UserError, bootstrap
+from calibrun import UserError, bootstrap, conformal, selective
 from calibrun._io import atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.config import build_component, first_line, validate
 from calibrun.logits import load_logits, save_logits
 from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
 from calibrun.metrics import metric as metric_of
-from calibrun.plots import confidence_histogram, reliability_with_histogram
+from calibrun.plots import confidence_histogram, reliability_with_histogram, risk_coverage
 from calibrun.bootstrap import interval_names
-from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, DIFFERENCES, EXTERNAL_SOURCE, METRICS, group_choices,
-                                logits_file, mark_done, read_run_table, require_finished_run, run_config, write_status)
+from calibrun.runfolder import (BINS, CALIBRATOR_PARAMS, CONFIG, CONFORMAL, DIFFERENCES, EXTERNAL_SOURCE, METRICS,
+                                RISK_COVERAGE, group_choices, logits_file, mark_done, read_run_table,
+                                require_finished_run, run_config, write_status)
 
 # collapsed: the row's accuracy is below metrics.collapse_margin's threshold (metrics.collapse_threshold);
 # <metric>_lo and <metric>_hi: the metric's bootstrap interval (calibrun.bootstrap), empty with intervals off.
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed", *interval_names()]
 BIN_COLUMNS = ["calibrator", "bin", "lo", "hi", "count", "conf", "acc", "acc_lo", "acc_hi"]
+CURVE_COLUMNS = ["calibrator", "coverage", "risk"]
+# metrics.coverages' default, for runs made before the key existed.
+DEFAULT_COVERAGES = (0.8, 0.9, 0.95)
 DIFFERENCE_COLUMNS = ["split", "calibrator", "baseline", "metric", "difference", "lo", "hi", "better", "worse"]
 # The metrics whose significant improvement over none metrics.md marks with MARK.
 MARKED_METRICS = ("ece", "nll")
@@ -62,60 +67,175 @@ def metric_settings(cfg: DictConfig) -> dict[str, object]:
     defaults = bootstrap.Settings()
     intervals = bootstrap.Settings(setting("resamples", defaults.resamples), setting("level", defaults.level),
                                    setting("bootstrap_seed", defaults.seed), setting("interval", defaults.interval))
+    sets = conformal.Settings()
+    conformal_sets = conformal.Settings(
+        setting("conformal_alpha", sets.alpha), tuple(setting("conformal_methods", sets.methods)),
+        setting("conformal_share", sets.share), setting("conformal_seed", sets.seed),
+        setting("conformal_raps_lambda", sets.raps_lambda), setting("conformal_raps_k_reg", sets.raps_k_reg))
     return {"n_bins": cfg.metrics.n_bins, "collapse_margin": setting("collapse_margin", DEFAULT_COLLAPSE_MARGIN),
             "intervals": intervals if setting("intervals", True) else None,
-            "smooth_curve": setting("smooth_curve", False)}
+            "smooth_curve": setting("smooth_curve", False),
+            "coverages": tuple(setting("coverages", DEFAULT_COVERAGES)),
+            "conformal_sets": conformal_sets if setting("conformal", False) else None}
+
+
+Logits = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Decisions:
+    """What each row reports beyond the metrics: the selective risk at ``coverages`` and,
+    with ``sets``, the coverage and mean size of the conformal sets at each calibrator's
+    ``quantiles`` (method → q̂), the same on the test split and on every shifted one."""
+
+    coverages: tuple[float, ...] = DEFAULT_COVERAGES
+    sets: conformal.Settings | None = None
+    quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def of_run(cls, run_dir: Path, cfg: DictConfig) -> Decisions:
+        """A finished run's: its ``metrics.coverages`` and the sets of its ``conformal.json``."""
+        coverages = tuple(OmegaConf.select(cfg, "metrics.coverages", default=DEFAULT_COVERAGES))
+        path = run_dir / CONFORMAL
+        if not path.is_file():
+            return cls(coverages)
+        try:
+            record = json.loads(path.read_text())
+            settings = conformal.Settings(**{key: record[key] for key in asdict(conformal.Settings())})
+            return cls(coverages, replace(settings, methods=tuple(settings.methods)), record["quantiles"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"Cannot read {path} ({err}); refit the run with calibrun-calibrate {run_dir}.") from None
+
+    def columns(self) -> list[str]:
+        """The selective risks' columns, then each method's set coverage and size."""
+        sets = [f"set_{what}_{method}" for method in self.sets.methods for what in ("coverage", "size")
+                ] if self.sets else []
+        return [*(selective.risk_column(c) for c in self.coverages), *sets]
+
+    def row(self, name: str, probs: np.ndarray, labels: np.ndarray, with_sets: bool = True) -> dict[str, float]:
+        """The columns of calibrator ``name`` on validated ``probs`` and ``labels``."""
+        columns = selective.risk_columns(probs, labels, list(self.coverages))
+        if with_sets and name in self.quantiles:
+            columns.update(conformal.set_columns(probs, labels, self.quantiles[name], self.sets))
+        return columns
+
+
+@dataclass
+class _Evaluation:
+    """What :func:`calibrate_and_report` evaluates each calibrator with, and what it collects:
+    metric rows, test bins, fitted parameters, risk–coverage curves and conformal quantiles."""
+
+    splits: dict[str, Logits]
+    held: Logits | None
+    n_bins: int
+    threshold: float
+    intervals: bootstrap.Settings | None
+    smooth_curve: bool
+    decisions: Decisions
+    rows: list = field(default_factory=list)
+    bins: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    curves: list = field(default_factory=list)
+    resampled: dict = field(default_factory=lambda: {"val": {}, "test": {}})
+
+    def calibrator(self, run_dir: Path, name: str, calibrator: Calibrator) -> None:
+        """Fit ``calibrator`` on the validation logits it may use and evaluate it on both splits."""
+        reason = calibrator.too_costly(*self.splits["val"][0].shape)
+        if reason is not None:
+            log.warning("%s: %s", name, reason)
+            return
+        started = time.perf_counter()
+        self.params[name] = calibrator.fit(*self.splits["val"]).params()
+        log.info("Fitted %s on %d validation logits in %.1f s", name, len(self.splits["val"][1]),
+                 time.perf_counter() - started)
+        if self.held is not None:
+            self.decisions.quantiles[name] = conformal.quantiles(calibrator.predict_proba(self.held[0]), self.held[1],
+                                                                 self.decisions.sets)
+        # The level of the bins' Wilson intervals and the smooth curve's band, intervals off or on.
+        band = self.intervals or bootstrap.Settings()
+        for split, (z, y) in self.splits.items():
+            probs = calibrator.predict_proba(z)
+            scored = scores(probs, y, self.n_bins)
+            self.rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < self.threshold,
+                              **_intervals(self.resampled[split], name, probs, y, scored, self.n_bins, self.intervals),
+                              **self.decisions.row(name, probs, y, with_sets=split == "test")})
+            if split == "test":
+                curve = bootstrap.smooth_curve(probs, y, band) if self.smooth_curve else None
+                self.bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, self.n_bins,
+                                                        band.level, curve))
+                self.curves.append(selective.curve_points(probs, y).assign(calibrator=name))
+
+
+def _hold_out(val: Logits, settings: conformal.Settings | None) -> tuple[Logits, Logits | None]:
+    """(the validation logits the calibrators are fitted on, those held out for the
+    conformal quantile or None): the whole split without conformal sets."""
+    if settings is None:
+        return val, None
+    fit, held = conformal.split_validation(len(val[1]), settings)
+    return (val[0][fit], val[1][fit]), (val[0][held], val[1][held])
 
 
 def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bins: int = 15,
                          collapse_margin: float = DEFAULT_COLLAPSE_MARGIN,
                          intervals: bootstrap.Settings | None = bootstrap.Settings(),
-                         smooth_curve: bool = False) -> pd.DataFrame:
+                         smooth_curve: bool = False, coverages: tuple[float, ...] = DEFAULT_COVERAGES,
+                         conformal_sets: conformal.Settings | None = None) -> pd.DataFrame:
     """Fit each calibrator on the val logits, evaluate on val and test, write the tables
     and the fitted parameters (``calibrators.json``).
 
     ``none`` (the uncalibrated softmax) is always reported first. Val rows of fitted
     calibrators are in-sample; the test rows are the ones to compare. With ``intervals``
     every metric gets its bootstrap interval and every calibrator its paired difference to
-    ``none`` on the same resamples (``differences.csv``). Rows, bins and parameters of
-    calibrators already in the run folder but not given here are kept, so a refit of a
+    ``none`` on the same resamples (``differences.csv``). Rows, bins, curves and parameters
+    of calibrators already in the run folder but not given here are kept, so a refit of a
     subset (``calibrun-calibrate``) does not erase the others. A row whose accuracy is
     below :func:`~calibrun.metrics.collapse_threshold` is marked ``collapsed`` and
     metrics.md says so above the table. ``smooth_curve`` draws the smooth reliability
-    curve with its bootstrap band on each test diagram. Returns the table.
+    curve with its bootstrap band on each test diagram. Each row has the selective risk
+    at ``coverages``; with ``conformal_sets`` the calibrators are fitted on the validation
+    images it does not hold out, and each test row has the coverage and mean size of the
+    conformal sets whose quantile the held-out images give (``conformal.json``). Returns the table.
     """
     splits = {split: load_logits(logits_file(run_dir, split)) for split in ("val", "test")}
-    rows, bins, params, differences = [], [], {}, []
+    splits["val"], held = _hold_out(splits["val"], conformal_sets)
     threshold = collapse_threshold(splits["test"][0].shape[1], collapse_margin)
-    resampled: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {split: {} for split in splits}
-    # The level of the bins' Wilson intervals and the smooth curve's band, intervals off or on.
-    band = intervals or bootstrap.Settings()
+    run = _Evaluation(splits, held, n_bins, threshold, intervals, smooth_curve,
+                      Decisions(tuple(coverages), conformal_sets))
     for name, calibrator in {"none": Uncalibrated(), **calibrators}.items():
-        reason = calibrator.too_costly(*splits["val"][0].shape)
-        if reason is not None:
-            log.warning("%s: %s", name, reason)
-            continue
-        started = time.perf_counter()
-        params[name] = calibrator.fit(*splits["val"]).params()
-        log.info("Fitted %s on %d validation logits in %.1f s", name, len(splits["val"][1]), time.perf_counter() - started)
-        for split, (z, y) in splits.items():
-            probs = calibrator.predict_proba(z)
-            scored = scores(probs, y, n_bins)
-            rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < threshold,
-                         **_intervals(resampled[split], name, probs, y, scored, n_bins, intervals)})
-            if split == "test":
-                curve = bootstrap.smooth_curve(probs, y, band) if smooth_curve else None
-                bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, n_bins, band.level,
-                                                   curve))
-    if intervals is not None:
-        differences = [{"split": split, **row} for split, by_name in resampled.items()
-                       for row in _against_none(by_name, intervals)]
-    table = _keep_others(run_dir / METRICS, pd.DataFrame(rows, columns=METRIC_COLUMNS))
+        run.calibrator(run_dir, name, calibrator)
+    differences = [{"split": split, **row} for split, by_name in run.resampled.items()
+                   for row in _against_none(by_name, intervals)] if intervals is not None else []
+    table = _keep_others(run_dir / METRICS, pd.DataFrame(run.rows, columns=[*METRIC_COLUMNS, *run.decisions.columns()]))
     paired = _keep_others(run_dir / DIFFERENCES, pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS))
-    write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(bins)[BIN_COLUMNS]), n_bins,
-                     (threshold, collapse_margin), paired, intervals)
-    write_calibrator_params(run_dir / CALIBRATOR_PARAMS, params)
+    sets = _write_conformal(run_dir / CONFORMAL, run, held)
+    write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(run.bins)[BIN_COLUMNS]), n_bins,
+                     (threshold, collapse_margin), paired, intervals, sets)
+    _write_curves(run_dir, _keep_others(run_dir / RISK_COVERAGE, pd.concat(run.curves)[CURVE_COLUMNS]), table)
+    write_calibrator_params(run_dir / CALIBRATOR_PARAMS, run.params)
     return table
+
+
+def _write_conformal(path: Path, run: _Evaluation, held: Logits | None) -> dict | None:
+    """``conformal.json``: the sets' settings, the split sizes and each calibrator's
+    quantile (those of calibrators not refitted kept); removed when the sets are off."""
+    sets, quantiles = run.decisions.sets, run.decisions.quantiles
+    if sets is None:
+        path.unlink(missing_ok=True)
+        return None
+    old = json.loads(path.read_text()).get("quantiles", {}) if path.is_file() else {}
+    record = {**asdict(sets), "n_calibrators_fit": len(run.splits["val"][1]), "n_held_out": len(held[1]),
+              "quantiles": {**quantiles, **{k: v for k, v in old.items() if k not in quantiles}}}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _write_curves(run_dir: Path, curves: pd.DataFrame, table: pd.DataFrame) -> None:
+    """``risk_coverage.csv`` and ``figures/risk_coverage.png``, one curve per calibrator on test."""
+    atomic_write_text(run_dir / RISK_COVERAGE, curves.to_csv(index=False))
+    test = table[table["split"] == "test"].set_index("calibrator")
+    title = f"Risk–coverage on the test split ({int(test['n'].iloc[0])} images)"
+    risk_coverage(curves, run_dir / "figures" / "risk_coverage.png", title=title,
+                  aurc=test["aurc"].to_dict() if "aurc" in test else None)
 
 
 def _against_none(by_name: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -168,9 +288,11 @@ def _read_run_table(path: Path) -> pd.DataFrame | None:
 def _keep_others(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     """``new`` plus the rows of ``path`` whose calibrator ``new`` does not cover."""
     old = _read_run_table(path)
-    if old is None:
+    kept = None if old is None else old[~old["calibrator"].isin(new["calibrator"])]
+    if kept is None or not len(kept):
+        # Nothing kept: no column of an earlier setting (conformal sets turned off) survives.
         return new.reset_index(drop=True)
-    return pd.concat([new, old[~old["calibrator"].isin(new["calibrator"])]], ignore_index=True)
+    return pd.concat([new, kept], ignore_index=True)
 
 
 def write_calibrator_params(path: Path, params: dict[str, dict]) -> None:
@@ -268,18 +390,47 @@ def console_table(table: pd.DataFrame) -> str:
 
 def write_run_tables(run_dir: Path, table: pd.DataFrame, bins: pd.DataFrame, n_bins: int = 15,
                      collapse: tuple[float, float] | None = None, differences: pd.DataFrame | None = None,
-                     intervals: bootstrap.Settings | None = None) -> None:
+                     intervals: bootstrap.Settings | None = None, sets: dict | None = None) -> None:
     """``metrics.csv``, ``metrics.md`` (with a header naming the run's settings, a warning
     when the model collapsed below ``collapse`` = (threshold, margin), each value with its
-    interval and the significant improvements over none marked), ``bins.csv`` and
+    interval and the significant improvements over none marked, then the selective risks
+    and the conformal sets of ``sets`` (conformal.json's record)), ``bins.csv`` and
     ``differences.csv``, each written atomically."""
     differences = pd.DataFrame(columns=DIFFERENCE_COLUMNS) if differences is None else differences
     atomic_write_text(run_dir / METRICS, table.to_csv(index=False))
     lines = [*run_header(run_dir, n_bins), *collapse_warning(table, collapse), *improvement_lines(differences),
-             markdown_table(table, differences), "", *legend(intervals)]
+             markdown_table(table, differences), "", *legend(intervals), "", *decision_section(table, sets)]
     atomic_write_text(run_dir / "metrics.md", "\n".join(lines) + "\n")
     atomic_write_text(run_dir / BINS, bins.to_csv(index=False))
     atomic_write_text(run_dir / DIFFERENCES, differences.to_csv(index=False))
+
+
+# How the columns of Decisions start: their names follow the run's coverages and scores.
+DECISION_PREFIXES = ("risk_at_", "set_coverage_", "set_size_")
+
+
+def decision_columns(table: pd.DataFrame) -> list[str]:
+    """The selective-risk and conformal-set columns of a metrics table, in its order."""
+    return [c for c in table.columns if c.startswith(DECISION_PREFIXES)]
+
+
+def decision_section(table: pd.DataFrame, sets: dict | None) -> list[str]:
+    """metrics.md's second table: what the test split's confidences are worth for abstaining
+    (AURC, E-AURC, AUGRC, the selective risks) and, with ``sets``, the conformal sets."""
+    columns = ["accuracy", "aurc", "eaurc", "augrc", *decision_columns(table)]
+    test = table[table["split"] == "test"][["calibrator", *columns]]
+    lines = ["## Selective prediction and conformal sets, test split", "",
+             test.to_markdown(index=False, floatfmt=".4f"), "",
+             "risk_at_<c>: the error rate among the c% most confident test images (README \"Selective prediction "
+             "and conformal sets\"); AURC, E-AURC, AUGRC: lower is better."]
+    if sets:
+        lines.append(f"set_coverage_<score>: the share of test images whose conformal set holds the label, promised "
+                     f"at least {1 - sets['alpha']:.2f} (metrics.conformal_alpha={sets['alpha']:g}) while test images "
+                     f"are exchangeable with the validation ones; set_size_<score>: the mean number of labels per set. "
+                     f"The quantile comes from {sets['n_held_out']} validation images held out "
+                     f"(metrics.conformal_share={sets['share']:g}, metrics.conformal_seed={sets['seed']}); the "
+                     f"calibrators were fitted on the other {sets['n_calibrators_fit']}, the val rows above are on them.")
+    return lines
 
 
 def _marked(differences: pd.DataFrame) -> set[tuple[str, str, str]]:

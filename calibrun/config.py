@@ -41,6 +41,8 @@ NON_EXPERIMENT_KEYS = (
     # How its numbers get their intervals, not the numbers (calibrun-calibrate redraws them).
     "metrics.intervals", "metrics.resamples", "metrics.level", "metrics.bootstrap_seed", "metrics.interval",
     "metrics.smooth_curve",
+    # Which points of the risk–coverage curve get a column (the curve itself is kept whole).
+    "metrics.coverages",
 )
 # Component nodes built with hydra.utils.instantiate, each checked against its _target_.
 COMPONENTS = ("data", "model", "loss", "optimizer", "scheduler")
@@ -108,6 +110,14 @@ class MetricsConfig:
     bootstrap_seed: int = 0
     interval: str = "basic"
     smooth_curve: bool = False
+    coverages: List[float] = dataclasses.field(default_factory=lambda: [0.8, 0.9, 0.95])
+    conformal: bool = False
+    conformal_alpha: float = 0.1
+    conformal_methods: List[str] = dataclasses.field(default_factory=lambda: ["lac", "aps", "raps"])
+    conformal_share: float = 0.5
+    conformal_seed: int = 0
+    conformal_raps_lambda: float = 0.01
+    conformal_raps_k_reg: int = 5
 
 
 def _schema_type(hint: Any) -> Any:
@@ -172,6 +182,8 @@ def _schema_field(name: str, node: Any, key: str) -> tuple[str, type, Any]:
 
 # metrics.interval: how calibrun.bootstrap turns resampled values into an interval.
 BOOTSTRAP_INTERVALS = ("basic", "percentile")
+# metrics.conformal_methods: the scores of calibrun.conformal.
+CONFORMAL_METHODS = ("lac", "aps", "raps")
 
 
 def check_bootstrap(resamples: object, level: object, interval: object) -> None:
@@ -182,6 +194,25 @@ def check_bootstrap(resamples: object, level: object, interval: object) -> None:
         raise UserError(f"metrics.level must be in (0, 1), e.g. 0.95, got {level!r}.")
     if interval not in BOOTSTRAP_INTERVALS:
         raise UserError(f"metrics.interval must be one of {', '.join(BOOTSTRAP_INTERVALS)}, got {interval!r}.")
+
+
+def _check_decisions(m: DictConfig) -> None:
+    """UserError naming the ``metrics.coverages`` or ``metrics.conformal_*`` setting that is out of range."""
+    if not m.coverages:
+        raise UserError("metrics.coverages is empty: give at least one coverage in (0, 1], e.g. [0.8,0.9,0.95].")
+    if any(not 0 < c <= 1 for c in m.coverages):
+        raise UserError(f"metrics.coverages must lie in (0, 1], got {list(m.coverages)}.")
+    if not 0 < m.conformal_alpha < 1:
+        raise UserError(f"metrics.conformal_alpha must be in (0, 1), e.g. 0.1, got {m.conformal_alpha}.")
+    if not 0 < m.conformal_share < 1:
+        raise UserError(f"metrics.conformal_share must be in (0, 1), e.g. 0.5, got {m.conformal_share}.")
+    unknown = [name for name in m.conformal_methods if name not in CONFORMAL_METHODS]
+    if unknown or not m.conformal_methods:
+        raise UserError(f"metrics.conformal_methods must name one or more of {', '.join(CONFORMAL_METHODS)}, "
+                        f"got {list(m.conformal_methods)}.")
+    if m.conformal_raps_lambda < 0 or m.conformal_raps_k_reg < 0:
+        raise UserError("metrics.conformal_raps_lambda and metrics.conformal_raps_k_reg must be at least 0, got "
+                        f"{m.conformal_raps_lambda} and {m.conformal_raps_k_reg}.")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -202,6 +233,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not 0 <= own.metrics.collapse_margin < 1:
         raise UserError(f"metrics.collapse_margin must be in [0, 1), got {own.metrics.collapse_margin}.")
     check_bootstrap(own.metrics.resamples, own.metrics.level, own.metrics.interval)
+    _check_decisions(own.metrics)
     return _merge_checked(_config_schema(raw, components=True), raw)
 
 

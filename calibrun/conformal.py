@@ -25,13 +25,17 @@ the authors' code.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from calibrun import UserError
+from calibrun.config import CONFORMAL_METHODS as METHODS
 from calibrun.metrics import validated
-
-METHODS = ("lac", "aps", "raps")
+# Rows of N × K score arrays made at once when a run scores its sets: bounds the memory
+# at 50,000 × 1,000 logits to a few arrays of this many elements.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _check_alpha(alpha: float) -> None:
@@ -91,3 +95,62 @@ def coverage(sets: np.ndarray, labels: ArrayLike) -> float:
 def mean_set_size(sets: np.ndarray) -> float:
     """The mean number of labels per set."""
     return float(sets.sum(axis=1).mean())
+
+
+# --------------------------------------------------------------------------- in a run
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a run makes its conformal sets (the ``metrics.conformal_*`` keys): miscoverage
+    ``alpha``, the scores ``methods``, the ``share`` of the validation split held out from
+    the calibrators for the quantile, the ``seed`` of that split and of the randomisation,
+    and RAPS's λ and k_reg (Angelopoulos et al. 2021 tune them; these are their code's
+    defaults for ImageNet-sized label sets, a user with few classes may want a smaller k_reg)."""
+
+    alpha: float = 0.1
+    methods: tuple[str, ...] = METHODS
+    share: float = 0.5
+    seed: int = 0
+    raps_lambda: float = 0.01
+    raps_k_reg: int = 5
+
+
+def split_validation(n: int, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """(indices that fit the calibrators, indices that calibrate the sets) of ``n``
+    validation samples: a permutation drawn from ``settings.seed``, its first
+    round(share·n) for the sets, the rest for the calibrators, each in ascending order."""
+    held = int(round(settings.share * n))
+    needed = math.ceil(1.0 / settings.alpha - 1.0 - 1e-9)
+    if held < needed or held == n:
+        raise UserError(f"metrics.conformal_share={settings.share:g} holds out {held} of the {n} validation images for "
+                        f"the conformal sets: metrics.conformal_alpha={settings.alpha:g} needs at least {needed}, and "
+                        "the calibrators need the rest to be non-empty.")
+    order = np.random.default_rng(settings.seed).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def quantiles(probs: np.ndarray, labels: np.ndarray, settings: Settings) -> dict[str, float]:
+    """Each method's conformal quantile q̂ on the held-out calibration samples."""
+    u = np.random.default_rng([settings.seed, 0]).random(len(labels))
+    rows = np.arange(len(labels))
+    return {method: conformal_quantile(
+        label_scores(probs, method, u, settings.raps_lambda, settings.raps_k_reg)[rows, labels], settings.alpha)
+        for method in settings.methods}
+
+
+def set_columns(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float],
+                settings: Settings) -> dict[str, float]:
+    """``set_coverage_<method>`` and ``set_size_<method>`` of the sets at the quantiles
+    ``thresholds`` on validated ``probs`` and ``labels`` (the randomisation seeded)."""
+    u = np.random.default_rng([settings.seed, 1]).random(len(labels))
+    step = max(1, _BLOCK_ELEMENTS // probs.shape[1])
+    covered, sizes = {m: 0.0 for m in thresholds}, {m: 0.0 for m in thresholds}
+    for start in range(0, len(labels), step):
+        block = slice(start, start + step)
+        for method, q in thresholds.items():
+            sets = label_scores(probs[block], method, u[block], settings.raps_lambda, settings.raps_k_reg) <= q
+            covered[method] += float(sets[np.arange(len(sets)), labels[block]].sum())
+            sizes[method] += float(sets.sum())
+    return {column: total / len(labels) for method in thresholds
+            for column, total in ((f"set_coverage_{method}", covered[method]), (f"set_size_{method}", sizes[method]))}

@@ -325,6 +325,28 @@ def severity_boxes(table: pd.DataFrame, path: Path | str, metrics: Sequence[str]
     _save(fig, path)
 
 
+def risk_coverage(curves: pd.DataFrame, path: Path | str, title: str = "",
+                  aurc: dict[str, float] | None = None) -> None:
+    """Selective risk against coverage, one line per calibrator (columns ``calibrator``,
+    ``coverage``, ``risk``), each labelled with its ``aurc`` if given. Lower is better:
+    a confidence that ranks the errors last keeps the risk low until coverage reaches the
+    accuracy; at full coverage every line reaches its calibrator's error rate.
+
+    References: Geifman & El-Yaniv 2017, "Selective Classification for Deep Neural Networks".
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (name, rows) in enumerate(curves.groupby("calibrator", sort=False)):
+        label = name if aurc is None or name not in aurc else f"{name} (AURC {aurc[name]:.4f})"
+        ax.plot(rows["coverage"], rows["risk"], linestyle=CURVE_DASHES[i % len(CURVE_DASHES)],
+                marker=CURVE_MARKERS[i % len(CURVE_MARKERS)], markevery=10, markersize=4, label=label)
+    ax.set(xlabel="Coverage (share of images answered, most confident first)",
+           ylabel="Selective risk (error rate among them)", xlim=(0, 1), ylim=(0, None), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="calibrator", title_fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def in_out_histogram(conf_in: np.ndarray, conf_out: np.ndarray, path: Path | str, in_label: str, out_label: str,
                      title: str = "", n_bins: int = 20) -> None:
     """Top-label confidence of in- and out-of-distribution inputs, each histogram

@@ -22,6 +22,7 @@ import yaml
 from scipy import stats
 
 from calibrun import UserError, bootstrap
+from calibrun.calibration import DECISION_PREFIXES, decision_columns
 from calibrun.comparison import compare_to_baseline, parse_baseline
 from calibrun.comparison import markdown as comparison_markdown
 from calibrun._io import atomic_write_text
@@ -180,13 +181,15 @@ def with_every_metric(table: pd.DataFrame) -> pd.DataFrame:
 
 def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Mean, standard deviation (over seeds) and n per group and calibrator, for every
-    metric and fitted parameter, and each metric's t-interval of the mean (``_t_lo``, ``_t_hi``)."""
+    metric, selective risk, conformal-set column and fitted parameter, and each metric's
+    and column's t-interval of the mean (``_t_lo``, ``_t_hi``)."""
     groups = [*keys, "calibrator"]
     grouped = metrics.groupby(groups, dropna=False, sort=False)
-    out = grouped[[*METRIC_NAMES, *param_columns(metrics)]].agg(["mean", "std"])
+    values = [*METRIC_NAMES, *decision_columns(metrics)]
+    out = grouped[[*values, *param_columns(metrics)]].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
     out.insert(0, "n", grouped.size())
-    for metric in METRIC_NAMES:
+    for metric in values:
         out[f"{metric}_t_lo"], out[f"{metric}_t_hi"] = t_interval(out[f"{metric}_mean"], out[f"{metric}_std"], out["n"])
     if "collapsed" in metrics:  # runs evaluated before the flag existed count as not collapsed
         out.insert(1, "collapsed", grouped["collapsed"].agg(lambda flags: int(flags.fillna(False).astype(bool).sum())))
@@ -404,10 +407,12 @@ def metric_vs_lam(summary: pd.DataFrame, keys: list[str], metric: str, path: Pat
 
 
 def _check_metrics(names: list[str], option: str, params: list[str] | None = None) -> None:
-    """Refuse names that are neither a metric nor one of ``params`` (fitted-parameter
-    columns). With ``params=None`` (runs not read yet) dotted names pass for now."""
+    """Refuse names that are neither a metric nor one of ``params`` (the runs' fitted-parameter,
+    selective-risk and conformal-set columns). With ``params=None`` (runs not read yet)
+    dotted names and those of such columns pass for now."""
     choices = [*METRIC_NAMES, *(params or [])]
-    unknown = [name for name in names if name not in choices and (params is not None or "." not in name)]
+    later = [name for name in names if "." in name or name.startswith(DECISION_PREFIXES)]
+    unknown = [name for name in names if name not in choices and (params is not None or name not in later)]
     if unknown:
         raise UserError(f"Unknown metric {', '.join(map(repr, unknown))} in {option}; "
                         f"choose from {', '.join(choices)}.")
@@ -448,7 +453,7 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     if calibrators:
         metrics = metrics[metrics["calibrator"].isin(calibrators)]
     if len(metrics):  # with no finished run there is no table: list the failed runs instead
-        _check_metrics(shown, "--table-metrics", param_columns(metrics))
+        _check_metrics(shown, "--table-metrics", [*decision_columns(metrics), *param_columns(metrics)])
     summary = aggregate(metrics, keys) if len(metrics) else pd.DataFrame()
     reference = load_paper(paper) if paper else None
     if reference is not None and len(summary):

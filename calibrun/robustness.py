@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +41,22 @@ from calibrun.calibrators import Calibrator
 from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
-from calibrun.calibration import load_calibrators
+from calibrun.calibration import Decisions, decision_columns, load_calibrators
 from calibrun.logits import load_logits
 from calibrun.metrics import METRIC_NAMES, bin_stats, pool_bins, scores
-from calibrun.plots import in_out_histogram, reliability_with_histogram, severity_boxes
+from calibrun.selective import curve_points
+from calibrun.plots import in_out_histogram, reliability_with_histogram, risk_coverage, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
-from calibrun.runfolder import (BINS, METRICS, BrokenFile, logits_file, read_run_table, require_finished_run,
+from calibrun.runfolder import (BINS, METRICS, RISK_COVERAGE, BrokenFile, logits_file, read_run_table, require_finished_run,
                                 run_config)
 
 log = logging.getLogger(__name__)
 
 SHIFT_COLUMNS = ["corruption", "severity", "calibrator", *METRIC_NAMES, "n"]
 SHIFT_BIN_COLUMNS = ["corruption", "severity", "calibrator", "bin", "lo", "hi", "count", "conf", "acc"]
+SHIFT_CURVE_COLUMNS = ["corruption", "severity", "calibrator", "coverage", "risk"]
+# The columns of shift/metrics.md, averaged over the corruptions of each severity.
+SUMMARY_METRICS = ("accuracy", "ece", "nll", "aurc", "augrc")
 OOD_COLUMNS = ["dataset", "score", "calibrator", *DETECTION_METRICS, "n"]
 
 
@@ -84,7 +88,7 @@ def evaluate_beyond_test(run_dir: Path, cfg: DictConfig, predictor: Predictor) -
         if shift.num_classes != cfg.data.num_classes:
             raise UserError(f"shift={shift.name} has {shift.num_classes} classes but the model was trained on "
                             f"{cfg.data.num_classes}; pick the corrupted release of the training data.")
-        evaluate_shift(run_dir, shift, predictor, calibrators, cfg.metrics.n_bins)
+        evaluate_shift(run_dir, shift, predictor, calibrators, cfg.metrics.n_bins, Decisions.of_run(run_dir, cfg))
     if cfg.get("ood"):
         evaluate_ood(run_dir, build_component(cfg.ood, "ood"), predictor, calibrators, cfg.metrics.n_bins)
 
@@ -106,10 +110,13 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(columns=columns)
 
 
-def _state(calibrators: dict[str, Calibrator], n_bins: int) -> str:
-    """A fingerprint of what the rows depend on besides the images: the fitted calibrators."""
+def _state(calibrators: dict[str, Calibrator], n_bins: int, decisions: Decisions | None = None) -> str:
+    """A fingerprint of what the rows depend on besides the images: the fitted calibrators,
+    the bins, and the coverages and conformal quantiles of ``decisions``."""
     params = {name: c.params() for name, c in calibrators.items()}
-    return hashlib.sha256(json.dumps({"n_bins": n_bins, "params": params}, sort_keys=True).encode()).hexdigest()
+    extra = {} if decisions is None else {"decisions": [list(decisions.coverages), decisions.quantiles,
+                                                        asdict(decisions.sets) if decisions.sets else None]}
+    return hashlib.sha256(json.dumps({"n_bins": n_bins, "params": params, **extra}, sort_keys=True).encode()).hexdigest()
 
 
 def _previous(out: Path, state: str, tables: dict[str, list[str]]) -> list[pd.DataFrame]:
@@ -125,22 +132,27 @@ def _previous(out: Path, state: str, tables: dict[str, list[str]]) -> list[pd.Da
 
 
 def _score_block(z: np.ndarray, y: np.ndarray, calibrators: dict[str, Calibrator], n_bins: int,
-                 key: dict[str, object]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Metric rows and reliability bins of every calibrator on one block of logits."""
-    rows, bins = [], []
+                 key: dict[str, object], decisions: Decisions) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Metric rows, reliability bins and risk–coverage curves of every calibrator on one
+    block of logits; the conformal sets use the quantiles of the clean validation split."""
+    rows, bins, curves = [], [], []
     for name, calibrator in calibrators.items():
         probs = calibrator.predict_proba(z)
-        rows.append({**key, "calibrator": name, **scores(probs, y, n_bins)})
+        rows.append({**key, "calibrator": name, **scores(probs, y, n_bins), **decisions.row(name, probs, y)})
         bins.append(bin_stats(probs, y, n_bins).assign(**key, calibrator=name))
-    return pd.DataFrame(rows), pd.concat(bins, ignore_index=True)
+        curves.append(curve_points(probs, y).assign(**key, calibrator=name))
+    return pd.DataFrame(rows), pd.concat(bins, ignore_index=True), pd.concat(curves, ignore_index=True)
 
 
 def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrators: dict[str, Calibrator],
-                   n_bins: int) -> pd.DataFrame:
-    """Every (corruption, severity) block of ``shift.sets()`` not yet in ``shift/metrics.csv``."""
+                   n_bins: int, decisions: Decisions | None = None) -> pd.DataFrame:
+    """Every (corruption, severity) block of ``shift.sets()`` not yet in ``shift/metrics.csv``,
+    with the selective risks and conformal sets of ``decisions`` (the run's, by default none)."""
     out = run_dir / "shift"
-    table, bins = _previous(out, _state(calibrators, n_bins),
-                            {METRICS: SHIFT_COLUMNS, BINS: SHIFT_BIN_COLUMNS})
+    decisions = decisions or Decisions()
+    columns = [*SHIFT_COLUMNS, *decisions.columns()]
+    table, bins, curves = _previous(out, _state(calibrators, n_bins, decisions),
+                                    {METRICS: columns, BINS: SHIFT_BIN_COLUMNS, RISK_COVERAGE: SHIFT_CURVE_COLUMNS})
     done = set(zip(table["corruption"], table["severity"].astype(int)))
     images, seconds = 0, 0.0
     for corruption, severity, split in shift.sets():
@@ -149,11 +161,14 @@ def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrato
         start = time.perf_counter()
         z, y = predictor.logits(split)
         seconds, images = seconds + time.perf_counter() - start, images + len(y)
-        new_rows, new_bins = _score_block(z, y, calibrators, n_bins, {"corruption": corruption, "severity": severity})
-        table = pd.concat([table, new_rows[SHIFT_COLUMNS]], ignore_index=True)
+        new_rows, new_bins, new_curves = _score_block(z, y, calibrators, n_bins,
+                                                      {"corruption": corruption, "severity": severity}, decisions)
+        table = pd.concat([table, new_rows[columns]], ignore_index=True)
         bins = pd.concat([bins, new_bins[SHIFT_BIN_COLUMNS]], ignore_index=True)
+        curves = pd.concat([curves, new_curves[SHIFT_CURVE_COLUMNS]], ignore_index=True)
         atomic_write_text(out / METRICS, table.to_csv(index=False))
         atomic_write_text(out / BINS, bins.to_csv(index=False))
+        atomic_write_text(out / RISK_COVERAGE, curves.to_csv(index=False))
         ece = new_rows.set_index("calibrator")["ece"]
         log.info("shift %s severity %d: accuracy %.4f, ECE %s", corruption, severity, new_rows["accuracy"].iloc[0],
                  ", ".join(f"{name} {value:.4f}" for name, value in ece.items()))
@@ -162,7 +177,8 @@ def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrato
     else:
         log.info("shift: every block asked for is already in %s", out / METRICS)
     if len(table):
-        shift_figures(out / "figures", table, bins, _clean_rows(run_dir))
+        shift_figures(out / "figures", table, bins, _clean_rows(run_dir), curves)
+        atomic_write_text(out / "metrics.md", severity_summary(table, decisions, _clean_rows(run_dir)))
     return table
 
 
@@ -175,10 +191,37 @@ def _clean_rows(run_dir: Path) -> pd.DataFrame | None:
     return metrics[metrics["split"] == "test"]
 
 
-def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: pd.DataFrame | None) -> None:
-    """ECE and accuracy against severity (boxes over the corruptions), and per severity
-    and calibrator a reliability diagram over the pooled corruptions with its histogram."""
+def severity_summary(table: pd.DataFrame, decisions: Decisions, clean: pd.DataFrame | None) -> str:
+    """shift/metrics.md: per severity (0: the clean test split) and calibrator, the mean over
+    the corruptions of the main metrics, the selective risks and the conformal sets."""
+    columns = [*SUMMARY_METRICS, *decision_columns(table)]
+    rows = table.astype({"severity": int}).groupby(["severity", "calibrator"], sort=False)[columns].mean()
+    if clean is not None and set(columns) <= set(clean.columns):
+        rows = pd.concat([clean.assign(severity=0).set_index(["severity", "calibrator"])[columns], rows])
+    # By severity, each in the calibrators' order of the table.
+    rows = rows.reset_index().sort_values("severity", kind="stable")
+    lines = ["# Under shift: the mean over the corruptions at each severity", "",
+             "Severity 0 is the clean test split. Nothing is refitted on shifted images: the calibrators and the "
+             "conformal quantiles are those of the clean validation split.", "",
+             rows.to_markdown(index=False, floatfmt=".4f"), ""]
+    if decisions.sets:
+        lines.append(f"set_coverage_<score> is promised at least {1 - decisions.sets.alpha:.2f} only while test "
+                     "images are exchangeable with the validation ones; under shift nothing promises it.")
+    return "\n".join(lines) + "\n"
+
+
+def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: pd.DataFrame | None,
+                  curves: pd.DataFrame | None = None) -> None:
+    """ECE and accuracy against severity (boxes over the corruptions), per severity and
+    calibrator a reliability diagram over the pooled corruptions with its histogram, and
+    per severity the risk–coverage curves averaged over the corruptions."""
     severity_boxes(table.astype({"severity": int}), folder / "severity_boxes.png", clean=clean)
+    for severity, rows in ([] if curves is None else curves.groupby("severity", sort=True)):
+        mean = rows.groupby(["calibrator", "coverage"], sort=False, as_index=False)["risk"].mean()
+        aurc = table[table["severity"].astype(int) == int(severity)].groupby("calibrator", sort=False)["aurc"].mean()
+        risk_coverage(mean, folder / f"risk_coverage_severity{int(severity)}.png",
+                      f"Severity {int(severity)}: risk–coverage, mean over {rows['corruption'].nunique()} corruptions",
+                      aurc=aurc.to_dict())
     for (severity, name), rows in bins.groupby(["severity", "calibrator"], sort=False):
         pooled, ece, mce = pool_bins(rows)
         n_corruptions = rows["corruption"].nunique()

@@ -36,6 +36,8 @@ BINS = "bins.csv"
 # Each calibrator against none on the same bootstrap resamples (calibrun.calibration).
 DIFFERENCES = "differences.csv"
 CALIBRATOR_PARAMS = "calibrators.json"
+RISK_COVERAGE = "risk_coverage.csv"  # the test split's risk–coverage curve of each calibrator
+CONFORMAL = "conformal.json"  # the conformal sets' settings and quantiles (metrics.conformal=true)
 EXTERNAL_SOURCE = "source.json"  # where logits made outside calibrun came from
 
 

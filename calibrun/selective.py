@@ -18,9 +18,9 @@ in the Evaluation of Selective Classification Systems" (NeurIPS): AUGRC.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
+import pandas as pd
 from numpy.typing import ArrayLike
 
 # AURC, E-AURC and AUGRC are metrics (columns of every table, with intervals); here for
@@ -45,11 +45,40 @@ def risk_coverage(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.n
     return k / len(errors), errors / k
 
 
+def risks_at(probs: ArrayLike, labels: ArrayLike, coverages: ArrayLike) -> np.ndarray:
+    """The error rate among the ⌈c·n⌉ most confident samples for each coverage c in (0, 1]."""
+    c = np.atleast_1d(np.asarray(coverages, dtype=np.float64))
+    if not ((c > 0.0) & (c <= 1.0)).all():
+        raise ValueError(f"coverages must lie in (0, 1], got {c.tolist()}")
+    errors = _cumulative_errors(probs, labels)
+    # The tolerance keeps 0.7 × 10 (7.000000000000001 in floating point) at 7 samples.
+    k = np.maximum(1, np.ceil(c * len(errors) - 1e-9).astype(np.int64))
+    return errors[k - 1] / k
+
+
 def selective_risk(probs: ArrayLike, labels: ArrayLike, coverage: float) -> float:
     """The error rate among the ⌈coverage·n⌉ most confident samples, coverage in (0, 1]."""
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
-    errors = _cumulative_errors(probs, labels)
-    # The tolerance keeps 0.7 × 10 (7.000000000000001 in floating point) at 7 samples.
-    k = max(1, math.ceil(coverage * len(errors) - 1e-9))
-    return float(errors[k - 1] / k)
+    return float(risks_at(probs, labels, [coverage])[0])
+
+
+def risk_column(coverage: float) -> str:
+    """The table column of the selective risk at ``coverage``: ``risk_at_90`` for 0.9."""
+    return f"risk_at_{100 * coverage:.4g}"
+
+
+def risk_columns(probs: ArrayLike, labels: ArrayLike, coverages: list[float]) -> dict[str, float]:
+    """The selective risk at each of ``coverages``, keyed by :func:`risk_column`."""
+    return {risk_column(c): float(r) for c, r in zip(coverages, risks_at(probs, labels, coverages))}
+
+
+# The coverages at which a run keeps its risk–coverage curves (risk_coverage.csv): enough
+# points for a smooth line at any test size, and the same for every block so that curves
+# of several corruptions can be averaged point by point.
+CURVE_COVERAGES = np.arange(1, 101) / 100
+
+
+def curve_points(probs: ArrayLike, labels: ArrayLike) -> pd.DataFrame:
+    """The risk–coverage curve at :data:`CURVE_COVERAGES` (columns ``coverage``, ``risk``)."""
+    return pd.DataFrame({"coverage": CURVE_COVERAGES, "risk": risks_at(probs, labels, CURVE_COVERAGES)})

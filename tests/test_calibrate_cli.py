@@ -13,7 +13,7 @@ import yaml
 from conftest import FAST
 from omegaconf import OmegaConf
 
-from calibrun import UserError
+from calibrun import UserError, conformal
 from calibrun.commands.calibrate import calibrate as calibrate_command
 from calibrun.commands.report import report as report_command
 from calibrun.calibrators import HistogramBinning, MatrixScaling, PlattScaling, TemperatureScaling
@@ -176,6 +176,58 @@ def test_a_bad_value_is_one_line_on_stderr_and_exit_1(compose_cfg, tmp_path):
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "calibrator.temperature" in proc.stderr, proc.stderr
     assert "max_iter" in proc.stderr
+
+
+def test_conformal_sets_hold_out_part_of_val_and_a_subset_refit_keeps_the_rest(compose_cfg, tmp_path):
+    """metrics.conformal=true fits the calibrators on the validation images the seeded split
+    does not hold out, writes each calibrator's quantile on the held-out ones and its sets'
+    coverage and size on test; refitting one calibrator keeps the others' quantiles, rows
+    and risk–coverage curves."""
+    run_dir = finished_run(tmp_path / "run", compose_cfg, ["calibrator=[temperature,histogram]",
+                                                          "metrics.conformal=true", "metrics.conformal_seed=2"])
+    record = json.loads((run_dir / "conformal.json").read_text())
+    settings = conformal.Settings(share=0.5, seed=2)
+    fit, held = conformal.split_validation(400, settings)
+    assert (record["n_calibrators_fit"], record["n_held_out"]) == (200, 200)
+    with np.load(run_dir / "logits" / "val.npz") as val, np.load(run_dir / "logits" / "test.npz") as test:
+        temperature = TemperatureScaling().fit(val["logits"][fit], val["labels"][fit])
+        q = conformal.quantiles(temperature.predict_proba(val["logits"][held]), val["labels"][held], settings)
+        expected = conformal.set_columns(temperature.predict_proba(test["logits"]), test["labels"], q, settings)
+    assert json.loads((run_dir / "calibrators.json").read_text())["temperature"]["T"] == pytest.approx(
+        temperature.temperature, rel=1e-6)
+    assert record["quantiles"]["temperature"] == pytest.approx(q, rel=1e-6)
+    row = split_rows(run_dir).loc["temperature"]
+    assert {c: row[c] for c in expected} == pytest.approx(expected, abs=1e-9)
+    assert 0.8 < row["set_coverage_aps"] <= 1.0
+    curves_before = pd.read_csv(run_dir / "risk_coverage.csv")
+    recalibrate(run_dir, ["calibrator=[histogram]", "calibrator.histogram.n_bins=5"], Path(config_dir()))
+    after = json.loads((run_dir / "conformal.json").read_text())
+    assert after["quantiles"]["temperature"] == record["quantiles"]["temperature"]
+    assert after["quantiles"]["histogram"] != record["quantiles"]["histogram"]
+    curves = pd.read_csv(run_dir / "risk_coverage.csv")
+    assert set(curves["calibrator"]) == {"none", "temperature", "histogram"}
+    pd.testing.assert_frame_equal(curves[curves.calibrator == "temperature"].reset_index(drop=True),
+                                  curves_before[curves_before.calibrator == "temperature"].reset_index(drop=True))
+    assert split_rows(run_dir).loc["temperature", "set_size_lac"] == row["set_size_lac"]
+    assert "## Selective prediction and conformal sets" in (run_dir / "metrics.md").read_text()
+    # Turning the sets off refits every calibrator on the whole split and removes conformal.json.
+    recalibrate(run_dir, ["metrics.conformal=false"], Path(config_dir()))
+    assert not (run_dir / "conformal.json").exists()
+    assert "set_size_lac" not in pd.read_csv(run_dir / "metrics.csv").columns
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("metrics.coverages=[]", "metrics.coverages is empty"),
+    ("metrics.coverages=[0.9,1.5]", "metrics.coverages must lie in (0, 1]"),
+    ("metrics.conformal_alpha=1", "metrics.conformal_alpha must be in (0, 1)"),
+    ("metrics.conformal_share=0", "metrics.conformal_share must be in (0, 1)"),
+    ("metrics.conformal_methods=[lac,thr]", "metrics.conformal_methods must name one or more of lac, aps, raps"),
+])
+def test_bad_selective_and_conformal_settings_are_one_line_naming_the_key(compose_cfg, tmp_path, override, named):
+    run_dir = finished_run(tmp_path / "run", compose_cfg, ["calibrator=[temperature]"])
+    proc = calibrate_process([str(run_dir), "metrics.conformal=true", override], tmp_path)
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1 and named in proc.stderr, proc.stderr
 
 
 def test_unfinished_folder_is_refused(tmp_path):

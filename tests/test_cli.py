@@ -12,14 +12,17 @@ from conftest import CIFAR_SAMPLE, FAST, REPO, only_run_dir
 
 from calibrun.metrics import METRIC_NAMES, scores
 
-# Each metric, then every metric's bootstrap interval (calibrun.bootstrap).
+# Each metric, every metric's bootstrap interval (calibrun.bootstrap), then the selective
+# risk at conf/config.yaml's metrics.coverages (conformal sets are off by default).
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed",
-                  *[f"{name}_{end}" for name in METRIC_NAMES for end in ("lo", "hi")]]
+                  *[f"{name}_{end}" for name in METRIC_NAMES for end in ("lo", "hi")],
+                  "risk_at_80", "risk_at_90", "risk_at_95"]
 CALIBRATORS = ["none", "temperature", "vector", "matrix", "platt", "histogram", "isotonic"]
 RUN_FILES = [
     ".hydra/config.yaml", "config.yaml", "calibrun.log", "env.json", "status.json", "checkpoints/last.pt",
     "history.csv", "logits/val.npz", "logits/test.npz", "metrics.csv", "metrics.md", "bins.csv",
-    *(f"figures/reliability_{name}.png" for name in CALIBRATORS), "figures/confidence_hist.png", "DONE",
+    "risk_coverage.csv", *(f"figures/reliability_{name}.png" for name in CALIBRATORS), "figures/confidence_hist.png",
+    "figures/risk_coverage.png", "DONE",
 ]
 
 

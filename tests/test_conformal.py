@@ -5,13 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from calibrun import UserError
 from calibrun.conformal import (
     METHODS,
+    Settings,
     conformal_quantile,
     coverage,
     label_scores,
     mean_set_size,
     prediction_sets,
+    quantiles,
+    set_columns,
+    split_validation,
 )
 
 
@@ -101,3 +106,46 @@ def test_an_unknown_method_is_refused():
     p = np.array([[0.6, 0.4]] * 20)
     with pytest.raises(ValueError, match="allowed: lac, aps, raps"):
         prediction_sets(p, np.zeros(20, dtype=int), p, 0.1, method="thr")
+
+
+def test_the_validation_split_is_divided_disjointly_and_reproducibly():
+    settings = Settings(share=0.3, seed=4)
+    fit, held = split_validation(1000, settings)
+    assert len(held) == 300 and len(fit) == 700
+    assert not set(fit) & set(held) and set(fit) | set(held) == set(range(1000))
+    again = split_validation(1000, settings)
+    assert all(np.array_equal(a, b) for a, b in zip((fit, held), again))
+    assert not np.array_equal(held, split_validation(1000, Settings(share=0.3, seed=5))[1])
+
+
+def test_a_held_out_part_too_small_for_alpha_names_the_keys():
+    # α = 0.05 needs 19 held-out images; 0.1 of 150 is 15.
+    with pytest.raises(UserError, match=r"metrics.conformal_share=0.1 holds out 15 .* metrics.conformal_alpha=0.05 "
+                                        r"needs at least 19"):
+        split_validation(150, Settings(alpha=0.05, share=0.1))
+
+
+def test_run_quantiles_and_set_columns_equal_the_library_sets_blockwise():
+    """What a run writes (quantiles on the held-out part, then coverage and size on test,
+    scored in row blocks) equals prediction_sets on the same draws."""
+    rng = np.random.default_rng(1)
+    p_cal, y_cal = _exchangeable(rng, 300, k=40)
+    p_test, y_test = _exchangeable(rng, 700, k=40)
+    settings = Settings(seed=3)
+    q = quantiles(p_cal, y_cal, settings)
+    columns = set_columns(p_test, y_test, q, settings)
+    for method in METHODS:
+        u_cal = np.random.default_rng([3, 0]).random(300)
+        scores = label_scores(p_cal, method, u_cal)[np.arange(300), y_cal]
+        assert q[method] == conformal_quantile(scores, 0.1)
+        u_test = np.random.default_rng([3, 1]).random(700)
+        sets = label_scores(p_test, method, u_test) <= q[method]
+        assert columns[f"set_coverage_{method}"] == pytest.approx(coverage(sets, y_test), abs=1e-12)
+        assert columns[f"set_size_{method}"] == pytest.approx(mean_set_size(sets), abs=1e-12)
+    # Blocks of 3 rows (the element budget forced down) give the same numbers.
+    import calibrun.conformal as module
+    budget, module._BLOCK_ELEMENTS = module._BLOCK_ELEMENTS, 3 * 40
+    try:
+        assert set_columns(p_test, y_test, q, settings) == pytest.approx(columns, abs=1e-12)
+    finally:
+        module._BLOCK_ELEMENTS = budget

@@ -547,3 +547,18 @@ def test_keys_leave_out_a_column_the_rows_do_not_need(tmp_path):
     write_report([tmp_path / "runs"], tmp_path / "out", name="r", table_keys=["experiment"])
     header = next(line for line in (tmp_path / "out" / "r.md").read_text().splitlines() if line.startswith("|"))
     assert "experiment" in header and "loss.lam" not in header
+
+
+def test_selective_risks_and_conformal_columns_are_averaged_over_seeds(tmp_path):
+    for seed, (risk, covered) in enumerate(((0.2, 0.9), (0.4, 0.8))):
+        folder = tmp_path / "runs" / f"seed{seed}"
+        fake_run(folder, {"seed": seed, "loss": {"_target_": "calibrun.losses.CrossEntropy"}}, 0.1)
+        metrics = pd.read_csv(folder / "metrics.csv").assign(risk_at_90=risk, set_coverage_aps=covered)
+        metrics.to_csv(folder / "metrics.csv", index=False)
+    write_report([tmp_path / "runs"], tmp_path / "out", name="t", table_metrics=["risk_at_90", "set_coverage_aps"])
+    text = (tmp_path / "out" / "t.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| none"))
+    # Two seeds: 0.3 ± 0.1414 and 0.85 ± 0.0707, each with its t-interval.
+    assert "0.3000 ± 0.1414 [" in row and "0.8500 ± 0.0707 [" in row
+    with pytest.raises(UserError, match=r"'risk_at_99' in --table-metrics; choose from .*risk_at_90, set_coverage_aps"):
+        write_report([tmp_path / "runs"], tmp_path / "out", table_metrics=["risk_at_99"])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import shutil
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,6 +27,9 @@ from calibrun.calibration import build_calibrators, load_calibrators
 from calibrun.logits import load_logits
 from calibrun.metrics import METRIC_NAMES
 from calibrun.metrics import scores as metrics_evaluate
+from calibrun import conformal
+from calibrun.calibration import Decisions, recalibrate
+from calibrun.runfolder import run_config
 from calibrun.robustness import evaluate_beyond_test, evaluate_ood, evaluate_shift, evaluation_config, trained_predictor
 from calibrun.train import run
 
@@ -88,14 +93,15 @@ def refitted_calibrators(run_dir, cfg) -> dict[str, Calibrator]:
     return {name: c.fit(z, y) for name, c in {"none": Uncalibrated(), **build_calibrators(cfg.calibrator)}.items()}
 
 
-def _direct_probs(run_dir, cfg, images: torch.Tensor, calibrator: str) -> np.ndarray:
-    """The model run on ``images`` in one batch, then the calibrator fitted on val."""
+def _direct_probs(run_dir, cfg, images: torch.Tensor, calibrator: str, fitted: dict | None = None) -> np.ndarray:
+    """The model run on ``images`` in one batch, then the calibrator of ``fitted`` (default:
+    fitted again on val)."""
     data = build_component(cfg.data, "data")
     model = build_component(cfg.model, "model")
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"])
     with torch.no_grad():
         logits = model.eval()(data.eval_transform(images)).numpy()
-    return refitted_calibrators(run_dir, cfg)[calibrator].predict_proba(logits)
+    return (fitted or refitted_calibrators(run_dir, cfg))[calibrator].predict_proba(logits)
 
 
 def _calibrator_classes(base: type = Calibrator) -> list[type]:
@@ -126,7 +132,9 @@ def test_a_shift_row_equals_the_metrics_of_the_model_run_directly(trained):
     shift = FakeCorruptions(build_component(cfg.data, "data").splits()["test"])
     table = evaluate_shift(run_dir, shift, trained_predictor(run_dir, cfg),
                            load_calibrators(run_dir), cfg.metrics.n_bins)
-    assert list(table.columns) == ["corruption", "severity", "calibrator", *METRIC_NAMES, "n"]
+    # The selective risks at conf/config.yaml's metrics.coverages; no conformal sets by default.
+    assert list(table.columns) == ["corruption", "severity", "calibrator", *METRIC_NAMES, "n",
+                                   "risk_at_80", "risk_at_90", "risk_at_95"]
     assert len(table) == 2 * 2 * 3  # corruptions x severities x {none, temperature, isotonic}
     on_disk = pd.read_csv(run_dir / "shift" / "metrics.csv")
     for calibrator in ("none", "temperature"):
@@ -139,6 +147,38 @@ def test_a_shift_row_equals_the_metrics_of_the_model_run_directly(trained):
     assert (figures / "severity_boxes.png").is_file()
     assert {p.name for p in figures.glob("reliability_*.png")} == {
         f"reliability_severity{s}_{c}.png" for s in (1, 2) for c in ("none", "temperature", "isotonic")}
+
+
+def test_shift_sets_use_the_clean_quantile_and_severity_gets_its_figures(trained, tmp_path):
+    """With metrics.conformal=true the shifted rows hold each method's set coverage and
+    size at the quantile of conformal.json, made on clean validation images and never
+    recomputed; shift/metrics.md and a risk–coverage figure per severity are written."""
+    run_dir, cfg = trained
+    run_dir = shutil.copytree(run_dir, tmp_path / "sets")
+    recalibrate(run_dir, ["metrics.conformal=true", "metrics.conformal_share=0.4"], Path(config_dir()))
+    record = json.loads((run_dir / "conformal.json").read_text())
+    cfg = run_config(run_dir)
+    shift = FakeCorruptions(build_component(cfg.data, "data").splits()["test"])
+    evaluate_shift(run_dir, shift, trained_predictor(run_dir, cfg), load_calibrators(run_dir), cfg.metrics.n_bins,
+                   Decisions.of_run(run_dir, cfg))
+    table = pd.read_csv(run_dir / "shift" / "metrics.csv")
+    row = table[(table.corruption == "noise") & (table.severity == 2) & (table.calibrator == "temperature")].iloc[0]
+    block = shift.block("noise", 2)
+    probs = _direct_probs(run_dir, cfg, block.images, "temperature", load_calibrators(run_dir))
+    settings = conformal.Settings(**{k: record[k] for k in ("alpha", "share", "seed", "raps_lambda", "raps_k_reg")})
+    for method in ("lac", "aps", "raps"):
+        u = np.random.default_rng([settings.seed, 1]).random(len(probs))
+        sets = conformal.label_scores(probs, method, u, settings.raps_lambda, settings.raps_k_reg) \
+            <= record["quantiles"]["temperature"][method]
+        assert row[f"set_coverage_{method}"] == pytest.approx(conformal.coverage(sets, block.labels.numpy()), abs=1e-9)
+        assert row[f"set_size_{method}"] == pytest.approx(conformal.mean_set_size(sets), abs=1e-9)
+    summary = (run_dir / "shift" / "metrics.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("|")][2:]
+    # The clean split as severity 0, then both severities, each with none and the two calibrators.
+    assert [line.split("|")[1].strip() for line in rows] == ["0"] * 3 + ["1"] * 3 + ["2"] * 3
+    assert "set_coverage_aps" in summary
+    assert {p.name for p in (run_dir / "shift" / "figures").glob("risk_coverage_*.png")} == {
+        "risk_coverage_severity1.png", "risk_coverage_severity2.png"}
 
 
 def test_shift_never_refits_and_skips_what_is_written(trained):

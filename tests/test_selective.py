@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from calibrun.logits import load_logits
-from calibrun.selective import aurc, augrc, excess_aurc, risk_coverage, selective_risk
+from calibrun.selective import (aurc, augrc, curve_points, excess_aurc, risk_columns, risk_coverage, risks_at,
+                                selective_risk)
 
 DEMO_LOGITS = Path(__file__).resolve().parent / "fixtures" / "demo_logits"
 
@@ -81,3 +82,14 @@ def test_a_coverage_outside_zero_one_is_refused(coverage):
     p, y = _two_class([0.9, 0.8], [1, 0])
     with pytest.raises(ValueError, match="coverage must be in"):
         selective_risk(p, y, coverage)
+
+
+def test_risks_at_coverages_and_their_columns_by_hand():
+    # The six samples above: at 50% coverage the 3 most confident hold 1 error, at 2/3 the 4 first hold 1.
+    p, y = _two_class([0.9, 0.8, 0.7, 0.6, 0.55, 0.51], [1, 0, 1, 1, 0, 0])
+    np.testing.assert_allclose(risks_at(p, y, [0.5, 2 / 3, 1.0]), [1 / 3, 1 / 4, 3 / 6])
+    assert risk_columns(p, y, [0.8, 0.95, 0.875]) == {
+        "risk_at_80": pytest.approx(2 / 5), "risk_at_95": pytest.approx(3 / 6), "risk_at_87.5": pytest.approx(3 / 6)}
+    curve = curve_points(p, y)
+    assert list(curve.columns) == ["coverage", "risk"] and curve["risk"].iloc[-1] == pytest.approx(0.5)
+    assert curve.loc[curve["coverage"] == 0.5, "risk"].iloc[0] == pytest.approx(1 / 3)

@@ -29,5 +29,6 @@ def evaluate(argv: list[str] | None = None) -> None:
     with mistakes_exit(args.run_dir):
         cfg = evaluation_config(args.run_dir, args.overrides, Path(config_dir()))
         evaluate_beyond_test(args.run_dir, cfg, trained_predictor(args.run_dir, cfg))
-    written = [p for p in (args.run_dir / "shift" / METRICS, args.run_dir / "ood" / METRICS) if p.is_file()]
+    written = [p for p in (args.run_dir / "shift" / "metrics.md", args.run_dir / "shift" / METRICS,
+                           args.run_dir / "ood" / METRICS) if p.is_file()]
     log.info("Results: %s", ", ".join(map(str, written)))

@@ -30,7 +30,8 @@ from calibrun._io import atomic_write_text
 from calibrun.calibrators import Calibrator, Uncalibrated
 from calibrun.config import build_component, first_line, validate
 from calibrun.logits import load_logits, save_logits
-from calibrun.metrics import DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, bin_stats, collapse_threshold, scores
+from calibrun.metrics import (DEFAULT_COLLAPSE_MARGIN, METRIC_NAMES, Weighted, bin_stats, collapse_threshold, scores,
+                              validated)
 from calibrun.metrics import metric as metric_of
 from calibrun.plots import confidence_histogram, reliability_with_histogram, risk_coverage
 from calibrun.bootstrap import interval_names
@@ -106,11 +107,24 @@ class Decisions:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"Cannot read {path} ({err}); refit the run with calibrun-calibrate {run_dir}.") from None
 
-    def columns(self) -> list[str]:
-        """The selective risks' columns, then each method's set coverage and size."""
+    def columns(self, intervals: bool = False) -> list[str]:
+        """The selective risks' columns (with ``intervals`` each followed by its ``_lo`` and
+        ``_hi``), then each method's set coverage and size."""
+        risks = [selective.risk_column(c) for c in self.coverages]
+        bounds = [f"{name}_{end}" for name in risks for end in ("lo", "hi")] if intervals else []
         sets = [f"set_{what}_{method}" for method in self.sets.methods for what in ("coverage", "size")
                 ] if self.sets else []
-        return [*(selective.risk_column(c) for c in self.coverages), *sets]
+        return [*risks, *bounds, *sets]
+
+    def risk_intervals(self, probs: np.ndarray, labels: np.ndarray, settings: bootstrap.Settings) -> dict[str, float]:
+        """Each selective risk's bootstrap interval, on the resamples of the metrics' intervals."""
+        p, y = validated(probs, labels)
+        shared: dict = {}
+        values = np.concatenate([selective.risks_at_weighted(Weighted(p, y, 1, w, shared), list(self.coverages))
+                                 for w in bootstrap.resample_weights(len(y), settings)], axis=1)
+        lo, hi = bootstrap.interval(values, selective.risks_at(p, y, list(self.coverages)), settings)
+        return {f"{selective.risk_column(c)}_{end}": float(np.clip(value, 0.0, 1.0))
+                for c, a, b in zip(self.coverages, lo, hi) for end, value in (("lo", a), ("hi", b))}
 
     def row(self, name: str, probs: np.ndarray, labels: np.ndarray, with_sets: bool = True) -> dict[str, float]:
         """The columns of calibrator ``name`` on validated ``probs`` and ``labels``."""
@@ -158,7 +172,8 @@ class _Evaluation:
             scored = scores(probs, y, self.n_bins)
             self.rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < self.threshold,
                               **_intervals(self.resampled[split], name, probs, y, scored, self.n_bins, self.intervals),
-                              **self.decisions.row(name, probs, y, with_sets=split == "test")})
+                              **self.decisions.row(name, probs, y, with_sets=split == "test"),
+                              **(self.decisions.risk_intervals(probs, y, self.intervals) if self.intervals else {})})
             if split == "test":
                 curve = bootstrap.smooth_curve(probs, y, band) if self.smooth_curve else None
                 self.bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, self.n_bins,
@@ -205,7 +220,7 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
         run.calibrator(run_dir, name, calibrator)
     differences = [{"split": split, **row} for split, by_name in run.resampled.items()
                    for row in _against_none(by_name, intervals)] if intervals is not None else []
-    table = _keep_others(run_dir / METRICS, pd.DataFrame(run.rows, columns=[*METRIC_COLUMNS, *run.decisions.columns()]))
+    table = _keep_others(run_dir / METRICS, pd.DataFrame(run.rows, columns=[*METRIC_COLUMNS, *run.decisions.columns(intervals is not None)]))
     paired = _keep_others(run_dir / DIFFERENCES, pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS))
     sets = _write_conformal(run_dir / CONFORMAL, run, held)
     write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(run.bins)[BIN_COLUMNS]), n_bins,
@@ -410,26 +425,36 @@ DECISION_PREFIXES = ("risk_at_", "set_coverage_", "set_size_")
 
 
 def decision_columns(table: pd.DataFrame) -> list[str]:
-    """The selective-risk and conformal-set columns of a metrics table, in its order."""
-    return [c for c in table.columns if c.startswith(DECISION_PREFIXES)]
+    """The selective-risk and conformal-set columns of a metrics table, in its order (not
+    the risks' interval bounds)."""
+    return [c for c in table.columns if c.startswith(DECISION_PREFIXES) and not c.endswith(("_lo", "_hi"))]
 
 
 def decision_section(table: pd.DataFrame, sets: dict | None) -> list[str]:
     """metrics.md's second table: what the test split's confidences are worth for abstaining
     (AURC, E-AURC, AUGRC, the selective risks) and, with ``sets``, the conformal sets."""
-    columns = ["accuracy", "aurc", "eaurc", "augrc", *decision_columns(table)]
-    test = table[table["split"] == "test"][["calibrator", *columns]]
+    columns = ["aurc", "eaurc", "augrc", *decision_columns(table)]
+    test = table[table["split"] == "test"]
+    shown = test[["calibrator", *columns]].astype(object)
+    for column in columns:
+        lo, hi = (test.get(f"{column}_{end}", pd.Series(np.nan, index=test.index)) for end in ("lo", "hi"))
+        shown[column] = [f"{v:.4f}" if pd.isna(a) or pd.isna(b) else f"{v:.4f} [{a:.4f}, {b:.4f}]"
+                         for v, a, b in zip(test[column], lo, hi)]
     lines = ["## Selective prediction and conformal sets, test split", "",
-             test.to_markdown(index=False, floatfmt=".4f"), "",
-             "risk_at_<c>: the error rate among the c% most confident test images (README \"Selective prediction "
-             "and conformal sets\"); AURC, E-AURC, AUGRC: lower is better."]
+             shown.to_markdown(index=False, disable_numparse=True), "",
+             "risk_at_<c>: the error rate among the c% most confident test images, with the bootstrap interval of "
+             "the metrics above (README \"Selective prediction and conformal sets\"); AURC, E-AURC, AUGRC: lower "
+             "is better."]
     if sets:
         lines.append(f"set_coverage_<score>: the share of test images whose conformal set holds the label, promised "
                      f"at least {1 - sets['alpha']:.2f} (metrics.conformal_alpha={sets['alpha']:g}) while test images "
                      f"are exchangeable with the validation ones; set_size_<score>: the mean number of labels per set. "
                      f"The quantile comes from {sets['n_held_out']} validation images held out "
                      f"(metrics.conformal_share={sets['share']:g}, metrics.conformal_seed={sets['seed']}); the "
-                     f"calibrators were fitted on the other {sets['n_calibrators_fit']}, the val rows above are on them.")
+                     f"calibrators were fitted on the other {sets['n_calibrators_fit']}, the val rows above are on them. "
+                     "Calibration draws of that size give a coverage between {:.3f} and {:.3f} in 95% of cases (Vovk "
+                     "2012's Beta law), before the test images' own sampling.".format(
+                         *conformal.coverage_spread(sets["n_held_out"], sets["alpha"])))
     return lines
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import stats
 
 from calibrun import UserError
 from calibrun.config import CONFORMAL_METHODS as METHODS
@@ -84,6 +85,19 @@ def prediction_sets(calibration_probs: ArrayLike, calibration_labels: ArrayLike,
     cal = label_scores(p_cal, method, u_cal, raps_lambda, raps_k_reg)[np.arange(len(y_cal)), y_cal]
     q = conformal_quantile(cal, alpha)
     return label_scores(p_test, method, u_test, raps_lambda, raps_k_reg) <= q, q
+
+
+def coverage_spread(n: int, alpha: float, level: float = 0.95) -> tuple[float, float]:
+    """The range of coverages that ``level`` of the calibration draws of ``n`` samples give
+    on an infinite test set: the coverage given the draw follows Beta(n + 1 − l, l),
+    l = ⌊(n + 1)α⌋ (Vovk 2012, "Conditional validity of inductive conformal predictors";
+    Angelopoulos & Bates 2021, "A Gentle Introduction to Conformal Prediction", §3.2)."""
+    _check_alpha(alpha)
+    l = math.floor((n + 1) * alpha + 1e-9)
+    if l < 1:
+        raise ValueError(f"a calibration split of {n} samples is too small for alpha={alpha}")
+    lo, hi = stats.beta.ppf([(1 - level) / 2, (1 + level) / 2], n + 1 - l, l)
+    return float(lo), float(hi)
 
 
 def coverage(sets: np.ndarray, labels: ArrayLike) -> float:

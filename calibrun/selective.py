@@ -82,3 +82,20 @@ CURVE_COVERAGES = np.arange(1, 101) / 100
 def curve_points(probs: ArrayLike, labels: ArrayLike) -> pd.DataFrame:
     """The risk–coverage curve at :data:`CURVE_COVERAGES` (columns ``coverage``, ``risk``)."""
     return pd.DataFrame({"coverage": CURVE_COVERAGES, "risk": risks_at(probs, labels, CURVE_COVERAGES)})
+
+
+def risks_at_weighted(sample: Weighted, coverages: list[float]) -> np.ndarray:
+    """:func:`risks_at` under each row of the sample weights of ``sample`` (coverages × B):
+    the error rate among the ⌈c·W⌉ most confident of the W weighted copies, a tied block's
+    errors spread evenly over its positions. Gives the bootstrap its resampled values."""
+    weight, errors, before, errors_before = sample.selective_blocks
+    rows, blocks = weight.shape
+    k = np.maximum(1.0, np.ceil(np.asarray(coverages)[:, None] * sample.total[None, :] - 1e-9))  # C × B
+    reached = before + weight  # copies up to the end of each block, non-decreasing along a row
+    # One search over all rows: offsetting row b by b·(its total + 1) keeps the array sorted.
+    offset = (np.arange(rows) * (reached[:, -1].max() + 1))[:, None]
+    block = np.searchsorted((reached + offset).ravel(), (k.T + offset).ravel(), side="left").reshape(rows, -1)
+    block = np.minimum(block - (np.arange(rows) * blocks)[:, None], blocks - 1)
+    take = lambda a: np.take_along_axis(a, block, axis=1)  # noqa: E731
+    rate = np.divide(take(errors), take(weight), out=np.zeros(block.shape), where=take(weight) > 0)
+    return ((take(errors_before) + (k.T - take(before)) * rate) / k.T).T

@@ -13,10 +13,11 @@ from conftest import CIFAR_SAMPLE, FAST, REPO, only_run_dir
 from calibrun.metrics import METRIC_NAMES, scores
 
 # Each metric, every metric's bootstrap interval (calibrun.bootstrap), then the selective
-# risk at conf/config.yaml's metrics.coverages (conformal sets are off by default).
+# risk at conf/config.yaml's metrics.coverages and its interval (conformal sets are off by default).
+RISKS = ["risk_at_80", "risk_at_90", "risk_at_95"]
 METRIC_COLUMNS = ["split", "calibrator", *METRIC_NAMES, "n", "collapsed",
                   *[f"{name}_{end}" for name in METRIC_NAMES for end in ("lo", "hi")],
-                  "risk_at_80", "risk_at_90", "risk_at_95"]
+                  *RISKS, *[f"{name}_{end}" for name in RISKS for end in ("lo", "hi")]]
 CALIBRATORS = ["none", "temperature", "vector", "matrix", "platt", "histogram", "isotonic"]
 RUN_FILES = [
     ".hydra/config.yaml", "config.yaml", "calibrun.log", "env.json", "status.json", "checkpoints/last.pt",

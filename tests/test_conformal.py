@@ -11,6 +11,7 @@ from calibrun.conformal import (
     Settings,
     conformal_quantile,
     coverage,
+    coverage_spread,
     label_scores,
     mean_set_size,
     prediction_sets,
@@ -149,3 +150,13 @@ def test_run_quantiles_and_set_columns_equal_the_library_sets_blockwise():
         assert set_columns(p_test, y_test, q, settings) == pytest.approx(columns, abs=1e-12)
     finally:
         module._BLOCK_ELEMENTS = budget
+
+
+def test_coverage_spread_is_that_of_the_quantile_over_calibration_draws():
+    """Uniform scores: the coverage given a calibration draw is q̂ itself; over 4,000 draws
+    of 250 its 2.5% and 97.5% quantiles match coverage_spread's Beta law."""
+    rng = np.random.default_rng(0)
+    q = np.array([conformal_quantile(rng.random(250), 0.1) for _ in range(4000)])
+    lo, hi = coverage_spread(250, 0.1)
+    assert np.quantile(q, [0.025, 0.975]) == pytest.approx([lo, hi], abs=0.005)
+    assert lo < 0.9 < hi

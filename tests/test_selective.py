@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from calibrun.logits import load_logits
+from calibrun.metrics import Weighted, validated
 from calibrun.selective import (aurc, augrc, curve_points, excess_aurc, risk_columns, risk_coverage, risks_at,
-                                selective_risk)
+                                risks_at_weighted, selective_risk)
 
 DEMO_LOGITS = Path(__file__).resolve().parent / "fixtures" / "demo_logits"
 
@@ -93,3 +94,18 @@ def test_risks_at_coverages_and_their_columns_by_hand():
     curve = curve_points(p, y)
     assert list(curve.columns) == ["coverage", "risk"] and curve["risk"].iloc[-1] == pytest.approx(0.5)
     assert curve.loc[curve["coverage"] == 0.5, "risk"].iloc[0] == pytest.approx(1 / 3)
+
+
+def test_weighted_risks_equal_the_risks_of_the_resampled_images():
+    """The bootstrap's selective risks (sample weights) equal risks_at on the resampled
+    images themselves, ties included (confidences rounded to two decimals)."""
+    rng = np.random.default_rng(0)
+    n = 300
+    p = np.round(rng.dirichlet(np.ones(5), n), 2)
+    p, y = validated(p / p.sum(1, keepdims=True), rng.integers(0, 5, n))
+    w = rng.multinomial(n, np.ones(n) / n, size=40).astype(float)
+    coverages = [0.1, 0.5, 0.8, 0.9, 1.0]
+    got = risks_at_weighted(Weighted(p, y, 1, w), coverages)
+    for b in range(len(w)):
+        drawn = np.repeat(np.arange(n), w[b].astype(int))
+        np.testing.assert_allclose(got[:, b], risks_at(p[drawn], y[drawn], coverages), atol=1e-12)

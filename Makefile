@@ -25,7 +25,7 @@ ARGS ?=
 BENCH_ARGS ?=
 # λ of gap and gap_cap in reproduce-table1 (the paper's 10), and what it weighs the gap
 # against: summed_ce (a cross-entropy summed over the batch, λ/batch size on calibrun's mean;
-# the measured default, README "Reproducing Table 1") or mean_ce (the batch-mean cross-entropy).
+# the measured default, docs/reproductions/table1.md) or mean_ce (the batch-mean cross-entropy).
 LAM ?= 10
 READING ?= summed_ce
 # The value ARGS gives a key (the last one wins, as in Hydra); empty when it gives none.
@@ -38,7 +38,7 @@ data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(T
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-gpu demo bench bench-intervals bench-calibrators bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls reproduce-baselines sweep-lambda report clean
+.PHONY: help install test lint test-slow test-gpu demo bench bench-intervals bench-calibrators bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls reproduce-baselines sweep-lambda tune-lambda report docs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -47,7 +47,7 @@ install: $(BIN)/.installed ## create .venv and install calibrun with its [dev] e
 
 # No pip cache: torch's CUDA wheels alone are several GB, and a second copy in the cache
 # has filled a CI machine's disk. TORCH_INDEX=cpu installs torch's CPU-only build first
-# (README "Install"), any other value is taken as the index URL to install torch from.
+# (docs/getting-started.md), any other value is taken as the index URL to install torch from.
 TORCH_INDEX ?=
 torch_index_url = $(if $(filter cpu,$(TORCH_INDEX)),https://download.pytorch.org/whl/cpu,$(TORCH_INDEX))
 # torch's and torchvision's ranges, as pyproject.toml declares them.
@@ -61,8 +61,15 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 	@echo "Installed. In a new shell, run 'source $(VENV)/bin/activate' to put calibrun on the PATH (or call $(BIN)/calibrun)."
 
-test: install ## the offline CPU test suite (skips `slow` and `gpu` tests)
-	$(BIN)/python -m pytest -q
+# pytest-xdist workers: one per core (each worker's torch gets its share of the threads, tests/conftest.py).
+TEST_WORKERS ?= auto
+test: install ## the offline CPU test suite on every core (skips `slow` and `gpu` tests); TEST_WORKERS=0 runs it in one process
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+lint: install ## ruff and mypy on calibrun/, pyflakes on tests/ and benchmarks/ (settings in pyproject.toml)
+	$(BIN)/ruff check calibrun
+	$(BIN)/ruff check --select F tests benchmarks
+	$(BIN)/mypy
 
 test-slow: install ## the slow tests too (multiruns, non-editable install)
 	$(BIN)/python -m pytest -q -m 'not gpu'
@@ -157,8 +164,8 @@ space := $(subst ,, )
 baselines_caption = Train-time calibration baselines under one recipe: data=$(or $(DATA),cifar10), model=resnet110$(if \
 	$(filter model.%,$(ARGS)), $(filter model.%,$(ARGS))), trainer=$(or $(TRAINER),default)$(if $(EPOCHS), trainer.epochs=$(EPOCHS)), \
 	seeds $(call seeds_or,3), 15-bin metrics, T fitted on the validation split$(if $(SHIFT),$(comma) shift=$(SHIFT))$(if \
-	$(ARGS),; extra overrides: $(ARGS)). Each loss at its paper's CIFAR-10 hyperparameters (README, Train-time \
-	baselines). Paper columns: Mukhoti et al. 2020's CIFAR-10 ResNet-110 rows (test error and ECE before/after \
+	$(ARGS),; extra overrides: $(ARGS)). Each loss at its paper's CIFAR-10 hyperparameters \
+	(docs/reproductions/baselines.md). Paper columns: Mukhoti et al. 2020's CIFAR-10 ResNet-110 rows (test error and ECE before/after \
 	temperature scaling, 15 bins, 350 epochs), from the tables of github.com/torrvision/focal_calibration's README; \
 	no published CIFAR-10 ResNet-110 number was found for DCA, MDCA, MbLS or AdaFocal, so those are left empty.
 reproduce-baselines: install ## every train-time baseline (CE, Brier, MMCE, LS, FL-3, FLSD-53, DCA, MDCA, MbLS, AdaFocal) on CIFAR-10 ResNet-110, SEEDS (default 3) -> outputs/tables/baselines.md
@@ -173,8 +180,22 @@ sweep-lambda: install ## gap_cap over λ in {0, 0.1, 1, 3, 10, 30} on CIFAR-10, 
 		trainer.progress=false run_name=sweep_lambda $(ARGS); status=$$?; \
 	$(BIN)/calibrun-report outputs/multirun/sweep_lambda && exit $$status
 
+# Trials of tune-lambda (Optuna, hydra/sweeper=tune).
+TRIALS ?= 20
+tune-lambda: install ## tune gap_cap's λ with Optuna on the validation NLL after temperature scaling (TRIALS, default 20), then the report of the trials
+	$(BIN)/calibrun -m hydra/sweeper=tune hydra.sweeper.n_trials=$(TRIALS) loss=gap_cap 'loss.lam=tag(log,interval(0.1,100))' \
+		objective.metric=nll objective.calibrator=temperature seed=$(seed_list) $(data_args) $(epochs_arg) \
+		trainer.progress=false run_name=tune_lambda $(ARGS); status=$$?; \
+	$(BIN)/calibrun-report outputs/multirun/tune_lambda --out outputs/tables --name tune_lambda \
+		--calibrators temperature --table-metrics nll,ece,accuracy \
+		--caption "Optuna trials over λ of gap_cap, minimising the validation NLL after temperature scaling (objective.metric=nll); the table shows the test split. Best trial: outputs/multirun/tune_lambda/optimization_results.yaml." \
+		&& exit $$status
+
 report: install ## aggregate run folders: make report RUNS="outputs/multirun/<sweep> ..."
 	$(BIN)/calibrun-report $(or $(RUNS),outputs/multirun)
+
+docs: install ## the documentation site (mkdocs.yml, docs/) -> site/; warnings are errors (mkdocs build --strict)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU proxy of the full-scale Table 1 measurement (README "Reproducing Table 1",
+# The CPU proxy of the full-scale Table 1 measurement (docs/reproductions/table1.md,
 # "Measured"): ResNet-8 on 10,000 of the 45,000 training images of full CIFAR-10 (the
 # 5,000-image validation split and the 10,000 test images whole), no augmentation, 12
 # epochs of the presets' recipe, seed 0, one thread per run.

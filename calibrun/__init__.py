@@ -1,6 +1,6 @@
 """calibrun: an experiment runner for confidence calibration of image classifiers.
 
-It is also a library for your own logits (README, "Your own logits"): the metrics, the
+It is also a library for your own logits (docs/guide/own-logits.md): the metrics, the
 calibrators and the figures are importable from here. They load on first use, so that
 ``import calibrun`` stays cheap for the command line.
 """

@@ -18,7 +18,7 @@ clipped to the metric's range. Unlike the percentile interval [q_lo, q_hi]
 (``metrics.interval=percentile``), it corrects for the upward bias that every binned
 calibration error has on a finite sample: in calibrun's simulations percentile intervals
 of classwise ECE and MCE covered the population value in 0% and 30% of draws, basic ones
-in over 90%. Neither covers a calibration error of nearly 0 reliably (README "Intervals").
+in over 90%. Neither covers a calibration error of nearly 0 reliably (docs/guide/intervals.md).
 
 References: Efron & Tibshirani (1993), "An Introduction to the Bootstrap", §13.3
 (percentile interval); Davison & Hinkley (1997), "Bootstrap Methods and their

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypedDict, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -59,11 +60,26 @@ OVERRIDE_HELP = "calibrator=[name,...], calibrator.<name>.<key>=value and metric
 # --------------------------------------------------------------------------- tables and figures
 
 
-def metric_settings(cfg: DictConfig) -> dict[str, object]:
+class MetricSettings(TypedDict):
+    """The keyword arguments of :func:`calibrate_and_report` that a run's ``metrics.*`` set."""
+
+    n_bins: int
+    collapse_margin: float
+    intervals: bootstrap.Settings | None
+    smooth_curve: bool
+    coverages: tuple[float, ...]
+    conformal_sets: conformal.Settings | None
+
+
+_T = TypeVar("_T")
+
+
+def metric_settings(cfg: DictConfig) -> MetricSettings:
     """The ``metrics.*`` settings :func:`calibrate_and_report` takes, from a run's config (a
     run made before a setting existed gets its default)."""
-    def setting(key: str, default: object) -> object:
-        return OmegaConf.select(cfg, f"metrics.{key}", default=default)
+    def setting(key: str, default: _T) -> _T:
+        # The config schema (calibrun.config) gives each metrics key its default's type.
+        return cast(_T, OmegaConf.select(cfg, f"metrics.{key}", default=default))
 
     defaults = bootstrap.Settings()
     intervals = bootstrap.Settings(setting("resamples", defaults.resamples), setting("level", defaults.level),
@@ -130,6 +146,7 @@ class Decisions:
         """The columns of calibrator ``name`` on validated ``probs`` and ``labels``."""
         columns = selective.risk_columns(probs, labels, list(self.coverages))
         if with_sets and name in self.quantiles:
+            assert self.sets is not None  # quantiles come only with the sets' settings
             columns.update(conformal.set_columns(probs, labels, self.quantiles[name], self.sets))
         return columns
 
@@ -163,6 +180,7 @@ class _Evaluation:
         log.info("Fitted %s on %d validation logits in %.1f s", name, len(self.splits["val"][1]),
                  time.perf_counter() - started)
         if self.held is not None:
+            assert self.decisions.sets is not None  # images are held out only for the sets
             self.decisions.quantiles[name] = conformal.quantiles(calibrator.predict_proba(self.held[0]), self.held[1],
                                                                  self.decisions.sets)
         # The level of the bins' Wilson intervals and the smooth curve's band, intervals off or on.
@@ -170,7 +188,8 @@ class _Evaluation:
         for split, (z, y) in self.splits.items():
             probs = calibrator.predict_proba(z)
             scored = scores(probs, y, self.n_bins)
-            self.rows.append({"split": split, "calibrator": name, **scored, "collapsed": scored["accuracy"] < self.threshold,
+            self.rows.append({"split": split, "calibrator": name, **scored,
+                              "collapsed": scored["accuracy"] < self.threshold,
                               **_intervals(self.resampled[split], name, probs, y, scored, self.n_bins, self.intervals),
                               **self.decisions.row(name, probs, y, with_sets=split == "test"),
                               **(self.decisions.risk_intervals(probs, y, self.intervals) if self.intervals else {})})
@@ -220,7 +239,8 @@ def calibrate_and_report(run_dir: Path, calibrators: dict[str, Calibrator], n_bi
         run.calibrator(run_dir, name, calibrator)
     differences = [{"split": split, **row} for split, by_name in run.resampled.items()
                    for row in _against_none(by_name, intervals)] if intervals is not None else []
-    table = _keep_others(run_dir / METRICS, pd.DataFrame(run.rows, columns=[*METRIC_COLUMNS, *run.decisions.columns(intervals is not None)]))
+    columns = [*METRIC_COLUMNS, *run.decisions.columns(intervals is not None)]
+    table = _keep_others(run_dir / METRICS, pd.DataFrame(run.rows, columns=columns))
     paired = _keep_others(run_dir / DIFFERENCES, pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS))
     sets = _write_conformal(run_dir / CONFORMAL, run, held)
     write_run_tables(run_dir, table, _keep_others(run_dir / BINS, pd.concat(run.bins)[BIN_COLUMNS]), n_bins,
@@ -237,6 +257,7 @@ def _write_conformal(path: Path, run: _Evaluation, held: Logits | None) -> dict 
     if sets is None:
         path.unlink(missing_ok=True)
         return None
+    assert held is not None  # the sets' quantiles come from the held-out images
     old = json.loads(path.read_text()).get("quantiles", {}) if path.is_file() else {}
     record = {**asdict(sets), "n_calibrators_fit": len(run.splits["val"][1]), "n_held_out": len(held[1]),
               "quantiles": {**quantiles, **{k: v for k, v in old.items() if k not in quantiles}}}
@@ -443,7 +464,7 @@ def decision_section(table: pd.DataFrame, sets: dict | None) -> list[str]:
     lines = ["## Selective prediction and conformal sets, test split", "",
              shown.to_markdown(index=False, disable_numparse=True), "",
              "risk_at_<c>: the error rate among the c% most confident test images, with the bootstrap interval of "
-             "the metrics above (README \"Selective prediction and conformal sets\"); AURC, E-AURC, AUGRC: lower "
+             "the metrics above (docs/guide/selective-conformal.md); AURC, E-AURC, AUGRC: lower "
              "is better."]
     if sets:
         lines.append(f"set_coverage_<score>: the share of test images whose conformal set holds the label, promised "
@@ -451,7 +472,8 @@ def decision_section(table: pd.DataFrame, sets: dict | None) -> list[str]:
                      f"are exchangeable with the validation ones; set_size_<score>: the mean number of labels per set. "
                      f"The quantile comes from {sets['n_held_out']} validation images held out "
                      f"(metrics.conformal_share={sets['share']:g}, metrics.conformal_seed={sets['seed']}); the "
-                     f"calibrators were fitted on the other {sets['n_calibrators_fit']}, the val rows above are on them. "
+                     f"calibrators were fitted on the other {sets['n_calibrators_fit']}, the val rows above are on "
+                     "them. "
                      "Calibration draws of that size give a coverage between {:.3f} and {:.3f} in 95% of cases (Vovk "
                      "2012's Beta law), before the test images' own sampling.".format(
                          *conformal.coverage_spread(sets["n_held_out"], sets["alpha"])))
@@ -512,7 +534,8 @@ def collapse_warning(table: pd.DataFrame, collapse: tuple[float, float] | None) 
     model that learnt next to nothing."""
     if collapse is None:
         return []
-    rows = table[(table["split"] == "test") & (table["calibrator"] == "none") & table["collapsed"].fillna(False).astype(bool)]
+    collapsed = table["collapsed"].fillna(False).astype(bool)
+    rows = table[(table["split"] == "test") & (table["calibrator"] == "none") & collapsed]
     if not len(rows):
         return []
     threshold, margin = collapse
@@ -539,7 +562,8 @@ def load_calibrators(run_dir: Path) -> dict[str, Calibrator]:
     missing = [name for name in params if name != "none" and name not in section]
     if missing:
         raise UserError(f"{run_dir / 'config.yaml'} has no calibrator.{missing[0]} for the entry in {path}.")
-    built = {"none": Uncalibrated(), **build_calibrators(OmegaConf.create({n: section[n] for n in params if n != "none"}))}
+    fitted = OmegaConf.create({n: section[n] for n in params if n != "none"})
+    built = {"none": Uncalibrated(), **build_calibrators(fitted)}
     try:
         return {name: built[name].load_params(values) for name, values in params.items()}
     except (KeyError, TypeError, ValueError) as err:
@@ -548,7 +572,11 @@ def load_calibrators(run_dir: Path) -> dict[str, Calibrator]:
 
 def build_calibrators(section: DictConfig) -> dict[str, Calibrator]:
     """One calibrator per entry of a validated ``calibrator`` config section."""
-    return {name: build_component(node, f"calibrator.{name}") for name, node in section.items()}
+    built: dict[str, Calibrator] = {}
+    for name, node in section.items():
+        key = str(name)  # config keys are strings; omegaconf's stubs also allow bytes, ints and enums
+        built[key] = build_component(node, f"calibrator.{key}")
+    return built
 
 
 def recalibrate(run_dir: Path, overrides: list[str], conf_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -580,15 +608,14 @@ def refit_config(run_cfg: DictConfig, overrides: list[str], in_table: list[str],
     the calibrators already in the table, so that no row keeps the old bins or resamples.
     """
     chosen, settings, metric_values = _parse_overrides(overrides)
-    run_section = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
+    run_section = _as_dict(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
     base = _compose_all_calibrators(conf_dir)
     unknown_metric = [key for key in metric_values if key not in base.metrics]
     if unknown_metric:
         raise UserError(f"calibrun-calibrate cannot apply metrics.{unknown_metric[0]}: the metrics settings are "
                         f"{', '.join(f'metrics.{key}' for key in base.metrics)}.")
     # A run made before a setting existed used its default, conf/config.yaml's.
-    run_metrics = {**OmegaConf.to_container(base.metrics),
-                   **OmegaConf.to_container(run_cfg.get("metrics") or OmegaConf.create({}), resolve=True)}
+    run_metrics = {**_as_dict(base.metrics), **_as_dict(run_cfg.get("metrics") or OmegaConf.create({}), resolve=True)}
     names = list(run_section) if chosen is None else list(dict.fromkeys(chosen))
     if any(run_metrics.get(key) != value for key, value in metric_values.items()):
         names += [name for name in in_table if name not in names]
@@ -603,8 +630,8 @@ def refit_config(run_cfg: DictConfig, overrides: list[str], in_table: list[str],
             raise UserError(f"Override calibrator.{key}: {key.split('.')[0]!r} is not among the calibrators "
                             f"refitted ({', '.join(names) or 'none'}); add it to calibrator=[...].")
         OmegaConf.update(section, key, value, merge=True)
-    raw = OmegaConf.to_container(base)
-    raw.update(calibrator=OmegaConf.to_container(section), metrics={**run_metrics, **metric_values})
+    raw = _as_dict(base)
+    raw.update(calibrator=_as_dict(section), metrics={**run_metrics, **metric_values})
     return validate(OmegaConf.create(raw))
 
 
@@ -612,7 +639,9 @@ def _parse_overrides(overrides: list[str]) -> tuple[list[str] | None, dict[str, 
     """(the calibrators ``calibrator=[...]`` picks or None, the ``calibrator.<key>`` values
     keyed below ``calibrator``, the ``metrics.<key>`` values keyed below ``metrics``)."""
     parser = OverridesParser.create()
-    chosen, settings, metric_values = None, {}, {}
+    chosen: list[str] | None = None
+    settings: dict[str, object] = {}
+    metric_values: dict[str, object] = {}
     for text in overrides:
         try:
             (override,) = parser.parse_overrides([text])
@@ -633,6 +662,11 @@ def _parse_overrides(overrides: list[str]) -> tuple[list[str] | None, dict[str, 
     return chosen, settings, metric_values
 
 
+def _as_dict(node: DictConfig, resolve: bool = False) -> dict[str, Any]:
+    """The mapping ``node`` as a plain dict (OmegaConf's stubs type any container's result)."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve))
+
+
 def _compose_all_calibrators(conf_dir: Path) -> DictConfig:
     """The default config with every ``conf/calibrator/*.yaml`` selected."""
     available = sorted(path.stem for path in (conf_dir / "calibrator").glob("*.yaml"))
@@ -642,8 +676,8 @@ def _compose_all_calibrators(conf_dir: Path) -> DictConfig:
 
 def _record_refit(run_dir: Path, run_cfg: DictConfig, cfg: DictConfig, overrides: list[str]) -> None:
     """Make ``config.yaml`` say what the tables were made with, and log the refit."""
-    refitted = OmegaConf.to_container(cfg.calibrator, resolve=True)
-    kept = OmegaConf.to_container(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
+    refitted = _as_dict(cfg.calibrator, resolve=True)
+    kept = _as_dict(run_cfg.get("calibrator") or OmegaConf.create({}), resolve=True)
     run_cfg.calibrator = {**kept, **refitted}
     OmegaConf.update(run_cfg, "metrics", OmegaConf.to_container(cfg.metrics), merge=True)
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(run_cfg))

@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 import torch.nn.functional as F
 from sklearn.isotonic import IsotonicRegression
 from threadpoolctl import threadpool_limits
@@ -31,6 +32,8 @@ from threadpoolctl import threadpool_limits
 from calibrun.metrics import equal_width_bins, equal_width_index
 
 State = TypeVar("State")
+# A fitted per-class parameter: one entry (or row) per class.
+_Fitted = TypeVar("_Fitted", bound=Sized)
 
 
 def looks_like_probabilities(scores: np.ndarray) -> bool:
@@ -82,10 +85,12 @@ def _require_fitted(owner: Calibrator, state: State | None) -> State:
     return state
 
 
-def _check_fitted(owner: Calibrator, per_class: Sized | None, z: torch.Tensor) -> None:
-    """Refuse to predict before ``fit`` or on a different number of classes than fitted."""
-    if len(_require_fitted(owner, per_class)) != z.shape[1]:
-        raise ValueError(f"{type(owner).__name__} was fitted on {len(per_class)} classes, got logits with {z.shape[1]}")
+def _check_fitted(owner: Calibrator, per_class: _Fitted | None, z: torch.Tensor) -> _Fitted:
+    """``per_class``, or an error before ``fit`` or on a different number of classes than fitted."""
+    fitted = _require_fitted(owner, per_class)
+    if len(fitted) != z.shape[1]:
+        raise ValueError(f"{type(owner).__name__} was fitted on {len(fitted)} classes, got logits with {z.shape[1]}")
+    return fitted
 
 
 # Elements of one block of logits in the NLL fits below: 2 MiB of float64 per N×K
@@ -176,7 +181,7 @@ def _log(q: np.ndarray) -> np.ndarray:
         return np.log(q)
 
 
-def _floats(values: torch.Tensor | np.ndarray) -> list:
+def _floats(values: torch.Tensor | ArrayLike) -> list:
     """A tensor or array of any shape as nested lists of Python floats, for JSON."""
     return np.asarray(values, dtype=np.float64).tolist()
 
@@ -344,7 +349,7 @@ class VectorScaling(Calibrator):
 
     def params(self) -> dict:
         """``{"w": [w_1..w_K], "b": [b_1..b_K]}``."""
-        return {"w": _floats(_require_fitted(self, self.scale)), "b": _floats(self.bias)}
+        return {"w": _floats(_require_fitted(self, self.scale)), "b": _floats(_require_fitted(self, self.bias))}
 
 
     def load_params(self, params: dict) -> VectorScaling:
@@ -352,8 +357,8 @@ class VectorScaling(Calibrator):
         return self
 
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
-        _check_fitted(self, self.scale, z)
-        return z * self.scale + self.bias
+        scale = _check_fitted(self, self.scale, z)
+        return z * scale + _require_fitted(self, self.bias)
 
 
 class MatrixScaling(Calibrator):
@@ -417,21 +422,22 @@ class MatrixScaling(Calibrator):
         z = _as_logits(logits)
         y = _as_labels(labels, z)
         k = z.shape[1]
-        self.weight = torch.eye(k, dtype=torch.float64)
-        self.bias = torch.zeros(k, dtype=torch.float64)
+        # _fit_nll updates these two tensors in place.
+        weight = self.weight = torch.eye(k, dtype=torch.float64)
+        bias = self.bias = torch.zeros(k, dtype=torch.float64)
         off_diagonal = 1.0 - torch.eye(k, dtype=torch.float64)
 
         def penalty() -> tuple[float, list[torch.Tensor]]:
-            off = self.weight * off_diagonal
+            off = weight * off_diagonal
             return (self.off_diagonal_l2 * k * float(off.square().sum()),
-                    [2 * self.off_diagonal_l2 * k * off, torch.zeros_like(self.bias)])
+                    [2 * self.off_diagonal_l2 * k * off, torch.zeros_like(bias)])
 
-        _fit_nll(self._calibrated, _linear_pullback, z, y, [self.weight, self.bias], self.max_iter, penalty)
+        _fit_nll(self._calibrated, _linear_pullback, z, y, [weight, bias], self.max_iter, penalty)
         return self
 
     def params(self) -> dict:
         """``{"W": K×K rows, "b": [b_1..b_K]}``."""
-        return {"W": _floats(_require_fitted(self, self.weight)), "b": _floats(self.bias)}
+        return {"W": _floats(_require_fitted(self, self.weight)), "b": _floats(_require_fitted(self, self.bias))}
 
 
     def load_params(self, params: dict) -> MatrixScaling:
@@ -439,9 +445,9 @@ class MatrixScaling(Calibrator):
         return self
 
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
-        _check_fitted(self, self.bias, z)
+        bias = _check_fitted(self, self.bias, z)
         # Rows of z are samples, so W z for every sample is z @ Wᵀ.
-        return z @ self.weight.T + self.bias
+        return z @ _require_fitted(self, self.weight).T + bias
 
 
 class _OneVsRest(Calibrator, ABC, Generic[State]):
@@ -472,10 +478,10 @@ class _OneVsRest(Calibrator, ABC, Generic[State]):
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         z = _as_logits(logits)
-        _check_fitted(self, self.per_class, z)
+        per_class = _check_fitted(self, self.per_class, z)
         scores = self._scores(z)
         log_q = torch.from_numpy(
-            np.column_stack([self._log_calibrated_class(state, scores[:, k]) for k, state in enumerate(self.per_class)])
+            np.column_stack([self._log_calibrated_class(state, scores[:, k]) for k, state in enumerate(per_class)])
         )
         # softmax of an all -inf row is NaN; torch.where replaces exactly those rows.
         all_zero = torch.isneginf(log_q.amax(dim=1, keepdim=True))
@@ -839,7 +845,7 @@ class DirichletCalibration(Calibrator):
 
     def params(self) -> dict:
         """``{"W": K×K rows, "b": [b_1..b_K], "lambda": λ, "mu": μ}`` (the chosen penalty)."""
-        return {"W": _floats(_require_fitted(self, self.weight)), "b": _floats(self.bias),
+        return {"W": _floats(_require_fitted(self, self.weight)), "b": _floats(_require_fitted(self, self.bias)),
                 "lambda": self.chosen[0], "mu": self.chosen[1]}
 
     def load_params(self, params: dict) -> DirichletCalibration:
@@ -848,11 +854,11 @@ class DirichletCalibration(Calibrator):
         return self
 
     def _calibrated(self, z: torch.Tensor) -> torch.Tensor:
-        _check_fitted(self, self.bias, z)
-        return torch.log_softmax(z, dim=1) @ self.weight.T + self.bias
+        bias = _check_fitted(self, self.bias, z)
+        return torch.log_softmax(z, dim=1) @ _require_fitted(self, self.weight).T + bias
 
 
-def _softmax_np(z: np.ndarray) -> np.ndarray:
+def _softmax_np(z: np.ndarray | torch.Tensor) -> np.ndarray:
     return torch.softmax(torch.as_tensor(z, dtype=torch.float64), dim=1).numpy()
 
 
@@ -1068,7 +1074,7 @@ class SplineCalibration(Calibrator):
         k = p.shape[1]
         # The top label stays the prediction, as in the paper: a most probable class holds
         # at least 1/K (just above, so that the argmax is unambiguous).
-        new = np.maximum(np.interp(old, scores, self.calibrated), (1.0 + _STRICT) / k)
+        new = np.maximum(np.interp(old, scores, _require_fitted(self, self.calibrated)), (1.0 + _STRICT) / k)
         out = self._others(p, top, old, new)
         out[rows, top] = new
         return out
@@ -1092,7 +1098,8 @@ class SplineCalibration(Calibrator):
 
     def params(self) -> dict:
         """``{"scores": validation confidences (sorted), "calibrated": their recalibrated values}``."""
-        return {"scores": _floats(_require_fitted(self, self.scores)), "calibrated": _floats(self.calibrated)}
+        calibrated = _require_fitted(self, self.calibrated)
+        return {"scores": _floats(_require_fitted(self, self.scores)), "calibrated": _floats(calibrated)}
 
     def load_params(self, params: dict) -> SplineCalibration:
         self.scores, self.calibrated = (np.asarray(params[key], dtype=np.float64) for key in ("scores", "calibrated"))
@@ -1129,7 +1136,8 @@ class BayesianBinningQuantiles(_OneVsRest[list]):
             raise ValueError(f"range_factor must be >= 1, got {range_factor}")
         _check_at_least_one("max_classes", max_classes)
         super().__init__()
-        self.prior_strength, self.range_factor, self.max_classes = float(prior_strength), float(range_factor), max_classes
+        self.prior_strength, self.range_factor = float(prior_strength), float(range_factor)
+        self.max_classes = max_classes
 
     def too_costly(self, n: int, k: int) -> str | None:
         if k <= self.max_classes:

@@ -163,7 +163,8 @@ def markdown(table: pd.DataFrame, keys: list[str], baseline: dict[str, str], set
     if not len(table):
         return [*lines, "No group shares test images and seeds with the baseline.", ""]
     columns = zip(table["difference"], table["lo"], table["hi"], table["significant"])
-    cells = table.assign(cell=[f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]{'*' if marked else ''}" for d, lo, hi, marked in columns])
+    cells = table.assign(cell=[f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]{'*' if marked else ''}"
+                               for d, lo, hi, marked in columns])
     index = [*keys, "calibrator", "seeds"]
     cells[index] = cells[index].map(_as_text)
     wide = cells.pivot_table(index=index, columns="metric", values="cell", aggfunc="first", sort=False)

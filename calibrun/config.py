@@ -9,7 +9,9 @@ of its ``_target_``, so a new component needs no schema of its own (docs/design.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import difflib
 import enum
 import hashlib
@@ -34,6 +36,7 @@ from calibrun import UserError
 NON_EXPERIMENT_KEYS = (
     "run_name", "data.root", "data.cache_dir", "data.download",
     "trainer.device", "trainer.progress", "trainer.checkpoint_every", "trainer.tensorboard",
+    "trainer.mlflow",
     # How the step is issued, not what it computes (a resumed run may switch it).
     "trainer.compile_mode",
     # What a finished model is evaluated on besides its own test split (calibrun-evaluate).
@@ -43,6 +46,8 @@ NON_EXPERIMENT_KEYS = (
     "metrics.smooth_curve",
     # Which points of the risk–coverage curve get a column (the curve itself is kept whole).
     "metrics.coverages",
+    # What a tuning sweeper reads from a finished run, not what the run computes.
+    "objective", "objective.metric", "objective.calibrator",
 )
 # Component nodes built with hydra.utils.instantiate, each checked against its _target_.
 COMPONENTS = ("data", "model", "loss", "optimizer", "scheduler")
@@ -96,6 +101,8 @@ class TrainerConfig:
     select: Select = MISSING
     progress: bool = MISSING
     tensorboard: bool = MISSING
+    # Absent from runs made before it existed: off then.
+    mlflow: bool = False
 
 
 @dataclasses.dataclass
@@ -120,6 +127,13 @@ class MetricsConfig:
     conformal_raps_k_reg: int = 5
 
 
+@dataclasses.dataclass
+class ObjectiveConfig:
+    # The validation metric a tuning sweeper minimises (calibrun.sweep.objective); null: none.
+    metric: Optional[str] = None
+    calibrator: str = "temperature"
+
+
 def _schema_type(hint: Any) -> Any:
     """Map a parameter annotation onto a type OmegaConf can enforce."""
     args = typing.get_args(hint)
@@ -131,7 +145,7 @@ def _schema_type(hint: Any) -> Any:
     if hint in (int, float, bool, str) or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
         return hint
     if typing.get_origin(hint) in (list, List) and args and args[0] in (int, float, bool, str):
-        return List[args[0]]
+        return List[args[0]]  # type: ignore[valid-type]  # a type built at run time, as OmegaConf reads it
     return Any
 
 
@@ -169,8 +183,8 @@ def component_schema(node: DictConfig, key: str) -> type:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or (partial and required and name not in node):
             continue
         default = MISSING if required else param.default
-        field = (dataclasses.field(default_factory=lambda d=default: d) if isinstance(default, (list, dict))
-                 else dataclasses.field(default=default))
+        field = (dataclasses.field(default_factory=functools.partial(copy.deepcopy, default))
+                 if isinstance(default, (list, dict)) else dataclasses.field(default=default))
         fields.append((name, _schema_type(hints.get(name, Any)), field))
     return dataclasses.make_dataclass(f"{key.replace('.', '_')}_schema", fields)
 
@@ -223,9 +237,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     the components' modules (and torch), so the command line answers them in a second.
     """
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True)
+        raw = typing.cast(dict, OmegaConf.to_container(cfg, resolve=True))
     except OmegaConfBaseException as err:
-        raise UserError(f"Config cannot be resolved: {first_line(err)} (key: {getattr(err, 'full_key', '?')}).") from None
+        key = getattr(err, "full_key", "?")
+        raise UserError(f"Config cannot be resolved: {first_line(err)} (key: {key}).") from None
     own = _merge_checked(_config_schema(raw, components=False), raw)
     _check_trainer(own.trainer)
     if own.metrics.n_bins < 1:
@@ -261,6 +276,7 @@ def _config_schema(raw: dict, components: bool) -> type:
             ("seed", int, dataclasses.field(default=MISSING)),
             ("run_name", str, dataclasses.field(default=MISSING)),
             ("metrics", MetricsConfig, dataclasses.field(default_factory=MetricsConfig)),
+            ("objective", ObjectiveConfig, dataclasses.field(default_factory=ObjectiveConfig)),
             *(section(key, raw.get(key) or {}) for key in COMPONENTS),
             *(section(key, raw.get(key)) for key in OPTIONAL_COMPONENTS),
             ("calibrator", calibrator_schema, dataclasses.field(default_factory=calibrator_schema)),
@@ -279,13 +295,15 @@ def _merge_checked(schema: type, raw: dict) -> DictConfig:
     except ConfigKeyError as err:
         key = err.full_key or str(err.key)
         parent = key.rpartition(".")[0]
-        allowed = ", ".join(k for k in OmegaConf.select(base, parent).keys() if k != "_target_") if parent else ", ".join(base.keys())
-        raise UserError(f"Unknown config key '{key}'. Allowed keys{f' under {parent!r}' if parent else ''}: {allowed}.") from None
+        node = OmegaConf.select(base, parent) if parent else base
+        siblings = [k for k in node.keys() if k != "_target_"]
+        under = f" under {parent!r}" if parent else ""
+        raise UserError(f"Unknown config key '{key}'. Allowed keys{under}: {', '.join(siblings)}.") from None
     except OmegaConfBaseException as err:
         raise UserError(f"Invalid value for '{err.full_key}': {first_line(err)}") from None
     if missing:
         raise UserError(f"Config values are missing for: {', '.join(missing)}.")
-    return merged
+    return typing.cast(DictConfig, merged)
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -348,7 +366,7 @@ def _check_trainer(t: DictConfig) -> None:
 def config_fingerprint(cfg: DictConfig) -> str:
     """A hash of the experiment: the resolved config without ``NON_EXPERIMENT_KEYS``.
     A run resumes only from a checkpoint with the same fingerprint."""
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    plain = typing.cast(dict, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     for dotted in NON_EXPERIMENT_KEYS:
         *parents, leaf = dotted.split(".")
         node = plain

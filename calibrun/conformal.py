@@ -93,10 +93,10 @@ def coverage_spread(n: int, alpha: float, level: float = 0.95) -> tuple[float, f
     l = ⌊(n + 1)α⌋ (Vovk 2012, "Conditional validity of inductive conformal predictors";
     Angelopoulos & Bates 2021, "A Gentle Introduction to Conformal Prediction", §3.2)."""
     _check_alpha(alpha)
-    l = math.floor((n + 1) * alpha + 1e-9)
-    if l < 1:
+    rank = math.floor((n + 1) * alpha + 1e-9)
+    if rank < 1:
         raise ValueError(f"a calibration split of {n} samples is too small for alpha={alpha}")
-    lo, hi = stats.beta.ppf([(1 - level) / 2, (1 + level) / 2], n + 1 - l, l)
+    lo, hi = stats.beta.ppf([(1 - level) / 2, (1 + level) / 2], n + 1 - rank, rank)
     return float(lo), float(hi)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -17,10 +18,24 @@ from calibrun.calibrators import looks_like_probabilities
 from calibrun.config import first_line
 
 
+class _LogitArrays(TypedDict):
+    """The arrays every logits file holds, by name: typed keys let mypy check ``np.savez(**arrays)``."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+
+
+class _IndexedLogitArrays(_LogitArrays, total=False):
+    """A run's logits file: also the images' ``index`` in their dataset."""
+
+    index: np.ndarray
+
+
 def save_logits(path: Path, logits: np.ndarray, labels: np.ndarray, index: np.ndarray | None = None) -> None:
     """Write float32 ``logits``, int64 ``labels`` (and ``index``, the rows' positions in
     their dataset) to the ``.npz`` at ``path``, atomically."""
-    arrays = {"logits": np.asarray(logits, dtype=np.float32), "labels": np.asarray(labels, dtype=np.int64)}
+    arrays: _IndexedLogitArrays = {"logits": np.asarray(logits, dtype=np.float32),
+                                   "labels": np.asarray(labels, dtype=np.int64)}
     if index is not None:
         arrays["index"] = np.asarray(index, dtype=np.int64)
     with atomic_open(path) as fh:
@@ -55,7 +70,8 @@ def _check_labels(path: Path, labels: np.ndarray, n: int, classes: int) -> None:
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     how = "np.savez(path, logits=z, labels=y)"
     if path.is_file() and not zipfile.is_zipfile(path):
-        single = " holds one array (.npy)" if path.suffix == ".npy" else " is not an .npz archive (damaged, or another file)"
+        single = (" holds one array (.npy)" if path.suffix == ".npy"
+                  else " is not an .npz archive (damaged, or another file)")
         raise UserError(f"Cannot read logits from {path}: it{single}; save logits and labels together: {how}.")
     try:
         with np.load(path, allow_pickle=False) as f:

@@ -114,7 +114,7 @@ class GapLoss(PenalizedLoss):
     open: ``mean_ce`` (λ times the gap beside the batch-mean cross-entropy, the formula as
     calibrun writes it) or ``summed_ce`` (beside a cross-entropy summed over the batch: the
     same objective divided by the batch size B, so calibrun keeps the mean and weighs the
-    gap by λ/B, and the learning rate keeps its meaning). README "Reproducing Table 1"
+    gap by λ/B, and the learning rate keeps its meaning). docs/reproductions/table1.md
     gives the measurements that chose ``summed_ce`` for the Table 1 presets.
 
     The gap term is also DCA, the "difference between confidence and accuracy" of Liang et
@@ -137,7 +137,8 @@ class GapLoss(PenalizedLoss):
         if cap is not None and not 0 < cap <= 1:
             raise ValueError(f"loss.cap must be in (0, 1] or null, got {cap}")
         if lam_reading not in self.READINGS:
-            raise UserError(f"loss.lam_reading={lam_reading!r} is not a reading of λ; allowed: {', '.join(self.READINGS)}.")
+            raise UserError(f"loss.lam_reading={lam_reading!r} is not a reading of λ; "
+                            f"allowed: {', '.join(self.READINGS)}.")
         self.cap, self.lam_reading = cap, lam_reading
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -519,6 +520,10 @@ class AdaFocal(Loss):
     code's (github.com/3mcloud/adafocal, main.py and losses/adafocal.py); docs/design.md
     §4, row ``adafocal``.
     """
+
+    # Buffers (register_buffer), declared so that they type as tensors, not Tensor | Module.
+    gamma: torch.Tensor
+    edges: torch.Tensor
 
     def __init__(self, lam: float = 1.0, gamma_initial: float = 1.0, switch_threshold: float = 0.2,
                  gamma_min: float = -2.0, gamma_max: float = 20.0, n_bins: int = 15) -> None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple, Union
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import torch
 from scipy import sparse, special, stats
@@ -26,16 +28,20 @@ from scipy import sparse, special, stats
 from calibrun import UserError
 from calibrun.smooth import smooth_ece_weighted
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+# What the metrics read: a tensor, or anything np.asarray reads (arrays, nested lists).
+ArrayLike = Union[npt.ArrayLike, torch.Tensor]
 
 # Rows of a probability matrix sum to 1 up to float32 rounding; a larger deviation
 # almost always means logits were passed by mistake.
 _SUM_TOLERANCE = 1e-3
 # Keeps the NLL finite when the true class was given probability 0.
 _NLL_EPS = 1e-12
+_T = TypeVar("_T")
 
 
-class Bins(NamedTuple):
+# A dataclass, not a NamedTuple: a field named count would shadow tuple.count.
+@dataclass(frozen=True)
+class Bins:
     """Per-bin aggregates; ``conf`` and ``acc`` are NaN where ``count`` is 0."""
 
     count: np.ndarray
@@ -233,7 +239,8 @@ class _ClasswiseLayout(NamedTuple):
         return cls(dominant, outside, onehot)
 
 
-class _SortedPrefix(NamedTuple):
+@dataclass(frozen=True)
+class _SortedPrefix:
     """Top-label confidences in ascending order and, per row of the weights, running sums
     over them of the weight (``count``), weighted confidence and weighted hits (B × n)."""
 
@@ -254,10 +261,11 @@ class Weighted:
         # What depends on the samples only (not on w), kept across the chunks of resamples.
         self.shared = {} if shared is None else shared
 
-    def _shared(self, name: str, build: Callable[[], object]) -> object:
+    def _shared(self, name: str, build: Callable[[], _T]) -> _T:
         if name not in self.shared:
             self.shared[name] = build()
-        return self.shared[name]
+        # Each name is only ever built by the same ``build``, so it holds that type.
+        return cast(_T, self.shared[name])
 
     @functools.cached_property
     def columns(self) -> np.ndarray:
@@ -544,7 +552,8 @@ def debiased_l2_ce(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> flo
     the true probabilities within a bin, which pulls it slightly below 0 on a calibrated
     model (bins of fewer than two samples count 0). The square root, clipped at 0, is then
     biased upwards near 0, far less than the plug-in error (tests/test_bootstrap.py
-    measures both on a calibrated model). The bins are those of the authors' code (``calibration.get_top_calibration_error``):
+    measures both on a calibrated model). The bins are those of the authors' code
+    (``calibration.get_top_calibration_error``):
     equal-mass groups of the sorted confidences with each boundary halfway between two
     groups, so that tied confidences share a bin.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import urllib.parse
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +107,8 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
-            for block in self.blocks:
-                nn.init.zeros_(block.bn2.weight)
+            for block in self.blocks:  # nn.Sequential yields plain Modules: these are BasicBlocks
+                nn.init.zeros_(cast(BasicBlock, block).bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))
@@ -235,6 +235,10 @@ class Renormalize(nn.Module):
     """Maps inputs standardised with one mean/std (the dataset's) to another (the
     pretrained weights'): x' = (x·s_in + m_in − m_out) / s_out, per channel."""
 
+    # Buffers (register_buffer), declared so that they type as tensors, not Tensor | Module.
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, mean_in: list[float], std_in: list[float], mean_out: list[float], std_out: list[float]) -> None:
         super().__init__()
         m_in, s_in, m_out, s_out = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
@@ -284,6 +288,7 @@ def timm_model(name: str, num_classes: int, image_size: int = 224, pretrained: b
                            "timm fetches them from the Hugging Face Hub into HF_HOME's cache: run once with "
                            "network, or train from scratch with model.pretrained=false.") from err
     if pretrained and input_mean is not None and input_std is not None:
-        weights = model.pretrained_cfg
+        # timm's models carry it; nn.Module's stubs type unknown attributes as Tensor | Module.
+        weights = cast(dict[str, Any], model.pretrained_cfg)
         model = nn.Sequential(Renormalize(input_mean, input_std, weights["mean"], weights["std"]), model)
     return model

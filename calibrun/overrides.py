@@ -4,10 +4,12 @@ the allowed keys or values and a suggestion for a near miss."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,7 +32,7 @@ def _group_options(group: str, roots: list[Path]) -> list[str]:
     return sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")})
 
 
-def _option_problem(group: str, values: list[object], roots: list[Path]) -> str | None:
+def _option_problem(group: str, values: Sequence[object], roots: list[Path]) -> str | None:
     """An option of config group ``group`` that has no YAML file in any of the config
     ``roots``, with the options they have."""
     options = _group_options(group, roots)
@@ -42,7 +44,7 @@ def _option_problem(group: str, values: list[object], roots: list[Path]) -> str 
     return None
 
 
-def _added_config_dirs(argv: list[str], overrides: list) -> list[Path] | None:
+def _added_config_dirs(argv: list[str], overrides: list[Override]) -> list[Path] | None:
     """The config folders a command adds to calibrun's (``--config-dir DIR`` and the
     ``file://`` entries of ``hydra.searchpath=[...]``), where a user's own components
     live; None when one is a ``pkg://`` entry, which only Hydra resolves."""
@@ -58,7 +60,7 @@ def _added_config_dirs(argv: list[str], overrides: list) -> list[Path] | None:
     return [d.resolve() for d in dirs]
 
 
-def _parsed_overrides(argv: list[str]) -> list | None:
+def _parsed_overrides(argv: list[str]) -> list[Override] | None:
     """Hydra's parse of the overrides in ``argv``; None when the pre-check cannot judge
     them (a flag that replaces calibrun's config, or a syntax error Hydra will report)."""
     if any(arg.split("=")[0] in OTHER_CONFIG_FLAGS for arg in argv):
@@ -124,7 +126,7 @@ def _owners_hint(key: str, roots: list[Path], overrides: list[str]) -> str:
             f"e.g. {group}={owners[0]} {key}=...")
 
 
-def _first_value(override: object) -> str:
+def _first_value(override: Override) -> str:
     """The first value of a (possibly swept) group override, as override text."""
     value = next(iter(override.sweep_iterator())) if override.is_sweep_override() else override.value()
     return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
@@ -143,14 +145,15 @@ def _override_texts(argv: list[str]) -> list[str]:
     return [a for a in argv if "=" in a and not a.startswith("-") and a not in flag_values]
 
 
-def _value_variants(overrides: list) -> list[list[str]]:
+def _value_variants(overrides: list[Override]) -> list[list[str]]:
     """Override lists to compose, so that every value of every swept key is composed once
     (the other swept keys at their first value): a sweep's bad value stops the command
     before its first job, not in the middle of the sweep."""
     plain = [o for o in overrides if not o.key_or_group.startswith("hydra") or o.key_or_group == "hydra.searchpath"]
 
-    def text(override: object, value: str | None = None) -> str:
+    def text(override: Override, value: str | None = None) -> str:
         if value is None and not override.is_sweep_override():
+            assert override.input_line is not None  # the parser keeps each override's own text
             return override.input_line
         value = value if value is not None else next(iter(override.sweep_string_iterator()))
         return f"{override.get_key_element()}={value}"
@@ -159,7 +162,8 @@ def _value_variants(overrides: list) -> list[list[str]]:
     variants = [first]
     for i, override in enumerate(plain):
         if override.is_sweep_override():
-            variants += [[*first[:i], text(override, v), *first[i + 1:]] for v in list(override.sweep_string_iterator())[1:]]
+            values = list(override.sweep_string_iterator())[1:]
+            variants += [[*first[:i], text(override, v), *first[i + 1:]] for v in values]
     return variants
 
 

@@ -16,12 +16,15 @@ import matplotlib
 
 # Runs write figures on headless machines and in worker processes: never open a window.
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
 import matplotlib.patches  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.container import Container  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from calibrun._io import atomic_open  # noqa: E402
@@ -30,6 +33,8 @@ BIN_COLUMNS = ("lo", "hi", "count", "conf", "acc")
 ACC_COLOUR = "#1f4e9c"
 GAP_COLOUR = "#d62728"
 UNDER_COLOUR = "#ff7f0e"
+# What a legend takes: an artist, or a container of them (the error bars).
+Handle = Artist | Container
 CURVE_COLOUR = "#2ca02c"
 # Bins with fewer samples than this are faded and labelled with their count.
 SPARSE = 10
@@ -50,7 +55,7 @@ def _save(fig: Figure, path: Path | str) -> None:
 
 def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str = "", ece: float | None = None,
                         mce: float | None = None, ax: Axes | None = None, sparse: int = SPARSE,
-                        legend: bool = True, curve: pd.DataFrame | None = None) -> list:
+                        legend: bool = True, curve: pd.DataFrame | None = None) -> list[Handle]:
     """Reliability diagram: accuracy per confidence bin against perfect calibration.
 
     Blue bars are the accuracy of each non-empty bin over its [lo, hi] width. The gap to
@@ -85,11 +90,12 @@ def reliability_diagram(bins: pd.DataFrame, path: Path | str | None, title: str 
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=2, frameon=False)
     if fig is not None:
         fig.tight_layout()
+        assert path is not None  # refused above: without an ax there must be a path
         _save(fig, path)
     return handles
 
 
-def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
+def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list[Handle]:
     """The bars of a reliability diagram (an empty bin has nothing to show) and the
     diagonal; returns the legend handles."""
     lo = filled["lo"].to_numpy(dtype=float)
@@ -118,18 +124,19 @@ def _draw_bins(ax: Axes, filled: pd.DataFrame, sparse: int) -> list:
                           zorder=4)
     # Legend handles drawn for the legend: a container's first bar may be faded or absent.
     patch = matplotlib.patches.Patch
-    handles = [patch(facecolor=ACC_COLOUR, edgecolor="black", label="Accuracy"),
+    handles: list[Handle] = [patch(facecolor=ACC_COLOUR, edgecolor="black", label="Accuracy"),
                patch(facecolor=GAP_COLOUR, alpha=0.35, edgecolor=GAP_COLOUR, hatch="//", label="Overconfidence gap"),
                patch(facecolor="none", edgecolor=UNDER_COLOUR, hatch="\\\\", label="Underconfidence gap (in the bar)"),
                diagonal]
     if error_bars is not None:
         handles.append(error_bars)
     if (count < sparse).any():  # explained only where a bar is faded
-        handles.append(patch(facecolor=ACC_COLOUR, alpha=0.3, edgecolor="black", label=f"< {sparse} samples: faded, n shown"))
+        handles.append(patch(facecolor=ACC_COLOUR, alpha=0.3, edgecolor="black",
+                             label=f"< {sparse} samples: faded, n shown"))
     return handles
 
 
-def _draw_curve(ax: Axes, curve: pd.DataFrame) -> list:
+def _draw_curve(ax: Axes, curve: pd.DataFrame) -> list[Handle]:
     """The smooth reliability curve and its band over the range of the confidences
     (``attrs["support"]``); returns the legend handles."""
     low, high = curve.attrs.get("support", (0.0, 1.0))
@@ -153,10 +160,11 @@ def _histogram(ax: Axes, bins: pd.DataFrame) -> None:
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
 
-Panel = tuple[str, pd.DataFrame, float, float]
+Panel = tuple[str, pd.DataFrame, float | None, float | None]
 
 
-def _grid_figure(panels: list[Panel], ncols: int, title: str, curves: list[pd.DataFrame | None] | None = None) -> Figure:
+def _grid_figure(panels: Sequence[Panel], ncols: int, title: str,
+                 curves: list[pd.DataFrame | None] | None = None) -> Figure:
     """The figure of :func:`reliability_grid`: per panel a diagram over its histogram,
     ``title`` above them all, one legend for all at the bottom."""
     if not panels:
@@ -169,7 +177,7 @@ def _grid_figure(panels: list[Panel], ncols: int, title: str, curves: list[pd.Da
     # its diagram while a row's titles get room (tight_layout makes every gap the widest).
     fig, axes = plt.subplots(2 * nrows, ncols, figsize=(4.4 * ncols, 6.0 * nrows), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1] * nrows}, layout="constrained")
-    handles = []
+    handles: list[Handle] = []
     for i in range(nrows * ncols):
         top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
         if i < len(panels):
@@ -188,7 +196,7 @@ def _grid_figure(panels: list[Panel], ncols: int, title: str, curves: list[pd.Da
     return fig
 
 
-def reliability_grid(panels: list[Panel], path: Path | str, ncols: int = 3, title: str = "") -> None:
+def reliability_grid(panels: Sequence[Panel], path: Path | str, ncols: int = 3, title: str = "") -> None:
     """Reliability diagrams side by side, one per ``(title, bins, ece, mce)`` panel, each
     over its confidence histogram; ``title`` says what they all show.
 
@@ -211,7 +219,7 @@ def confidence_histogram(confidences: np.ndarray, path: Path | str, accuracy: fl
     if not np.all((conf >= 0) & (conf <= 1)):
         raise ValueError("confidences must lie in [0, 1] (top-label probabilities, not logits)")
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
-    ax.hist(conf, bins=np.linspace(0, 1, n_bins + 1), weights=np.full(conf.size, 1 / conf.size),
+    ax.hist(conf, bins=np.linspace(0, 1, n_bins + 1).tolist(), weights=np.full(conf.size, 1 / conf.size),
             color=ACC_COLOUR, edgecolor="black", linewidth=0.5, zorder=2)
     ax.axvline(accuracy, color="black", linestyle="--", linewidth=1.5, label=f"Accuracy = {accuracy:.4f}", zorder=3)
     ax.axvline(mean_confidence, color=GAP_COLOUR, linestyle="-", linewidth=1.5,
@@ -298,7 +306,7 @@ def severity_boxes(table: pd.DataFrame, path: Path | str, metrics: Sequence[str]
     calibrators = list(dict.fromkeys(table["calibrator"]))
     severities = sorted(table["severity"].unique())
     width = 0.8 / len(calibrators)
-    colours = plt.get_cmap("tab10").colors
+    colours = list(matplotlib.colors.TABLEAU_COLORS.values())  # tab10's colours, in its order
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         for i, name in enumerate(calibrators):
@@ -357,7 +365,7 @@ def in_out_histogram(conf_in: np.ndarray, conf_out: np.ndarray, path: Path | str
     Out-of-Distribution Examples in Neural Networks".
     """
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    edges = np.linspace(0, 1, n_bins + 1)
+    edges = np.linspace(0, 1, n_bins + 1).tolist()
     for values, label, colour in ((conf_in, in_label, ACC_COLOUR), (conf_out, out_label, GAP_COLOUR)):
         values = np.asarray(values, dtype=float)
         ax.hist(values, bins=edges, weights=np.full(values.size, 1 / max(values.size, 1)), alpha=0.5,

@@ -15,8 +15,10 @@ import json
 import logging
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 import pandas as pd
 import yaml
 from scipy import stats
@@ -126,17 +128,19 @@ def collect(paths: list[Path], split: str = "test") -> tuple[pd.DataFrame, pd.Da
     runs = [_read_run(r) for r in find_runs(paths)]
     if not runs:
         raise UserError(f"No run folders (with .hydra/ or source.json) under {', '.join(map(str, paths))}.")
-    table = pd.DataFrame([{k: v for k, v in run.items() if not k.startswith("_")} for run in runs])
+    infos = [run.info for run in runs]
+    table = pd.DataFrame([{k: v for k, v in info.items() if not k.startswith("_")} for info in infos])
     config_keys = [c for c in table.columns if c not in ("run", "state", "error", "seed")]
     # A run that failed before writing its resolved config would make every key "differ".
-    done = [run for run in runs if run["state"] == "done"] or runs
+    done = [info for info in infos if info["state"] == "done"] or infos
     varying = varying_keys(done, config_keys)
     rows = []
     for run in runs:
-        if "_metrics" in run:
-            metrics = run["_metrics"]
-            chosen = metrics[metrics["split"] == split].assign(**{k: run.get(k) for k in ["run", "seed", *varying]})
-            rows.append(_with_params(chosen, run["_params"]))
+        if run.results is not None:
+            metrics, params = run.results
+            labels = {k: run.info.get(k) for k in ["run", "seed", *varying]}
+            chosen = metrics[metrics["split"] == split].assign(**labels)
+            rows.append(_with_params(chosen, params))
     metrics = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "calibrator", *METRIC_NAMES])
     return metrics, table, varying
 
@@ -159,18 +163,26 @@ def varying_keys(runs: list[dict[str, object]], keys: list[str]) -> list[str]:
     return [key for key in keys if count(key) > 1 or ("." in key and shown_beside_a_lack(key))]
 
 
-def _read_run(run_dir: Path) -> dict[str, object]:
-    """:func:`describe_run`, plus a finished run's metric rows (``_metrics``) and fitted
-    parameters (``_params``); a run with an unreadable file comes back as ``broken``."""
+class _Run(NamedTuple):
+    """A run folder as :func:`collect` reads it: :func:`describe_run`'s ``info`` and, for a
+    finished run, its metric rows and fitted parameters (``results``)."""
+
+    info: dict[str, object]
+    results: tuple[pd.DataFrame, dict[str, dict[str, float]]] | None = None
+
+
+def _read_run(run_dir: Path) -> _Run:
+    """:func:`describe_run`, plus a finished run's metric rows and fitted parameters; a run
+    with an unreadable file comes back as ``broken``."""
     try:
         info = describe_run(run_dir)
         if info["state"] == "done" and (run_dir / METRICS).is_file():
-            info["_metrics"] = with_every_metric(read_run_table(run_dir / METRICS, ("split", "calibrator", "accuracy")))
-            info["_params"] = calibrator_params(run_dir)
-        return info
+            metrics = with_every_metric(read_run_table(run_dir / METRICS, ("split", "calibrator", "accuracy")))
+            return _Run(info, (metrics, calibrator_params(run_dir)))
+        return _Run(info)
     except BrokenFile as err:
         log.warning("Broken run folder, listed but not reported: %s", err)
-        return {"run": str(run_dir), "state": "broken", "error": str(err), "seed": None}
+        return _Run({"run": str(run_dir), "state": "broken", "error": str(err), "seed": None})
 
 
 def with_every_metric(table: pd.DataFrame) -> pd.DataFrame:
@@ -196,7 +208,7 @@ def aggregate(metrics: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def t_interval(mean: np.ndarray, std: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def t_interval(mean: ArrayLike, std: ArrayLike, n: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """The Student-t interval of a mean over n seeds at :data:`LEVEL` (NaN below two seeds)."""
     n = np.asarray(n, dtype=float)
     half = stats.t.ppf((1 + LEVEL) / 2, np.where(n > 1, n - 1, np.nan)) * np.asarray(std, dtype=float) / np.sqrt(n)
@@ -225,7 +237,8 @@ def markdown(summary: pd.DataFrame, keys: list[str], metrics: list[str], paper: 
     if "collapsed" in summary and summary["collapsed"].any():
         shown["collapsed"] = [f"{k} of {n}" if k else "" for k, n in zip(summary["collapsed"], summary["n"])]
     for metric in metrics:
-        shown[metric] = [_mean_std(m, s, n) for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
+        shown[metric] = [_mean_std(m, s, n)
+                         for m, s, n in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"], summary["n"])]
         if paper is not None and f"paper_{metric}" in summary:
             shown[f"paper {metric}"] = summary[f"paper_{metric}"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     return shown.to_markdown(index=False, disable_numparse=True)
@@ -284,7 +297,8 @@ def pivot_markdown(summary: pd.DataFrame, keys: list[str], pivot: str, metric: s
         published["avg"] = published.mean(axis=1)
         published = published.map("{:.4f}".format)
         published.insert(0, "n", "")
-        published.index = [f"paper: {', '.join(map(str, i if isinstance(i, tuple) else (i,)))}" for i in published.index]
+        published.index = [f"paper: {', '.join(map(str, i if isinstance(i, tuple) else (i,)))}"
+                           for i in published.index]
         table = pd.concat([table, published])
     table.index.name = ", ".join(rows)
     # disable_numparse: keep every cell as formatted (0.1650, not 0.165).
@@ -467,7 +481,8 @@ def write_report(paths: list[Path], out: Path, metric: str = "ece", name: str = 
     columns = _table_keys(table_keys, keys, summary) if table_keys else keys
     body = report_body(runs, keys, summary, shown, pivot, reference, columns)
     if wanted is not None and len(metrics):
-        body += _baseline_section(metrics, runs, keys, wanted, [m for m in shown if m in METRIC_NAMES], out / f"{name}_differences.csv")
+        body += _baseline_section(metrics, runs, keys, wanted, [m for m in shown if m in METRIC_NAMES],
+                                  out / f"{name}_differences.csv")
     atomic_write_text(out / f"{name}.md", "\n".join(heading + body))
     full = pd.concat([summary, unfinished[["run", "state", "error", *[k for k in keys if k in unfinished]]]],
                      ignore_index=True) if len(unfinished) else summary
@@ -571,7 +586,8 @@ def collect_part(runs: pd.DataFrame, keys: list[str], part: str, calibrators: li
 def shift_summary(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per group, calibrator and severity: each run's mean over its corruptions, then
     mean ± std over the runs (seeds); ``n`` counts runs."""
-    per_run = with_every_metric(rows).groupby(["run", *keys, "calibrator", "severity"], dropna=False, sort=False)[list(METRIC_NAMES)]
+    grouped = with_every_metric(rows).groupby(["run", *keys, "calibrator", "severity"], dropna=False, sort=False)
+    per_run = grouped[list(METRIC_NAMES)]
     return aggregate(per_run.mean().reset_index(), [*keys, "severity"])
 
 
@@ -597,7 +613,8 @@ def write_shift_report(runs: pd.DataFrame, keys: list[str], out: Path, name: str
     summary = shift_summary(rows, keys)
     corruptions = ", ".join(sorted(rows["corruption"].unique()))
     lines = [f"# {name}: corrupted test sets", "",
-             f"{count_of(rows['run'].nunique(), 'run')}; each cell is the mean over the corruptions ({corruptions}) of each run, "
+             f"{count_of(rows['run'].nunique(), 'run')}; each cell is the mean over the corruptions ({corruptions}) "
+             "of each run, "
              "then mean ± std over seeds (n runs). Calibrators were fitted on each run's clean validation split.", ""]
     columns = summary.assign(severity=[f"severity {int(s)}" for s in summary["severity"]])
     lines += [block for metric in ("ece", "accuracy") for block in

@@ -24,9 +24,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -47,8 +48,8 @@ from calibrun.metrics import METRIC_NAMES, bin_stats, pool_bins, scores
 from calibrun.selective import curve_points
 from calibrun.plots import in_out_histogram, reliability_with_histogram, risk_coverage, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
-from calibrun.runfolder import (BINS, METRICS, RISK_COVERAGE, BrokenFile, logits_file, read_run_table, require_finished_run,
-                                run_config)
+from calibrun.runfolder import (BINS, METRICS, RISK_COVERAGE, BrokenFile, logits_file, read_run_table,
+                                require_finished_run, run_config)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,29 @@ SUMMARY_METRICS = ("accuracy", "ece", "nll", "aurc", "augrc")
 OOD_COLUMNS = ["dataset", "score", "calibrator", *DETECTION_METRICS, "n"]
 
 
+class ShiftedSets(Protocol):
+    """What ``shift`` builds (e.g. :class:`calibrun.data.CorruptedCIFAR`)."""
+
+    def sets(self) -> Iterator[tuple[str, int, Split]]:
+        """(corruption, severity, split) per block."""
+
+
+class OodSet(Protocol):
+    """What ``ood`` builds (e.g. :class:`calibrun.data.SVHN`)."""
+
+    @property
+    def name(self) -> str:
+        """The set's name in ``ood/metrics.csv`` and the figures."""
+
+    def split(self) -> Split:
+        """The out-of-distribution images."""
+
+
 @dataclass
 class Predictor:
     """The trained model with the evaluation transform of its data, on its device."""
 
-    model: Callable[[torch.Tensor], torch.Tensor]
+    model: torch.nn.Module  # the model, or its torch.compile wrapper (a Module too): predict calls its eval()
     transform: Transform
     device: torch.device
     batch_size: int
@@ -116,7 +135,8 @@ def _state(calibrators: dict[str, Calibrator], n_bins: int, decisions: Decisions
     params = {name: c.params() for name, c in calibrators.items()}
     extra = {} if decisions is None else {"decisions": [list(decisions.coverages), decisions.quantiles,
                                                         asdict(decisions.sets) if decisions.sets else None]}
-    return hashlib.sha256(json.dumps({"n_bins": n_bins, "params": params, **extra}, sort_keys=True).encode()).hexdigest()
+    fingerprint = json.dumps({"n_bins": n_bins, "params": params, **extra}, sort_keys=True)
+    return hashlib.sha256(fingerprint.encode()).hexdigest()
 
 
 def _previous(out: Path, state: str, tables: dict[str, list[str]]) -> list[pd.DataFrame]:
@@ -144,7 +164,7 @@ def _score_block(z: np.ndarray, y: np.ndarray, calibrators: dict[str, Calibrator
     return pd.DataFrame(rows), pd.concat(bins, ignore_index=True), pd.concat(curves, ignore_index=True)
 
 
-def evaluate_shift(run_dir: Path, shift: object, predictor: Predictor, calibrators: dict[str, Calibrator],
+def evaluate_shift(run_dir: Path, shift: ShiftedSets, predictor: Predictor, calibrators: dict[str, Calibrator],
                    n_bins: int, decisions: Decisions | None = None) -> pd.DataFrame:
     """Every (corruption, severity) block of ``shift.sets()`` not yet in ``shift/metrics.csv``,
     with the selective risks and conformal sets of ``decisions`` (the run's, by default none)."""
@@ -232,7 +252,7 @@ def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: 
 # --------------------------------------------------------------------------- out of distribution
 
 
-def evaluate_ood(run_dir: Path, ood: object, predictor: Predictor, calibrators: dict[str, Calibrator],
+def evaluate_ood(run_dir: Path, ood: OodSet, predictor: Predictor, calibrators: dict[str, Calibrator],
                  n_bins: int) -> pd.DataFrame:
     """Detection metrics of every score after every calibrator, the run's test split as
     in-distribution and ``ood.split()`` as out-of-distribution; skipped if ``ood/metrics.csv``
@@ -282,7 +302,8 @@ def evaluation_config(run_dir: Path, overrides: list[str], conf_dir: Path) -> Di
                 cfg.trainer[key] = composed.trainer[key]
     if not (cfg.get("shift") or cfg.get("ood")):
         raise UserError("calibrun-evaluate needs shift=NAME and/or ood=NAME (see conf/shift and conf/ood).")
-    return validate(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)))
+    # OmegaConf's stubs type any container's result; a DictConfig's is a dict.
+    return validate(OmegaConf.create(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))))
 
 
 def _compose_evaluation(overrides: list[str], conf_dir: Path) -> DictConfig:

@@ -63,8 +63,8 @@ class RunLock:
             owner = (self.run_dir / OWNER_FILE).read_text().strip() if (self.run_dir / OWNER_FILE).is_file() else "?"
             raise FolderRefused(f"{self.run_dir} is in use by another calibrun process ({owner}); wait for it to "
                             f"finish or stop it, or pick another run_name.") from None
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (self.run_dir / OWNER_FILE).write_text(json.dumps(owner) + "\n")
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.run_dir / OWNER_FILE).write_text(json.dumps(holder) + "\n")
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,19 +39,21 @@ from tqdm.auto import tqdm
 import calibrun
 from calibrun import UserError
 from calibrun._io import atomic_torch_save, atomic_write_text, remove_stale_temp_files
-from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, describe_components,
+from calibrun.calibration import (build_calibrators, calibrate_and_report, console_table, decision_columns,
+                                  describe_components,
                                   metric_settings)
 from calibrun.config import Select, build_component, config_fingerprint, validate
 from calibrun.data import DeviceLoader, Split
 from calibrun.duration import DurationEstimate, run_eta
 from calibrun.logits import save_logits
 from calibrun.losses import Loss, as_loss
-from calibrun.metrics import accuracy, ece
+from calibrun.metrics import METRIC_NAMES, accuracy, ece
 from calibrun.plots import training_curves
 from calibrun.predict import load_checkpoint, predict, resolve_device
 from calibrun.robustness import Predictor, evaluate_beyond_test
 from calibrun.runfolder import (CONFIG, RunLock, check_same_experiment, group_choices, is_done, logits_file,
                                 mark_done, recorded_epoch, write_status)
+from calibrun.mlflow_tracking import MlflowRun, flat, require_mlflow
 from calibrun.tensorboard import EpochBoard, require_tensorboard
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,8 @@ HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_ece
 def _git_commit() -> str | None:
     for where in (Path(calibrun.__file__).parent, Path.cwd()):
         try:
-            out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=5)
         except (OSError, subprocess.SubprocessError):
             return None
         if out.returncode == 0:
@@ -87,7 +91,8 @@ def environment(device: torch.device, seed: int) -> dict:
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "seed": seed,
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -291,6 +296,7 @@ class SignalFlag:
     def _previous_handler(self) -> Any:
         """The handler before ours, looking through enclosing SignalFlags (which learn of
         the signal on the way, so that their run records it)."""
+        assert self.received is not None, "only a received signal is handed over"
         handler = self.previous.get(self.received)
         outer = getattr(handler, "__self__", None)
         if isinstance(outer, SignalFlag):
@@ -301,11 +307,12 @@ class SignalFlag:
     def hand_over(self) -> None:
         """Run the handler that was there before ours, then stop the run."""
         handler = self._previous_handler()
-        name = signal.Signals(self.received).name
+        signum = typing.cast(int, self.received)  # set: _previous_handler asserted it
         if callable(handler):
-            handler(self.received, None)
+            handler(signum, None)
         saved = "a checkpoint was saved" if self.defer else "nothing needed saving at this point"
-        raise Interrupted(f"Interrupted by {name}; {saved}, and the run can be resumed.", self.received)
+        name = signal.Signals(signum).name
+        raise Interrupted(f"Interrupted by {name}; {saved}, and the run can be resumed.", signum)
 
 
 @dataclasses.dataclass
@@ -313,7 +320,7 @@ class Training:
     """The built parts the loop works with."""
 
     model: torch.nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, or its torch.compile wrapper
+    forward: torch.nn.Module  # the model, or its torch.compile wrapper (a Module too)
     loss_fn: Loss
     optimizer: Any
     scheduler: Any
@@ -386,12 +393,14 @@ def validation_scores(tr: Training, n_bins: int) -> dict:
     logits, labels = predict(tr.forward, tr.eval_loaders["val"])
     tr.loss_fn.observe_validation(logits, labels)
     probs = torch.softmax(logits.double(), dim=1).cpu().numpy()
-    labels = labels.cpu().numpy()
-    return {"val_acc": accuracy(probs, labels), "val_ece": ece(probs, labels, n_bins)}
+    y = labels.cpu().numpy()
+    return {"val_acc": accuracy(probs, y), "val_ece": ece(probs, y, n_bins)}
 
 
-def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> None:
-    """Train from ``progress`` to the last epoch: validate, record and checkpoint each."""
+def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress,
+        on_epoch: Callable[[dict], None] = lambda row: None) -> None:
+    """Train from ``progress`` to the last epoch: validate, record and checkpoint each;
+    ``on_epoch`` receives each epoch's row of history.csv (the MLflow run's)."""
     t = cfg.trainer
     per_epoch = len(tr.train_loader)
     device = tr.train_loader.device
@@ -401,7 +410,8 @@ def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> Non
         synchronize=lambda: torch.cuda.synchronize(device) if device.type == "cuda" else None)
     with SignalFlag(defer=True) as interrupt, EpochBoard(run_dir, t.tensorboard, progress.epoch) as board:
         for epoch in range(progress.epoch, t.epochs):
-            bar_desc = f"epoch {epoch + 1}/{t.epochs}{run_eta(progress.history, t.epochs - epoch)}" if t.progress else None
+            bar_desc = (f"epoch {epoch + 1}/{t.epochs}{run_eta(progress.history, t.epochs - epoch)}"
+                        if t.progress else None)
             result = train_epoch(tr, epoch, progress, interrupt, bar_desc, estimate)
             row = {"epoch": epoch + 1, "lr": tr.optimizer.param_groups[0]["lr"], "train_loss": result["train_loss"],
                    "train_acc": result["train_acc"], **validation_scores(tr, cfg.metrics.n_bins)}
@@ -416,6 +426,7 @@ def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> Non
                      epoch + 1, t.epochs, row["train_loss"], row["train_acc"], row["val_acc"], row["val_ece"],
                      row["images_per_s"])
             board.write(row)
+            on_epoch(row)
             if (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs or interrupt.received is not None:
                 tr.checkpointer.save(progress)
             write_status(run_dir, "running", epoch=epoch + 1)
@@ -423,7 +434,7 @@ def fit(tr: Training, cfg: DictConfig, run_dir: Path, progress: Progress) -> Non
                 interrupt.hand_over()
 
 
-def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = None) -> dict | None:
+def run(cfg: DictConfig, run_dir: Path, snapshot: Callable[[], None] | None = None) -> list[dict] | None:
     """Validate, then train and evaluate into ``run_dir``, which this process locks.
 
     A folder whose run had another config is refused before anything is written there; a
@@ -486,6 +497,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     t = cfg.trainer
     device = resolve_device(t.device)
     require_tensorboard(t.tensorboard)
+    require_mlflow(t.mlflow)
     seed_everything(cfg.seed, t.deterministic)
     atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg))
     atomic_write_text(run_dir / "env.json", json.dumps(environment(device, cfg.seed), indent=2))
@@ -501,11 +513,16 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
                                 channels_last=channels_last)
     eval_loaders = {split: DeviceLoader(splits[split], t.eval_batch_size, device, data.eval_transform,
                                         channels_last=channels_last) for split in ("val", "test")}
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimization(cfg, model, len(train_loader))
     checkpoints = run_dir / "checkpoints"
     tr = Training(
-        model=model, forward=torch.compile(model, mode=t.compile_mode) if t.compile else model, loss_fn=loss_fn.to(device),
+        # torch.compile gives an OptimizedModule, which torch's stubs type as a plain callable.
+        model=model, forward=typing.cast(torch.nn.Module, torch.compile(model, mode=t.compile_mode)) if t.compile
+        else model,
+        loss_fn=loss_fn.to(device),
         optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders, amp=amp,
         # The data's content, not its location, is part of what a checkpoint continues.
         checkpointer=Checkpointer(checkpoints / "last.pt", f"{config_fingerprint(cfg)}-{data_fingerprint(splits)}",
@@ -515,17 +532,19 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Training, dict[str, Split],
     return tr, splits, calibrators
 
 
-def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> dict:
+def _train_and_evaluate(cfg: DictConfig, run_dir: Path) -> list[dict]:
     tr, splits, calibrators = prepare(cfg, run_dir)
     progress = tr.checkpointer.restore(tr.train_loader.device)
-    fit(tr, cfg, run_dir, progress)
-    tr.best.select(tr.model, tr.train_loader.device)
-    draw_training_curves(run_dir, progress.history, cfg)
-    for split, loader in tr.eval_loaders.items():
-        logits, labels = predict(tr.forward, loader)
-        save_logits(logits_file(run_dir, split), logits.cpu().numpy(), labels.cpu().numpy(),
-                    splits[split].index.cpu().numpy())
-    table = calibrate_and_report(run_dir, calibrators, **metric_settings(cfg))
+    with MlflowRun(run_dir, cfg.trainer.mlflow, flat(OmegaConf.to_container(cfg, resolve=True))) as tracking:
+        fit(tr, cfg, run_dir, progress, tracking.epoch)
+        tr.best.select(tr.model, tr.train_loader.device)
+        draw_training_curves(run_dir, progress.history, cfg)
+        for split, loader in tr.eval_loaders.items():
+            logits, labels = predict(tr.forward, loader)
+            save_logits(logits_file(run_dir, split), logits.cpu().numpy(), labels.cpu().numpy(),
+                        splits[split].index.cpu().numpy())
+        table = calibrate_and_report(run_dir, calibrators, **metric_settings(cfg))
+        tracking.final(table, (*METRIC_NAMES, *decision_columns(table)))
     test_loader = tr.eval_loaders["test"]
     evaluate_beyond_test(run_dir, cfg, Predictor(tr.forward, test_loader.transform, test_loader.device,
                                                  cfg.trainer.eval_batch_size, test_loader.channels_last))
@@ -540,7 +559,8 @@ def draw_training_curves(run_dir: Path, history: list[dict], cfg: DictConfig) ->
     selected = int(table.loc[table["val_acc"].idxmax(), "epoch"]) if cfg.trainer.select == Select.best_val \
         else int(table["epoch"].iloc[-1])
     # The same words as metrics.md's header, so that figure and table name one model.
-    described = describe_components(OmegaConf.to_container(cfg, resolve=True), group_choices(run_dir))
+    described = describe_components(typing.cast(dict, OmegaConf.to_container(cfg, resolve=True)),
+                                    group_choices(run_dir))
     title = (f"{run_dir.name}: data={described['data']}, loss={described['loss']}, seed {cfg.seed}\n"
              f"model={described['model']}")
     training_curves(table, run_dir / "figures" / "training_curves.png", title=title, selected_epoch=selected)

@@ -17,6 +17,17 @@ from calibrun.commands.calibrun import main
 from calibrun.compose import config_dir
 from calibrun.samples import sample_root
 
+# Under pytest-xdist (make test: one worker per core) each worker's torch, and the
+# processes its tests start, get their share of the cores: with every worker on all of
+# them the threads oversubscribe the machine and the suite slows down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1:
+    import torch
+
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
 REPO = Path(__file__).resolve().parent.parent
 # The real image sets bundled with the package: tests never need data from outside it.
 CIFAR_SAMPLE = Path(sample_root("cifar10"))

@@ -124,7 +124,7 @@ def test_intervals_cover_the_population_value_in_simulation() -> None:
     """200 test sets from a known overconfident model: the 95% intervals of accuracy, NLL
     and Brier cover the population value in at least 90% of them, and so does the ECE
     interval, whose basic form corrects the plug-in's upward bias; on a perfectly
-    calibrated model no ECE interval does (README "Intervals": it is no test of a
+    calibrated model no ECE interval does (docs/guide/intervals.md: it is no test of a
     calibration error of 0, which the plug-in's bias puts out of reach)."""
     coverage = _coverage(temperature=1.6, draws=200, n=500)
     for name in ("accuracy", "nll", "brier", "ece"):

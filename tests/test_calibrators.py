@@ -523,16 +523,18 @@ def test_probabilities_passed_as_logits_are_refused(name):
         FITTED[name]().fit(probs, np.arange(50) % 4)
 
 
-def readme_python_block(section: str) -> str:
-    """The first ```python block under the README heading ``section``."""
-    text = (REPO / "README.md").read_text()
-    body = text[text.index(f"### {section}\n"):]
+def readme_python_block(section: str, page: str = "docs/guide/own-logits.md") -> str:
+    """The first ```python block under the heading ``section`` of the documentation page
+    ``page`` (the README's section "Your own logits" lives in docs/guide/own-logits.md)."""
+    text = (REPO / page).read_text()
+    body = text[text.index(f"# {section}\n"):]
     return body[body.index("```python\n") + len("```python\n"):body.index("\n```", body.index("```python"))]
 
 
 def test_the_readme_example_on_your_own_logits_runs(tmp_path, monkeypatch, capsys):
-    """The README's "Your own logits" code, extracted and run as it stands, on the demo's
-    real logits saved as the .npy files it reads."""
+    """The "Your own logits" code of the user guide (docs/guide/own-logits.md, once the
+    README's), extracted and run as it stands, on the demo's real logits saved as the .npy
+    files it reads."""
     import calibrun
 
     for split in ("val", "test"):
@@ -540,7 +542,7 @@ def test_the_readme_example_on_your_own_logits_runs(tmp_path, monkeypatch, capsy
         np.save(tmp_path / f"{split}_logits.npy", z)
         np.save(tmp_path / f"{split}_labels.npy", y)
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_python_block("Your own logits"), "README.md", "exec"), {})
+    exec(compile(readme_python_block("Your own logits"), "docs/guide/own-logits.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "'ece'" in printed and "'n': 1000" in printed
     assert (tmp_path / "reliability.png").stat().st_size > 10_000

@@ -107,7 +107,7 @@ def test_sweep_folder_names_leave_out_exactly_the_non_experiment_keys():
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     excluded = cfg.hydra.job.config.override_dirname.exclude_keys
-    assert set(excluded) == set(NON_EXPERIMENT_KEYS) | {"hydra/launcher"}
+    assert set(excluded) == set(NON_EXPERIMENT_KEYS) | {"hydra/launcher", "hydra/sweeper"}
 
 
 def test_a_long_sweep_folder_name_is_shortened_the_same_way_every_time():

@@ -142,8 +142,8 @@ def test_a_sweep_with_a_failing_job_ends_with_a_summary_not_a_traceback(run_cli_
     assert "Traceback" not in proc.stdout + proc.stderr
     # Started without run_name (a timestamp): the resume command fixes the sweep's.
     (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
-    assert (f"1 job(s) of the sweep did not finish. Resume them (the finished ones are skipped) with: "
-            f"calibrun -m ") in proc.stderr and f" run_name={sweep.name}\n" in proc.stderr, proc.stderr[-3000:]
+    assert ("1 job(s) of the sweep did not finish. Resume them (the finished ones are skipped) with: "
+            "calibrun -m ") in proc.stderr and f" run_name={sweep.name}\n" in proc.stderr, proc.stderr[-3000:]
     summary = [line for line in proc.stderr.splitlines() if "model.depth=9" in line and " job " in line]
     assert summary and "6n+2" in summary[0], proc.stderr[-3000:]
     assert list(sweep.glob("*model.depth=8*/DONE"))

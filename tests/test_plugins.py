@@ -1,6 +1,6 @@
 """A user's own loss, model, calibrator and dataset, in their own package outside
 calibrun, selected from the command line with ``--config-dir`` or ``hydra.searchpath``
-(README, "Your own components")."""
+(docs/guide/own-components.md)."""
 
 import importlib
 import sys

@@ -53,5 +53,6 @@ def mistakes_exit(folder: Path | None, write_hint: str = "") -> Iterator[None]:
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
-        log.error("Cannot write %s: %s.%s", err.filename or folder, err.strerror, f" {write_hint}" if write_hint else "")
+        hint = f" {write_hint}" if write_hint else ""
+        log.error("Cannot write %s: %s.%s", err.filename or folder, err.strerror, hint)
         sys.exit(1)

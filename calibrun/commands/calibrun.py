@@ -38,7 +38,7 @@ def save_hydra_snapshot(run_dir: Path, cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _calibrun(cfg: DictConfig) -> dict | None:
+def _calibrun(cfg: DictConfig) -> list[dict] | float | None:
     import torch
 
     from calibrun import train
@@ -51,7 +51,11 @@ def _calibrun(cfg: DictConfig) -> dict | None:
         if multirun and cfg.trainer.device == "auto" and torch.cuda.is_available():
             with open_dict(cfg):
                 cfg.trainer.device = spread_device(hydra_cfg.job.num, torch.cuda.device_count())
-        return train.run(cfg, run_dir, snapshot=lambda: save_hydra_snapshot(run_dir, cfg))
+        if sweep.check_objective(cfg) is None:
+            return train.run(cfg, run_dir, snapshot=lambda: save_hydra_snapshot(run_dir, cfg))
+        train.run(cfg, run_dir, snapshot=lambda: save_hydra_snapshot(run_dir, cfg))
+        # Read back from metrics.csv, so that a finished trial repeated (skipped) still answers.
+        return sweep.objective(run_dir, cfg)
     except train.Interrupted as err:
         log.error("%s Resume with: %s", err, resume_command(sys.argv[1:], cfg.run_name))
         sys.exit(128 + err.signum)  # the shell's code for "killed by this signal"; also ends a sweep
@@ -94,7 +98,9 @@ def _stop_logging_into(run_dir: Path) -> None:
     must leave a folder that holds another run exactly as it was."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(run_dir.resolve()):
+        inside = isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(
+            run_dir.resolve())
+        if inside:
             root.removeHandler(handler)
             handler.close()
 

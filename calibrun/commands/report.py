@@ -25,7 +25,8 @@ def report(argv: list[str] | None = None) -> None:
                         help="the metric plotted against λ")
     parser.add_argument("--name", default="report", help="base name of the .csv/.md files")
     parser.add_argument("--calibrators", help="comma-separated calibrators to keep (default: all)")
-    parser.add_argument("--paper", help="published numbers to show beside ours: table1, pacs, ls, baselines, or a CSV path")
+    parser.add_argument("--paper",
+                        help="published numbers to show beside ours: table1, pacs, ls, baselines, or a CSV path")
     parser.add_argument("--grid-calibrator", default="none", help="calibrator drawn in the reliability grid")
     parser.add_argument("--grid-name", default="reliability_grid.png")
     parser.add_argument("--table-metrics", default=",".join(report_lib.TABLE_METRICS),

@@ -6,7 +6,8 @@ a split to the training device once and cuts, shuffles and augments batches ther
 batched tensor ops (no DataLoader workers, no per-image Python), in the spirit of airbench.
 
 Modules depend one way: ``splits``, ``augment`` and ``decode`` know no dataset; ``base``
-builds on the first two; ``cifar``, ``pacs`` and ``synthetic`` on ``base``; ``shift`` (corrupted test sets) and ``ood`` (out-of-distribution sets) on ``splits``; ``loader``
+builds on the first two; ``cifar``, ``pacs`` and ``synthetic`` on ``base``; ``shift``
+(corrupted test sets) and ``ood`` (out-of-distribution sets) on ``splits``; ``loader``
 needs only ``splits``. The configs name the datasets here, e.g. ``calibrun.data.CIFAR``.
 """
 

@@ -167,12 +167,14 @@ def jigen_augment(
     (CVPR), github.com/fmcarlucci/JigenDG data/data_helper.py get_train_transformers.
     """
     n, device = images.shape[0], images.device
-    boxes = random_crop_boxes(n, images.shape[-2:], scale, ratio, generator, device)
+    height, width = images.shape[-2:]
+    boxes = random_crop_boxes(n, (height, width), scale, ratio, generator, device)
     flip = torch.rand(n, device=device, generator=generator) < flip_p
     x = resized_crop(images, boxes, flip, size)
     ranges = [(max(0.0, 1 - j), 1 + j) for j in jitter[:3]] + [(-jitter[3], jitter[3])]
     u = torch.rand(n, 4, device=device, generator=generator).unbind(1)
-    x = color_jitter(x, *(lo + (hi - lo) * ui for (lo, hi), ui in zip(ranges, u)))
+    brightness, contrast, saturation, hue = (lo + (hi - lo) * ui for (lo, hi), ui in zip(ranges, u))
+    x = color_jitter(x, brightness, contrast, saturation, hue)
     gray = torch.rand(n, device=device, generator=generator) < grayscale_p
     return torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
 

@@ -22,6 +22,9 @@ class ImageDataset(ABC):
     """
 
     num_classes: int
+    # The config section this dataset was built from, named in its messages
+    # (calibrun.data.OtherTestSet sets ood.dataset).
+    config_key: str = "data"
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
 

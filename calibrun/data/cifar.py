@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
@@ -13,6 +14,9 @@ from calibrun.data.base import CropFlipDataset
 from calibrun.data.decode import cached_decode, default_cache_dir, list_images
 from calibrun.data.packed import load_packed
 from calibrun.data.splits import Split, make_splits
+
+if TYPE_CHECKING:  # for the annotation only: _load_torchvision imports torchvision when it runs
+    from torchvision.datasets import CIFAR10
 
 
 class CIFAR(CropFlipDataset):
@@ -32,9 +36,6 @@ class CIFAR(CropFlipDataset):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
     crop_pad = 4
-    # The config section this dataset was built from, named in its messages
-    # (calibrun.data.OtherTestSet sets ood.dataset).
-    config_key = "data"
 
     def __init__(
         self,
@@ -67,8 +68,9 @@ class CIFAR(CropFlipDataset):
     def splits(self) -> dict[str, Split]:
         """A stratified val hold-out of the training set, the official test set, and the subsets."""
         load = {"torchvision": self._load_torchvision, "folder": self._load_folder, "packed": self._load_packed}
-        loaded = load[self.format]()
-        return make_splits(*loaded, self.val_size, self.split_seed, self.train_subset, self.test_subset)
+        train_x, train_y, test_x, test_y = load[self.format]()
+        return make_splits(train_x, train_y, test_x, test_y, self.val_size, self.split_seed, self.train_subset,
+                           self.test_subset)
 
     def _load_torchvision(self) -> tuple[torch.Tensor, ...]:
         """(train images, train labels, test images, test labels) of the official release."""
@@ -91,14 +93,15 @@ class CIFAR(CropFlipDataset):
             torch.tensor(test.targets, dtype=torch.long),
         )
 
-    def _missing_message(self, dataset_cls: type, err: BaseException) -> str:
+    def _missing_message(self, dataset_cls: type[CIFAR10], err: BaseException) -> str:
         """What to download and where to put it, when the official release is missing."""
         root, key = self.root.resolve(), self.config_key
         folder = root / dataset_cls.base_folder
         reason = f"the download failed ({err})" if self.download else f"{key}.download=false"
         # The bundled sample is a stand-in for the training data only, not for an OOD set.
         sample = (f" To try calibrun offline without it: data={self.name}_sample, a sample of real "
-                  f"{self.name.upper()} images bundled with calibrun." if key == "data" and self.name == "cifar10" else "")
+                  f"{self.name.upper()} images bundled with calibrun."
+                  if key == "data" and self.name == "cifar10" else "")
         return (
             f"{self.name.upper()} was not found in {folder} and {reason}. "
             f"Either run with network access and {key}.download=true, which fetches "
@@ -130,7 +133,8 @@ class CIFAR(CropFlipDataset):
         self.classes = classes  # the class names, for messages about the data
         if len(classes) != self.num_classes:
             raise UserError(
-                f"{train_dir.resolve()} has {len(classes)} class folders but {self.config_key}.num_classes={self.num_classes}."
+                f"{train_dir.resolve()} has {len(classes)} class folders but "
+                f"{self.config_key}.num_classes={self.num_classes}."
             )
         files = {
             split: list_images(self.root / split, classes, unknown_classes="not in the training set")

@@ -85,6 +85,7 @@ def fill_images(arrays: Iterable[np.ndarray], n: int, desc: str, name: Callable[
             raise UserError(f"Images must all have one size: {name(0)} is {tuple(images.shape[2:])}, "
                             f"{name(i)} is {array.shape[:2]}.")
         images[i] = torch.from_numpy(array).permute(2, 0, 1)
+    assert images is not None, f"no images ({desc})"  # both callers refuse an empty set first
     return images
 
 
@@ -118,7 +119,8 @@ def cached_decode(
     return cached_tensors(cache_dir / cache_file_name(files, size, prefix), len(files), decode)
 
 
-def cached_tensors(cache_file: Path, n_parts: int, decode: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+def cached_tensors(cache_file: Path, n_parts: int,
+                   decode: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     """``decode()``'s ``n_parts`` (images, labels) pairs, read from ``cache_file`` when it
     holds them, else decoded and saved there for the next run.
 

@@ -32,7 +32,8 @@ class SVHN:
 
     def __init__(self, root: str = "data/svhn", download: bool = False, subset: int | None = None,
                  subset_seed: int = 0, name: str = "svhn") -> None:
-        self.root, self.download, self.subset, self.subset_seed, self.name = Path(root), download, subset, subset_seed, name
+        self.root, self.download, self.name = Path(root), download, name
+        self.subset, self.subset_seed = subset, subset_seed
 
     def split(self) -> Split:
         """The test images (optionally a stratified subset), labels 0-9."""
@@ -50,7 +51,8 @@ class SVHN:
             images, labels = np.asarray(mat["X"]), np.asarray(mat["y"]).ravel().astype(np.int64)
         except (MatReadError, ValueError, OSError, KeyError, TypeError, NotImplementedError) as err:
             raise UserError(f"{path.resolve()} is not a readable SVHN .mat file ({err}); download it again.") from None
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
+        layout_ok = images.dtype == np.uint8 and images.ndim == 4 and images.shape[:3] == (32, 32, 3)
+        if not layout_ok or images.shape[3] != len(labels):
             raise UserError(f"{path.resolve()} holds X {images.dtype} {images.shape}, y {labels.shape}; "
                             "expected uint8 32×32×3×N and N labels.")
         labels[labels == 10] = 0

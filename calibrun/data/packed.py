@@ -45,16 +45,12 @@ def pack_folder(root: Path, out: Path) -> dict[str, int]:
     blobs = [path.read_bytes() for path, _, _ in tqdm(files, desc="pack", unit="img", leave=False, disable=None)]
     offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(b) for b in blobs])
-    arrays = {
-        "encoded": np.frombuffer(b"".join(blobs), dtype=np.uint8),
-        "offsets": offsets,
-        "labels": np.array([label for _, label, _ in files], dtype=np.int64),
-        "splits": np.array([index for _, _, index in files], dtype=np.uint8),
-        "classes": np.array(classes),
-    }
+    splits = np.array([index for _, _, index in files], dtype=np.uint8)
     with atomic_open(out, "wb") as handle:
-        np.savez(handle, **arrays)
-    return {split: int((arrays["splits"] == i).sum()) for i, split in enumerate(SPLITS)}
+        np.savez(handle, encoded=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
+                 labels=np.array([label for _, label, _ in files], dtype=np.int64), splits=splits,
+                 classes=np.array(classes))
+    return {split: int((splits == i).sum()) for i, split in enumerate(SPLITS)}
 
 
 def read_packed(path: Path, names: tuple[str, ...] = ARRAYS) -> dict[str, np.ndarray]:
@@ -69,8 +65,8 @@ def read_packed(path: Path, names: tuple[str, ...] = ARRAYS) -> dict[str, np.nda
                         "calibrun-pack ROOT OUT.npz.") from None
     n = len(arrays.get("labels", []))
     if missing or ("offsets" in arrays and (len(arrays["offsets"]) != n + 1 or len(arrays["splits"]) != n)):
-        raise UserError(f"{path} is not a packed dataset ({'lacks ' + ', '.join(missing) if missing else 'its arrays disagree in length'}); "
-                        "make it with calibrun-pack ROOT OUT.npz.")
+        problem = "lacks " + ", ".join(missing) if missing else "its arrays disagree in length"
+        raise UserError(f"{path} is not a packed dataset ({problem}); make it with calibrun-pack ROOT OUT.npz.")
     return arrays
 
 
@@ -88,7 +84,7 @@ def decode_packed(arrays: dict[str, np.ndarray], path: Path) -> tuple[torch.Tens
     return tuple(out)
 
 
-def _decode_bytes(encoded: np.ndarray, path: Path, index: int) -> np.ndarray:
+def _decode_bytes(encoded: np.ndarray, path: Path, index: int | np.integer) -> np.ndarray:
     """One encoded image to uint8 H×W×3, naming the pack and the image if it is unreadable."""
     try:
         with Image.open(io.BytesIO(encoded.tobytes())) as img:

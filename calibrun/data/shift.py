@@ -7,7 +7,7 @@ import logging
 import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +27,15 @@ BENCHMARK = (
 EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 
+class Release(TypedDict):
+    """Where a corrupted release lives and what it holds."""
+
+    folder: str
+    num_classes: int
+    md5: str
+    url: str
+
+
 class CorruptedCIFAR:
     """CIFAR-10-C / CIFAR-100-C: ``<corruption>.npy`` (uint8, 5·n × 32 × 32 × 3; rows
     [(s−1)·n, s·n) hold severity s; n = 10,000 in the releases) and ``labels.npy``.
@@ -40,7 +49,7 @@ class CorruptedCIFAR:
     Common Corruptions and Perturbations" (ICLR).
     """
 
-    releases: ClassVar[dict[str, dict[str, object]]] = {
+    releases: ClassVar[dict[str, Release]] = {
         "cifar10c": {"folder": "CIFAR-10-C", "num_classes": 10, "md5": "56bf5dcef84df0e2308c6dcbcbbd8499",
                      "url": "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar"},
         "cifar100c": {"folder": "CIFAR-100-C", "num_classes": 100, "md5": "11f0ed0f1191edbf9fa23466ae6021d3",
@@ -55,7 +64,8 @@ class CorruptedCIFAR:
             raise UserError(f"shift.name={name!r} is not a corrupted release; allowed: {', '.join(self.releases)}.")
         unknown = [c for c in corruptions or () if c not in BENCHMARK + EXTRA]
         if unknown:
-            raise UserError(f"shift.corruptions: unknown {', '.join(unknown)}; allowed: {', '.join(BENCHMARK + EXTRA)}.")
+            raise UserError(f"shift.corruptions: unknown {', '.join(unknown)}; "
+                            f"allowed: {', '.join(BENCHMARK + EXTRA)}.")
         bad = [s for s in severities or () if s not in SEVERITIES]
         if bad:
             raise UserError(f"shift.severities: {bad} outside 1-5.")

@@ -223,11 +223,12 @@ def test_conformal_sets_hold_out_part_of_val_and_a_subset_refit_keeps_the_rest(c
     ("metrics.conformal_share=0", "metrics.conformal_share must be in (0, 1)"),
     ("metrics.conformal_methods=[lac,thr]", "metrics.conformal_methods must name one or more of lac, aps, raps"),
 ])
-def test_bad_selective_and_conformal_settings_are_one_line_naming_the_key(compose_cfg, tmp_path, override, named):
-    run_dir = finished_run(tmp_path / "run", compose_cfg, ["calibrator=[temperature]"])
-    proc = calibrate_process([str(run_dir), "metrics.conformal=true", override], tmp_path)
-    assert proc.returncode == 1
-    assert len(proc.stderr.strip().splitlines()) == 1 and named in proc.stderr, proc.stderr
+def test_bad_selective_and_conformal_settings_are_refused_naming_the_key(compose_cfg, override, named):
+    """What calibrun-calibrate validates before it fits anything (test_a_bad_value_is_one_line_on_stderr_and_exit_1
+    shows such a UserError reaches the console as one line and exit 1)."""
+    with pytest.raises(UserError) as refused:
+        refit_config(compose_cfg([]), ["metrics.conformal=true", override], [], Path(config_dir()))
+    assert named in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_unfinished_folder_is_refused(tmp_path):

@@ -28,6 +28,10 @@ if _WORKERS > 1:
     torch.set_num_threads(_THREADS)
     os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
+# Tests never touch the network: MLflow (trainer.mlflow=true) would send usage telemetry.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+
 REPO = Path(__file__).resolve().parent.parent
 # The real image sets bundled with the package: tests never need data from outside it.
 CIFAR_SAMPLE = Path(sample_root("cifar10"))

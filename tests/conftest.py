@@ -31,6 +31,8 @@ if _WORKERS > 1:
 # Tests never touch the network: MLflow (trainer.mlflow=true) would send usage telemetry.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
+# Nor does Ray (hydra/launcher=ray): no usage report.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 REPO = Path(__file__).resolve().parent.parent
 # The real image sets bundled with the package: tests never need data from outside it.

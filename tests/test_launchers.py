@@ -1,4 +1,4 @@
-"""Hydra launchers: joblib for local parallel jobs, submitit for SLURM."""
+"""Hydra launchers: joblib for local parallel jobs, submitit for SLURM, Ray for a Ray cluster."""
 
 
 import pytest
@@ -52,3 +52,31 @@ def test_a_sweep_on_a_multi_gpu_machine_puts_its_jobs_on_different_gpus(run_cli,
     asked.clear()
     assert run_cli(["-m", *FAST, "trainer.device=cpu", "seed=0,1", "run_name=cpu"]).returncode == 0
     assert asked == ["cpu", "cpu"]
+
+
+def test_ray_launcher_runs_a_two_job_sweep_on_a_local_ray_instance(run_cli, tmp_path):
+    """hydra/launcher=ray starts a Ray instance on this machine for the sweep (ray.init with
+    no address), runs both jobs on it, and the test shuts it down; both run folders finish
+    and the launcher does not change their names."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    import shutil
+    import tempfile
+
+    import ray
+
+    # A short folder: Ray's socket paths inside it must stay under the OS limit of 107 bytes.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        proc = run_cli(["-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2",
+                        f"+hydra.launcher.ray.init._temp_dir={temp}", "+hydra.launcher.ray.init.include_dashboard=false",
+                        "seed=0,1", *FAST, "trainer.epochs=1", "calibrator=[temperature]", "run_name=onray"],
+                       env={"RAY_USAGE_STATS_ENABLED": "0"})  # no usage report: tests stay offline
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "multirun" / "onray"
+    jobs = sorted(p.parent for p in sweep.glob("*/DONE"))
+    assert [j.name.split("seed=")[1][0] for j in jobs] == ["0", "1"]
+    assert all((j / "metrics.csv").is_file() and (j / "logits" / "test.npz").is_file() for j in jobs)
+    assert "hydra/launcher" not in "".join(j.name for j in jobs), "the launcher must not change job folders"

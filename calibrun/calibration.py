@@ -132,13 +132,16 @@ class Decisions:
                 ] if self.sets else []
         return [*risks, *bounds, *sets]
 
-    def risk_intervals(self, probs: np.ndarray, labels: np.ndarray, settings: bootstrap.Settings) -> dict[str, float]:
-        """Each selective risk's bootstrap interval, on the resamples of the metrics' intervals."""
+    def risk_intervals(self, probs: np.ndarray, labels: np.ndarray, columns: dict[str, float],
+                       settings: bootstrap.Settings) -> dict[str, float]:
+        """Each selective risk's bootstrap interval, on the resamples of the metrics' intervals;
+        ``columns``: :meth:`row`'s values, the risks on the sample itself."""
         p, y = validated(probs, labels)
         shared: dict = {}
         values = np.concatenate([selective.risks_at_weighted(Weighted(p, y, 1, w, shared), list(self.coverages))
                                  for w in bootstrap.resample_weights(len(y), settings)], axis=1)
-        lo, hi = bootstrap.interval(values, selective.risks_at(p, y, list(self.coverages)), settings)
+        point = np.array([columns[selective.risk_column(c)] for c in self.coverages])
+        lo, hi = bootstrap.interval(values, point, settings)
         return {f"{selective.risk_column(c)}_{end}": float(np.clip(value, 0.0, 1.0))
                 for c, a, b in zip(self.coverages, lo, hi) for end, value in (("lo", a), ("hi", b))}
 
@@ -188,11 +191,13 @@ class _Evaluation:
         for split, (z, y) in self.splits.items():
             probs = calibrator.predict_proba(z)
             scored = scores(probs, y, self.n_bins)
+            decided = self.decisions.row(name, probs, y, with_sets=split == "test")
             self.rows.append({"split": split, "calibrator": name, **scored,
                               "collapsed": scored["accuracy"] < self.threshold,
                               **_intervals(self.resampled[split], name, probs, y, scored, self.n_bins, self.intervals),
-                              **self.decisions.row(name, probs, y, with_sets=split == "test"),
-                              **(self.decisions.risk_intervals(probs, y, self.intervals) if self.intervals else {})})
+                              **decided,
+                              **(self.decisions.risk_intervals(probs, y, decided, self.intervals)
+                                 if self.intervals else {})})
             if split == "test":
                 curve = bootstrap.smooth_curve(probs, y, band) if self.smooth_curve else None
                 self.bins.append(_test_bins_and_figures(run_dir / "figures", name, probs, y, scored, self.n_bins,

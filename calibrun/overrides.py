@@ -4,14 +4,14 @@ the allowed keys or values and a suggestion for a near miss."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from calibrun import UserError
@@ -167,17 +167,19 @@ def _value_variants(overrides: list[Override]) -> list[list[str]]:
     return variants
 
 
-def check_values(argv: list[str], conf: Path) -> str | None:
-    """The first config the schemas reject (a wrong type, a value out of range, an added
-    key no component takes), composed as the run would be: one line before any folder is
-    made, instead of an error logged from inside a new run folder."""
+def check_values(argv: list[str], conf: Path, checks: Sequence[Callable[[DictConfig], object]] = ()) -> str | None:
+    """The first config the schemas or ``checks`` reject (a wrong type, a value out of range,
+    an added key no component takes), composed as the run would be: one line before any
+    folder is made, instead of an error logged from inside a new run folder."""
     overrides = _parsed_overrides(argv)
     if overrides is None:
         return None
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         for variant in _value_variants(overrides):
             try:
-                validate(compose(config_name="config", overrides=variant))
+                cfg = validate(compose(config_name="config", overrides=variant))
+                for check in checks:
+                    check(cfg)
             except UserError as err:
                 return str(err)
     return None

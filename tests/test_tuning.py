@@ -12,6 +12,7 @@ from conftest import FAST
 
 from calibrun import UserError
 from calibrun.compose import config_dir
+from calibrun.metrics import METRIC_NAMES
 from calibrun.sweep import check_objective
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -61,3 +62,11 @@ def test_an_objective_that_is_not_a_column_is_refused_naming_the_key(override, m
         cfg = compose(config_name="config", overrides=["objective.metric=nll", override, "calibrator=[temperature]"])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_objective(cfg)
+
+
+def test_a_bad_objective_on_the_command_line_is_one_line_before_any_folder(run_cli, tmp_path):
+    proc = run_cli([*FAST, "objective.metric=val_nll"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "calibrun: objective.metric=val_nll is not a metric; choose from " + ", ".join(METRIC_NAMES) + "."]
+    assert not (tmp_path / "outputs").exists()

@@ -146,7 +146,7 @@ def main() -> None:
         try:
             problem = check_overrides(argv, Path(config_dir()))
             if problem is None and not any(arg.split("=")[0] in PRINT_FLAGS for arg in argv):
-                problem = check_values(argv, Path(config_dir()))
+                problem = check_values(argv, Path(config_dir()), checks=(sweep.check_objective,))
         except (HydraException, OmegaConfBaseException):
             problem = None  # whatever else is wrong, Hydra reports it
     if problem:

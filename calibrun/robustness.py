@@ -197,8 +197,9 @@ def evaluate_shift(run_dir: Path, shift: ShiftedSets, predictor: Predictor, cali
     else:
         log.info("shift: every block asked for is already in %s", out / METRICS)
     if len(table):
-        shift_figures(out / "figures", table, bins, _clean_rows(run_dir), curves)
-        atomic_write_text(out / "metrics.md", severity_summary(table, decisions, _clean_rows(run_dir)))
+        clean = _clean_rows(run_dir)
+        shift_figures(out / "figures", table, bins, clean, curves)
+        atomic_write_text(out / "metrics.md", severity_summary(table, decisions, clean))
     return table
 
 

@@ -26,7 +26,7 @@ from calibrun.data.decode import IMAGE_SUFFIXES, cached_decode, decode_image, li
 from calibrun.data.loader import DeviceLoader, Transform
 from calibrun.data.ood import SVHN, OtherTestSet
 from calibrun.data.pacs import PACS
-from calibrun.data.shift import CorruptedCIFAR
+from calibrun.data.shift import CorruptedCIFAR, CorruptedFolder, CorruptedImages
 from calibrun.data.splits import Split, make_splits, resolve_val_size, stratified_indices, subset, take_subsets
 from calibrun.data.synthetic import Synthetic
 
@@ -34,6 +34,8 @@ __all__ = [
     "CIFAR",
     "SVHN",
     "CorruptedCIFAR",
+    "CorruptedFolder",
+    "CorruptedImages",
     "OtherTestSet",
     "IMAGE_SUFFIXES",
     "PACS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import logging
 import os
 import subprocess
 import sys
@@ -83,11 +84,22 @@ def run_cli(tmp_path, monkeypatch, capfd):
             for key, value in (env or {}).items():
                 patch.setenv(key, value)
             capfd.readouterr()
+            root = logging.getLogger()
+            handlers, level = list(root.handlers), root.level
             try:
                 main()
                 code = 0
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
+            finally:
+                # Hydra's job logging points the root logger at this test's captured
+                # streams, which close with the test; later in-process commands of the
+                # same worker would log into closed files.
+                for handler in root.handlers:
+                    if handler not in handlers:
+                        handler.close()
+                root.handlers[:] = handlers
+                root.setLevel(level)
             out, err = capfd.readouterr()
         return subprocess.CompletedProcess(args, code, out, err)
 

@@ -48,6 +48,31 @@ def test_clipped_zoom_is_the_recipes_scipy_zoom(factor):
                                    atol=1e-12)
 
 
+def _glass_loop(x: torch.Tensor, shifts: torch.Tensor, delta: int) -> torch.Tensor:
+    """The recipe's glass-blur loop as it is written, one pixel after another, image by image."""
+    x = x.clone().numpy()
+    n, h, w, _ = x.shape
+    for b in range(n):
+        for i, row in enumerate(range(h - delta, delta, -1)):
+            for k, col in enumerate(range(w - delta, delta, -1)):
+                dx, dy = shifts[i, k, b].tolist()
+                x[b, row, col] = x[b, row + dy, col + dx]
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("delta", [1, 2, 4])
+def test_glass_blur_moves_pixels_as_the_recipes_sequential_loop(delta):
+    """The pass computed at once (pointer doubling) is the loop's, chains of moved pixels included."""
+    from calibrun.corrupt.blur import _moved_pixels
+
+    rng = np.random.default_rng(delta)
+    x = torch.from_numpy(rng.integers(0, 256, size=(2, 19, 23, 3), dtype=np.uint8))
+    shifts = torch.from_numpy(rng.integers(-delta, delta, size=(19 - 2 * delta, 23 - 2 * delta, 2, 2)))
+    expected = _glass_loop(x, shifts, delta)
+    assert not torch.equal(expected, x)
+    assert torch.equal(_moved_pixels(x, shifts, delta), expected)
+
+
 def test_motion_blur_at_0_degrees_averages_pixels_to_the_right_by_hand():
     """Angle 0: tap i reads the pixel i columns to the right (the edge repeated), weighted
     by exp(-i²/2σ²), normalised over the 2·radius + 1 taps."""

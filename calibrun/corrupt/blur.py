@@ -40,15 +40,39 @@ class GlassBlur(Corruption):
         # The recipe stores the first blur as uint8 (np.uint8 truncates) before moving pixels.
         x = (gaussian_blur(unit(images), sigma) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         n, h, w, _ = x.shape
-        batch = torch.arange(n, device=x.device)
-        columns = range(w - delta, delta, -1)
         for _ in range(iterations):
-            for row in range(h - delta, delta, -1):
-                shifts = torch.as_tensor(rng.integers(-delta, delta, size=(len(columns), n, 2)), device=x.device)
-                for k, col in enumerate(columns):
-                    dx, dy = shifts[k, :, 0], shifts[k, :, 1]
-                    x[batch, row, col] = x[batch, row + dy, col + dx]
+            # The recipe's draws, one call per row as it makes them: (row, column, image, (dx, dy)).
+            shifts = np.stack([rng.integers(-delta, delta, size=(w - 2 * delta, n, 2))
+                               for _ in range(h - 2 * delta)])
+            x = _moved_pixels(x, torch.as_tensor(shifts, device=x.device), delta)
         return gaussian_blur(x.permute(0, 3, 1, 2).float() / 255, sigma).clamp(0, 1) * 255
+
+
+def _moved_pixels(x: torch.Tensor, shifts: torch.Tensor, delta: int) -> torch.Tensor:
+    """One pass of the recipe's loop, all pixels at once. The loop visits rows h−δ … δ+1,
+    then columns w−δ … δ+1, both downwards, and gives each pixel the value its neighbour
+    holds at that moment: the neighbour's value at the start of the pass if it is visited
+    later (or never), the value it took if it was visited earlier. Following those links
+    back to a pixel that still holds its starting value (pointer doubling, a few rounds)
+    gives every pixel's final value without the loop's h·w sequential steps."""
+    n, h, w, _ = x.shape
+    rows = torch.arange(h - delta, delta, -1, device=x.device)
+    cols = torch.arange(w - delta, delta, -1, device=x.device)
+    visited = (rows[:, None] * w + cols[None, :]).flatten()  # flat positions in the loop's order
+    step = torch.full((h * w,), h * w, device=x.device)      # never visited: after every step
+    step[visited] = torch.arange(len(visited), device=x.device)
+    source = ((rows[:, None, None] + shifts[..., 1]) * w + cols[None, :, None] + shifts[..., 0])
+    source = source.reshape(len(visited), n).T               # (image, visited pixel)
+    link = torch.arange(h * w, device=x.device).repeat(n, 1)
+    link[:, visited] = source
+    # resolved: the pixel's value is the starting value at link (not yet another moved pixel's)
+    resolved = torch.ones(n, h * w, dtype=torch.bool, device=x.device)
+    resolved[:, visited] = step[source] >= step[visited]
+    while not bool(resolved.all()):
+        link, resolved = (torch.where(resolved, link, link.gather(1, link)),
+                          resolved | resolved.gather(1, link))
+    flat = x.reshape(n, h * w, 3)
+    return flat.gather(1, link[..., None].expand(-1, -1, 3)).reshape(n, h, w, 3)
 
 
 class DefocusBlur(Corruption):

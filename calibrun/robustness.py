@@ -221,7 +221,7 @@ def severity_summary(table: pd.DataFrame, decisions: Decisions, clean: pd.DataFr
         rows = pd.concat([clean.assign(severity=0).set_index(["severity", "calibrator"])[columns], rows])
     # By severity, each in the calibrators' order of the table.
     rows = rows.reset_index().sort_values("severity", kind="stable")
-    lines = ["# Under shift: the mean over the corruptions at each severity", "",
+    lines = ["# Under shift: the mean over the corruptions at each severity", "", *_collapse_note(clean),
              "Severity 0 is the clean test split. Nothing is refitted on shifted images: the calibrators and the "
              "conformal quantiles are those of the clean validation split.", "",
              rows.to_markdown(index=False, floatfmt=".4f"), ""]
@@ -229,6 +229,17 @@ def severity_summary(table: pd.DataFrame, decisions: Decisions, clean: pd.DataFr
         lines.append(f"set_coverage_<score> is promised at least {1 - decisions.sets.alpha:.2f} only while test "
                      "images are exchangeable with the validation ones; under shift nothing promises it.")
     return "\n".join(lines) + "\n"
+
+
+def _collapse_note(clean: pd.DataFrame | None) -> list[str]:
+    """A warning when the run's own metrics.csv flags it collapsed: a model that learnt next
+    to nothing is no more a result under shift than on its clean test split."""
+    none = None if clean is None or "collapsed" not in clean else clean[clean["calibrator"] == "none"]
+    if none is None or not len(none) or str(none["collapsed"].iloc[0]) != "True":
+        return []
+    return [f"**Collapsed run: its clean test accuracy {none['accuracy'].iloc[0]:.4f} is below the threshold of "
+            "metrics.collapse_margin (metrics.md says which). This model learnt next to nothing; its numbers under "
+            "shift are not a result.**", ""]
 
 
 def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: pd.DataFrame | None,

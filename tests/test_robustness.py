@@ -181,6 +181,24 @@ def test_shift_sets_use_the_clean_quantile_and_severity_gets_its_figures(trained
         "risk_coverage_severity1.png", "risk_coverage_severity2.png"}
 
 
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_the_shift_summary_of_a_collapsed_run_says_so(collapsed, tmp_path):
+    """shift/metrics.md carries the run's own collapse flag (metrics.csv, read back as
+    written), so that its numbers under shift are not taken for a result."""
+    from calibrun.robustness import severity_summary
+
+    written = pd.DataFrame({"split": ["test", "test"], "calibrator": ["none", "temperature"], "accuracy": [0.11, 0.11],
+                            "ece": [0.5, 0.1], "nll": [3.0, 2.3], "aurc": [0.9, 0.9], "augrc": [0.5, 0.5],
+                            "collapsed": collapsed})
+    written.to_csv(tmp_path / "metrics.csv", index=False)
+    clean = pd.read_csv(tmp_path / "metrics.csv")
+    table = written.drop(columns=["split", "collapsed"]).assign(corruption="fog", severity=1)
+    summary = severity_summary(table, Decisions(), clean)
+    assert ("**Collapsed run: its clean test accuracy 0.1100" in summary) == collapsed
+    rows = [line for line in summary.splitlines() if line.startswith("|")][2:]
+    assert [line.split("|")[1].strip() for line in rows] == ["0", "0", "1", "1"]
+
+
 def test_shift_never_refits_and_skips_what_is_written(trained):
     run_dir, cfg = trained
     test = build_component(cfg.data, "data").splits()["test"]

@@ -105,6 +105,7 @@ def test_corrupt_refuses_what_it_cannot_do():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_makes_the_images_the_cpu_makes():
     """Draws come from NumPy on the CPU: the device changes only float rounding."""
+    pytest.importorskip("cv2", reason="the [corrupt] extra (OpenCV) is not installed on this GPU machine")
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     for name in corruptions():
         cpu, gpu = corrupt(images, name, 5, seed=3), corrupt(images.cuda(), name, 5, seed=3).cpu()

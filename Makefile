@@ -38,7 +38,7 @@ data_args = $(root_arg) $(if $(DATA_FORMAT),data.format=$(DATA_FORMAT)) $(if $(T
 pacs_args = $(root_arg) $(if $(TRAINER),trainer=$(TRAINER))
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint test-slow test-gpu demo bench bench-intervals bench-calibrators bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls reproduce-baselines sweep-lambda tune-lambda report docs clean
+.PHONY: help install test lint test-slow test-gpu demo bench bench-intervals bench-calibrators bench-corrupt bench-gpu reproduce-table1 reproduce-pacs pacs-vit reproduce-ls reproduce-baselines sweep-lambda tune-lambda report docs clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ bench-intervals: install ## seconds the bootstrap intervals add to a 10,000-imag
 
 bench-calibrators: install ## every calibrator's fit time at 10,000×10, 50,000×1,000 and 1,000,000×100 beside netcal's (pip install netcal for its column) -> outputs/bench/calibrators.csv
 	$(BIN)/python benchmarks/bench_calibrators.py $(BENCH_ARGS)
+
+bench-corrupt: install ## the 19 corruptions beside the reference code on 500 CIFAR images; BENCH_ARGS="--robustness GIT_DIR --imagecorruptions FILE" (see the script)
+	$(BIN)/python benchmarks/bench_corrupt.py $(BENCH_ARGS)
 
 bench: install ## images/s of the device data pipeline against torchvision's DataLoader pipeline
 	$(BIN)/python benchmarks/bench_data.py $(if $(DATA_ROOT),--root $(DATA_ROOT) --format $(or $(DATA_FORMAT),torchvision))

@@ -92,7 +92,7 @@ def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: np.ndarray) 
     pixels repeated. Follows the NumPy port of ImageMagick's kernel in imagecorruptions
     (Michaelis et al. 2019), ``_motion_blur``: the taps stop where the shift leaves the
     image, without renormalising."""
-    n, _, h, w = x.shape
+    n, channels, h, w = x.shape
     width = 2 * radius + 1
     taps = np.arange(width, dtype=np.float64)
     kernel = np.exp(-(taps**2) / (2 * sigma**2))
@@ -102,7 +102,7 @@ def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: np.ndarray) 
     dx = -np.ceil(taps * np.cos(theta) - 0.5).astype(np.int64)
     inside = np.cumprod((np.abs(dy) < h) & (np.abs(dx) < w), axis=1).astype(bool)
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    batch = torch.arange(n, device=x.device)[:, None, None]
+    flat = x.reshape(n, channels, h * w)
     out = torch.zeros_like(x)
     for tap in range(width):
         keep = torch.as_tensor(inside[:, tap], device=x.device)
@@ -110,8 +110,10 @@ def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: np.ndarray) 
             break
         r = (rows[None, :] - torch.as_tensor(dy[:, tap], device=x.device)[:, None]).clamp(0, h - 1)
         c = (cols[None, :] - torch.as_tensor(dx[:, tap], device=x.device)[:, None]).clamp(0, w - 1)
-        shifted = x.permute(0, 2, 3, 1)[batch, r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2)
-        out += float(kernel[tap]) * shifted * keep[:, None, None, None].to(x)
+        # Each image's pixels at its own shift, gathered along the flattened H·W axis.
+        index = (r[:, :, None] * w + c[:, None, :]).reshape(n, 1, h * w).expand(n, channels, h * w)
+        shifted = flat.gather(2, index).reshape(n, channels, h, w)
+        out += shifted * (float(kernel[tap]) * keep.to(x))[:, None, None, None]
     return out
 
 

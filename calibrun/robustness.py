@@ -42,9 +42,9 @@ from calibrun.calibrators import Calibrator
 from calibrun.config import Select, build_component, did_you_mean, first_line, unknown_key_problem, validate
 from calibrun.data import DeviceLoader, Split, Transform
 from calibrun.detection import DETECTION_METRICS, SCORES, detection_metrics
-from calibrun.calibration import Decisions, decision_columns, load_calibrators
+from calibrun.calibration import Decisions, collapse_warning, decision_columns, load_calibrators, metric_settings
 from calibrun.logits import load_logits
-from calibrun.metrics import METRIC_NAMES, bin_stats, pool_bins, scores
+from calibrun.metrics import METRIC_NAMES, bin_stats, collapse_threshold, pool_bins, scores
 from calibrun.selective import curve_points
 from calibrun.plots import in_out_histogram, reliability_with_histogram, risk_coverage, severity_boxes
 from calibrun.predict import load_checkpoint, predict, resolve_device
@@ -107,7 +107,9 @@ def evaluate_beyond_test(run_dir: Path, cfg: DictConfig, predictor: Predictor) -
         if shift.num_classes != cfg.data.num_classes:
             raise UserError(f"shift={shift.name} has {shift.num_classes} classes but the model was trained on "
                             f"{cfg.data.num_classes}; pick the corrupted release of the training data.")
-        evaluate_shift(run_dir, shift, predictor, calibrators, cfg.metrics.n_bins, Decisions.of_run(run_dir, cfg))
+        margin = metric_settings(cfg)["collapse_margin"]
+        evaluate_shift(run_dir, shift, predictor, calibrators, cfg.metrics.n_bins, Decisions.of_run(run_dir, cfg),
+                       (collapse_threshold(cfg.data.num_classes, margin), margin))
     if cfg.get("ood"):
         evaluate_ood(run_dir, build_component(cfg.ood, "ood"), predictor, calibrators, cfg.metrics.n_bins)
 
@@ -165,9 +167,11 @@ def _score_block(z: np.ndarray, y: np.ndarray, calibrators: dict[str, Calibrator
 
 
 def evaluate_shift(run_dir: Path, shift: ShiftedSets, predictor: Predictor, calibrators: dict[str, Calibrator],
-                   n_bins: int, decisions: Decisions | None = None) -> pd.DataFrame:
+                   n_bins: int, decisions: Decisions | None = None,
+                   collapse: tuple[float, float] | None = None) -> pd.DataFrame:
     """Every (corruption, severity) block of ``shift.sets()`` not yet in ``shift/metrics.csv``,
-    with the selective risks and conformal sets of ``decisions`` (the run's, by default none)."""
+    with the selective risks and conformal sets of ``decisions`` (the run's, by default none);
+    ``collapse`` = (threshold, margin) of the run, for metrics.md's warning on a collapsed run."""
     out = run_dir / "shift"
     decisions = decisions or Decisions()
     columns = [*SHIFT_COLUMNS, *decisions.columns()]
@@ -199,7 +203,7 @@ def evaluate_shift(run_dir: Path, shift: ShiftedSets, predictor: Predictor, cali
     if len(table):
         clean = _clean_rows(run_dir)
         shift_figures(out / "figures", table, bins, clean, curves)
-        atomic_write_text(out / "metrics.md", severity_summary(table, decisions, clean))
+        atomic_write_text(out / "metrics.md", severity_summary(table, decisions, clean, collapse))
     return table
 
 
@@ -212,16 +216,19 @@ def _clean_rows(run_dir: Path) -> pd.DataFrame | None:
     return metrics[metrics["split"] == "test"]
 
 
-def severity_summary(table: pd.DataFrame, decisions: Decisions, clean: pd.DataFrame | None) -> str:
+def severity_summary(table: pd.DataFrame, decisions: Decisions, clean: pd.DataFrame | None,
+                     collapse: tuple[float, float] | None = None) -> str:
     """shift/metrics.md: per severity (0: the clean test split) and calibrator, the mean over
-    the corruptions of the main metrics, the selective risks and the conformal sets."""
+    the corruptions of the main metrics, the selective risks and the conformal sets, under
+    the warning of metrics.md when the run's clean rows are flagged collapsed."""
     columns = [*SUMMARY_METRICS, *decision_columns(table)]
     rows = table.astype({"severity": int}).groupby(["severity", "calibrator"], sort=False)[columns].mean()
     if clean is not None and set(columns) <= set(clean.columns):
         rows = pd.concat([clean.assign(severity=0).set_index(["severity", "calibrator"])[columns], rows])
     # By severity, each in the calibrators' order of the table.
     rows = rows.reset_index().sort_values("severity", kind="stable")
-    lines = ["# Under shift: the mean over the corruptions at each severity", "", *_collapse_note(clean),
+    warning = collapse_warning(clean, collapse) if clean is not None and "collapsed" in clean else []
+    lines = ["# Under shift: the mean over the corruptions at each severity", "", *warning,
              "Severity 0 is the clean test split. Nothing is refitted on shifted images: the calibrators and the "
              "conformal quantiles are those of the clean validation split.", "",
              rows.to_markdown(index=False, floatfmt=".4f"), ""]
@@ -229,17 +236,6 @@ def severity_summary(table: pd.DataFrame, decisions: Decisions, clean: pd.DataFr
         lines.append(f"set_coverage_<score> is promised at least {1 - decisions.sets.alpha:.2f} only while test "
                      "images are exchangeable with the validation ones; under shift nothing promises it.")
     return "\n".join(lines) + "\n"
-
-
-def _collapse_note(clean: pd.DataFrame | None) -> list[str]:
-    """A warning when the run's own metrics.csv flags it collapsed: a model that learnt next
-    to nothing is no more a result under shift than on its clean test split."""
-    none = None if clean is None or "collapsed" not in clean else clean[clean["calibrator"] == "none"]
-    if none is None or not len(none) or str(none["collapsed"].iloc[0]) != "True":
-        return []
-    return [f"**Collapsed run: its clean test accuracy {none['accuracy'].iloc[0]:.4f} is below the threshold of "
-            "metrics.collapse_margin (metrics.md says which). This model learnt next to nothing; its numbers under "
-            "shift are not a result.**", ""]
 
 
 def shift_figures(folder: Path, table: pd.DataFrame, bins: pd.DataFrame, clean: pd.DataFrame | None,

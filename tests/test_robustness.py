@@ -193,8 +193,8 @@ def test_the_shift_summary_of_a_collapsed_run_says_so(collapsed, tmp_path):
     written.to_csv(tmp_path / "metrics.csv", index=False)
     clean = pd.read_csv(tmp_path / "metrics.csv")
     table = written.drop(columns=["split", "collapsed"]).assign(corruption="fog", severity=1)
-    summary = severity_summary(table, Decisions(), clean)
-    assert ("**Collapsed run: its clean test accuracy 0.1100" in summary) == collapsed
+    summary = severity_summary(table, Decisions(), clean, (0.325, 0.25))
+    assert ("**Collapsed run: test accuracy 0.1100 is below 0.3250" in summary) == collapsed
     rows = [line for line in summary.splitlines() if line.startswith("|")][2:]
     assert [line.split("|")[1].strip() for line in rows] == ["0", "0", "1", "1"]
 
